@@ -1,0 +1,484 @@
+"""The ``cervscan`` command line: a thin Typer layer over ``cervscan.api``.
+
+Heavy modules (torch, timm, smp) are imported inside command bodies only, so
+``cervscan --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from . import __version__
+from .errors import CervscanError
+
+EXIT_CODES = (
+    "[b]Exit codes:[/b] 0 all screened; 3 finished but some images or patients failed; "
+    "1 error (no model, unwritable output, bad config, ...); 2 usage error."
+)
+DISCLAIMER = "cervscan assists a clinician; it does not diagnose."
+
+app = typer.Typer(
+    name="cervscan",
+    help=f"Colposcopy screening decision support: per-patient 'severe' / 'mildly normal' with evidence. {DISCLAIMER}",
+    epilog=EXIT_CODES,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_show_locals=False,
+    no_args_is_help=True,
+)
+models_app = typer.Typer(help="List, install, verify and roll back models.", no_args_is_help=True,
+                         context_settings={"help_option_names": ["-h", "--help"]})
+app.add_typer(models_app, name="models")
+
+console = Console()
+err_console = Console(stderr=True)
+
+GLIBC_TUNE = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184"
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"cervscan {__version__}")
+        raise typer.Exit()
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    from rich.logging import RichHandler
+
+    level = logging.DEBUG if verbose else (logging.ERROR if quiet else logging.WARNING)
+    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=err_console, show_path=False)],
+                        force=True)
+    logging.getLogger("cervscan").setLevel(logging.DEBUG if verbose else (logging.ERROR if quiet else logging.INFO))
+
+
+def _fail(e: Exception) -> None:
+    err_console.print(f"[red]error:[/red] {e}")
+    raise typer.Exit(1) from None
+
+
+def _fast_malloc_reexec() -> None:
+    """Training runs ~2x faster on CPU when glibc keeps large buffers mapped; the
+    setting must be in the environment before the process starts, so re-exec once."""
+    if sys.platform.startswith("linux") and "GLIBC_TUNABLES" not in os.environ and not os.environ.get("CERVSCAN_NO_REEXEC"):
+        env = dict(os.environ, GLIBC_TUNABLES=GLIBC_TUNE, CERVSCAN_NO_REEXEC="1")
+        try:
+            os.execve(sys.executable, [sys.executable, "-m", "cervscan", *sys.argv[1:]], env)
+        except OSError:
+            pass
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                    help="Show the version and exit.")] = None,
+) -> None:
+    """cervscan: colposcopy screening decision support."""
+
+
+# --------------------------------------------------------------------------- screen
+
+def _overrides(threshold, weights, brightness, brightness_from_flipped, variants) -> dict:
+    from .config import parse_variants, parse_weights
+
+    o: dict = {}
+    if threshold is not None:
+        o["threshold"] = threshold
+    if weights:
+        o["weights"] = parse_weights(weights)
+    if brightness is not None:
+        o["brightness"] = brightness
+    if brightness_from_flipped is not None:
+        o["brightness_from_flipped"] = brightness_from_flipped
+    if variants:
+        o["variants"] = parse_variants(variants)
+    return o
+
+
+SegOpt = Annotated[Optional[str], typer.Option("--seg-model", envvar="CERVSCAN_SEG_MODEL",
+                                               help="Segmenter checkpoint (file or run folder).")]
+ClsOpt = Annotated[Optional[str], typer.Option("--cls-model", envvar="CERVSCAN_CLS_MODEL",
+                                               help="Classifier checkpoint (file or run folder).")]
+DeviceOpt = Annotated[str, typer.Option("--device", envvar="CERVSCAN_DEVICE", help="auto | cpu | cuda | cuda:N")]
+ThresholdOpt = Annotated[Optional[float], typer.Option("--threshold", help="Decision threshold on the score (default: the classifier's operating point).")]
+WeightsOpt = Annotated[Optional[str], typer.Option("--weights", help="Six voting weights v1..v6, comma-separated.")]
+BrightOpt = Annotated[Optional[float], typer.Option("--brightness", help="Brightness factor of variants 5 and 6.")]
+BrightFlipOpt = Annotated[Optional[bool], typer.Option("--brightness-from-flipped/--brightness-from-unflipped",
+                                                       help="Build variants 5/6 from the flipped images.")]
+VariantsOpt = Annotated[Optional[str], typer.Option("--variants", help="all | original | original+segmented | comma list of variant names.")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="JSON or TOML file with screening settings.")]
+
+
+@app.command(epilog=EXIT_CODES)
+def screen(
+    paths: Annotated[list[Path], typer.Argument(help="Visit folder(s), or folder(s) of visit folders.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output folder.")] = Path("cervscan-out"),
+    seg_model: SegOpt = None,
+    cls_model: ClsOpt = None,
+    device: DeviceOpt = "auto",
+    threshold: ThresholdOpt = None,
+    weights: WeightsOpt = None,
+    brightness: BrightOpt = None,
+    brightness_from_flipped: BrightFlipOpt = None,
+    variants: VariantsOpt = None,
+    config: ConfigOpt = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Image-decoding worker processes.")] = None,
+    no_masks: Annotated[bool, typer.Option("--no-masks", help="Do not write masks/ and overlays/.")] = False,
+    report: Annotated[bool, typer.Option("--report", help="Also write PDF reports (cervscan report).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON on stdout.")] = False,
+) -> None:
+    """Screen visit folders: segment, classify six variants, vote, decide per patient.
+
+    Writes OUT/patients.csv, OUT/images.csv, OUT/masks/, OUT/overlays/, OUT/skipped.csv and OUT/run.json.
+    """
+    _setup_logging(verbose, quiet or as_json)
+    from . import api
+
+    try:
+        ov = _overrides(threshold, weights, brightness, brightness_from_flipped, variants)
+        if quiet or as_json:
+            res = api.screen(paths, out, seg_model=seg_model, cls_model=cls_model, config_file=config,
+                             overrides=ov, device=device, num_workers=workers,
+                             write_masks=not no_masks, write_overlays=not no_masks)
+        else:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            with Progress(TextColumn("screening"), BarColumn(), MofNCompleteColumn(),
+                          TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=err_console,
+                          transient=True) as prog:
+                task = prog.add_task("images", total=None, rate="")
+                import time as _t
+
+                t0 = [_t.time()]
+
+                def cb(kind, done, total):
+                    el = _t.time() - t0[0]
+                    prog.update(task, completed=done, total=total,
+                                rate=f"{done / el:.1f} img/s" if el > 0 and done else "")
+
+                res = api.screen(paths, out, seg_model=seg_model, cls_model=cls_model, config_file=config,
+                                 overrides=ov, device=device, num_workers=workers,
+                                 write_masks=not no_masks, write_overlays=not no_masks, progress=cb)
+        if report:
+            from .report import write_reports
+
+            write_reports(Path(out))
+    except CervscanError as e:
+        _fail(e)
+    if as_json:
+        sys.stdout.write(json.dumps(res.summary(), indent=2, default=str) + "\n")
+    elif not quiet:
+        _print_summary(res)
+    raise typer.Exit(res.exit_code)
+
+
+def _print_summary(res) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"cervscan screen -> {res.out}", caption=DISCLAIMER)
+    for c in ("patient", "decision", "score", "threshold", "images used", "failed", "quality", "note"):
+        t.add_column(c)
+    style = {"severe": "bold red", "mildly_normal": "green", "error": "yellow"}
+    for p in sorted(res.patients, key=lambda p: ({"severe": 0, "error": 1}.get(p["decision"], 2), p["patient_id"])):
+        t.add_row(p["patient_id"], f"[{style.get(p['decision'], '')}]{p['decision']}[/]",
+                  "" if p["score"] is None else f"{p['score']:.3f}", f"{p['threshold']:.3f}",
+                  f"{p['n_used']}/{p['n_images']}", str(p["n_failed"]), p.get("quality") or "", p.get("error") or "")
+    console.print(t)
+    m = res.run["models"]
+    c = res.run["counts"]
+    console.print(f"models: segmenter {m['segmenter']['label']}, classifier {m['classifier']['label']}; "
+                  f"{c['images']} images in {res.run['timings']['screen_s']:.1f}s "
+                  f"({res.run['timings']['images_per_s']:.2f} img/s) on {res.run['device']}")
+    if c["images_failed"] or c["skipped_files"]:
+        console.print(f"[yellow]{c['images_failed']} image(s) failed, {c['skipped_files']} file(s) skipped: "
+                      f"see images.csv and skipped.csv[/yellow]")
+
+
+# --------------------------------------------------------------------------- evaluate
+
+@app.command(epilog=EXIT_CODES)
+def evaluate(
+    visits: Annotated[list[Path], typer.Argument(help="Folder(s) of visit folders.")],
+    labels: Annotated[Path, typer.Option("--labels", help="CSV with patient_id,label (0/1), optional source.")],
+    out: Annotated[Path, typer.Option("-o", "--out")] = Path("cervscan-eval"),
+    seg_model: SegOpt = None,
+    cls_model: ClsOpt = None,
+    device: DeviceOpt = "auto",
+    threshold: ThresholdOpt = None,
+    weights: WeightsOpt = None,
+    brightness: BrightOpt = None,
+    brightness_from_flipped: BrightFlipOpt = None,
+    variants: VariantsOpt = None,
+    config: ConfigOpt = None,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% CIs.")] = 2000,
+    seed: Annotated[int, typer.Option()] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Screen labelled visits and compare patient decisions with the labels (metrics.json, roc.png, ...)."""
+    _setup_logging(False, quiet)
+    from . import api
+
+    try:
+        ov = _overrides(threshold, weights, brightness, brightness_from_flipped, variants)
+        m = api.evaluate(visits, labels, out, seg_model=seg_model, cls_model=cls_model, config_file=config,
+                         overrides=ov, device=device, n_bootstrap=bootstrap, seed=seed)
+    except CervscanError as e:
+        _fail(e)
+    if not quiet:
+        _print_metrics(m)
+
+
+def _print_metrics(m: dict) -> None:
+    from rich.table import Table
+
+    t = Table(title="patient-level metrics")
+    for c in ("subset", "patients", "severe", "AUC [95% CI]", "sens", "spec", "acc"):
+        t.add_column(c)
+
+    def row(name, d):
+        ci = d.get("ci95", {}).get("auc")
+        auc = "n/a" if d.get("auc") is None else f"{d['auc']:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+        t.add_row(name, str(d["patients"]), str(d["severe"]), auc, f"{d['sensitivity']:.3f}" if d.get("sensitivity") is not None else "n/a",
+                  f"{d['specificity']:.3f}" if d.get("specificity") is not None else "n/a", f"{d['accuracy']:.3f}")
+
+    row("all", m)
+    for s, d in (m.get("by_source") or {}).items():
+        row(s, d)
+    console.print(t)
+    console.print(f"threshold {m['threshold']:.3f}")
+
+
+# --------------------------------------------------------------------------- training
+
+@app.command("train-seg")
+def train_seg_cmd(
+    data: Annotated[Path, typer.Argument(help="Folder with images/ and masks/ (optionally train/ and val/).")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Run folder.")],
+    encoder: Annotated[str, typer.Option(help="smp encoder name.")] = "tu-tf_efficientnet_lite0",
+    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="ImageNet EfficientNet-Lite0 encoder weights (offline package).")] = True,
+    init: Annotated[Optional[Path], typer.Option("--init", help="Fine-tune from this segmenter checkpoint.")] = None,
+    epochs: Annotated[int, typer.Option()] = 30,
+    batch_size: Annotated[int, typer.Option()] = 8,
+    lr: Annotated[float, typer.Option()] = 1e-3,
+    input_size: Annotated[int, typer.Option()] = 256,
+    val_fraction: Annotated[float, typer.Option()] = 0.2,
+    group_regex: Annotated[str, typer.Option(help="Regex whose group 1 is the patient id in a file stem.")] = r"^(C\d+)",
+    seed: Annotated[int, typer.Option()] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in OUT.")] = False,
+    compare: Annotated[Optional[Path], typer.Option("--compare", help="Another train-seg run folder to draw in iou.png.")] = None,
+    max_steps: Annotated[int, typer.Option(hidden=True)] = 0,
+) -> None:
+    """Train the U-Net++ lesion segmenter (Dice + BCE, Adam, validation IoU/Dice per epoch)."""
+    _fast_malloc_reexec()
+    _setup_logging(False, False)
+    from .seg_training import SegTrainConfig, plot_iou, train_seg
+
+    cfg = SegTrainConfig(data=str(data), out=str(out), encoder=encoder, pretrained=pretrained and init is None,
+                         init=str(init) if init else None, epochs=epochs, batch_size=batch_size, lr=lr,
+                         input_size=input_size, val_fraction=val_fraction, group_regex=group_regex, seed=seed,
+                         resume=resume, max_steps_per_epoch=max_steps)
+    try:
+        with _train_progress() as cb:
+            m = train_seg(cfg, progress=cb)
+        if compare:
+            import pandas as pd
+
+            plot_iou([(out.name, pd.read_csv(out / "val_iou.csv").to_dict("records")),
+                      (compare.name, pd.read_csv(compare / "val_iou.csv").to_dict("records"))], out / "iou.png")
+    except CervscanError as e:
+        _fail(e)
+    console.print(f"best epoch {m['best_epoch']}: val IoU {m['val_mean_iou']:.4f}, Dice {m['val_mean_dice']:.4f} -> {out}/model.pt")
+
+
+class _train_progress:
+    def __enter__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                             TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err_console)
+        self.prog.__enter__()
+        self.task = self.prog.add_task("epoch", total=None, info="")
+        return self.cb
+
+    def cb(self, ev: dict) -> None:
+        if ev.get("phase") == "train":
+            self.prog.update(self.task, description=f"epoch {ev['epoch']}/{ev['epochs']}{' ' + ev['fold'] if ev.get('fold') else ''}",
+                             completed=ev["step"], total=ev["steps"], info=f"loss {ev['loss']:.4f}")
+        elif ev.get("phase") == "val":
+            self.prog.console.print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in ev.items() if k != "phase"))
+
+    def __exit__(self, *a):
+        return self.prog.__exit__(*a)
+
+
+@app.command("train-cls")
+def train_cls_cmd(
+    visits: Annotated[Path, typer.Argument(help="Folder of visit folders.")],
+    labels: Annotated[Path, typer.Option("--labels", help="CSV patient_id,label[,source].")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Run folder.")],
+    seg_model: SegOpt = None,
+    images_csv: Annotated[Optional[Path], typer.Option("--images-csv", help="CSV patient_id,image,stage.")] = None,
+    arch: Annotated[str, typer.Option(help="timm architecture.")] = "repvgg_a0",
+    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="ImageNet weights (tf_efficientnet_lite0 only, offline).")] = False,
+    samples: Annotated[str, typer.Option(help="both | original | segmented: which images are training samples.")] = "both",
+    epochs: Annotated[int, typer.Option()] = 12,
+    batch_size: Annotated[int, typer.Option()] = 16,
+    lr: Annotated[float, typer.Option()] = 1e-3,
+    input_size: Annotated[int, typer.Option()] = 224,
+    val_fraction: Annotated[float, typer.Option()] = 0.2,
+    folds: Annotated[int, typer.Option(help="K-fold patient-wise cross-validation (0 = single split).")] = 0,
+    full: Annotated[bool, typer.Option("--full", help="After validation, train the final model on all patients.")] = False,
+    target_sensitivity: Annotated[float, typer.Option()] = 0.90,
+    tune_votes: Annotated[bool, typer.Option("--tune-votes", help="Grid-search the six voting weights for patient AUC.")] = False,
+    seed: Annotated[int, typer.Option()] = 0,
+    device: DeviceOpt = "auto",
+    resume: Annotated[bool, typer.Option("--resume")] = False,
+    max_steps: Annotated[int, typer.Option(hidden=True)] = 0,
+) -> None:
+    """Train the classifier on original + segmented images with a patient-wise split; calibrate the operating point."""
+    _fast_malloc_reexec()
+    _setup_logging(False, False)
+    from .cls_training import ClsTrainConfig, train_cls
+
+    cfg = ClsTrainConfig(visits=str(visits), labels=str(labels), out=str(out), seg_model=seg_model,
+                         images_csv=str(images_csv) if images_csv else None, arch=arch, pretrained=pretrained,
+                         samples=samples, epochs=epochs, batch_size=batch_size, lr=lr, input_size=input_size,
+                         val_fraction=val_fraction, folds=folds, full=full, target_sensitivity=target_sensitivity,
+                         tune_votes=tune_votes, seed=seed, device=device, resume=resume, max_steps_per_epoch=max_steps)
+    try:
+        with _train_progress() as cb:
+            m = train_cls(cfg, progress=cb)
+    except CervscanError as e:
+        _fail(e)
+    console.print_json(json.dumps(m.get("summary", {}), default=str))
+
+
+# --------------------------------------------------------------------------- report
+
+@app.command()
+def report(
+    out: Annotated[Path, typer.Argument(help="A 'cervscan screen' output folder.")],
+    patient: Annotated[Optional[list[str]], typer.Option("--patient", help="Only this patient (repeatable).")] = None,
+    clinic: Annotated[Optional[str], typer.Option("--clinic", envvar="CERVSCAN_CLINIC", help="Clinic name for the header.")] = None,
+    exam_date: Annotated[Optional[str], typer.Option("--exam-date", help="Exam date (default: the images' file date).")] = None,
+    page_size: Annotated[str, typer.Option("--page-size", help="a4 | letter")] = "a4",
+    config: ConfigOpt = None,
+) -> None:
+    """Write PDF referral reports: OUT/reports/<patient>.pdf and OUT/reports/summary.pdf."""
+    _setup_logging(False, False)
+    try:
+        from .report import write_reports
+
+        paths = write_reports(out, patients=patient, clinic=clinic, exam_date=exam_date, page_size=page_size,
+                              config_file=config)
+    except CervscanError as e:
+        _fail(e)
+    for p in paths:
+        console.print(str(p))
+
+
+# --------------------------------------------------------------------------- models
+
+@models_app.command("list")
+def models_list() -> None:
+    """Installed and shipped models, and which ones 'screen' uses now."""
+    from rich.table import Table
+
+    from . import weights as W
+
+    try:
+        rows = W.list_models()
+        active = {}
+        for role in W.ROLES:
+            try:
+                r = W.resolve(role)
+                active[role] = (str(r.path.parent), r.source)
+            except CervscanError as e:
+                active[role] = ("", f"error: {e}")
+    except CervscanError as e:
+        _fail(e)
+    t = Table(title="cervscan models")
+    for c in ("role", "tag", "name", "version", "arch", "sha256", "in use"):
+        t.add_column(c)
+    for r in rows:
+        use = active.get(r["role"], ("", ""))[0] == str(Path(r["folder"]))
+        t.add_row(r["role"], r["tag"], str(r.get("name", "")), str(r.get("version", "")), str(r.get("arch", "")),
+                  r.get("sha256", "")[:12], "yes" if use else "")
+    console.print(t)
+    for role, (folder, src) in active.items():
+        console.print(f"{role}: {src} {folder}")
+
+
+@models_app.command("install")
+def models_install(
+    runs: Annotated[list[Path], typer.Argument(help="train-seg / train-cls run folders (or model.pt files).")],
+    name: Annotated[Optional[str], typer.Option(help="Tag prefix.")] = None,
+) -> None:
+    """Install retrained model(s) as the default for 'screen' (user data dir, sha256 recorded)."""
+    from . import weights as W
+
+    try:
+        res = W.install(runs, name=name)
+    except CervscanError as e:
+        _fail(e)
+    for role, info in res.items():
+        console.print(f"installed {role}: {info['folder']} (sha256 {info['sha256'][:12]})")
+
+
+@models_app.command("rollback")
+def models_rollback(
+    role: Annotated[Optional[str], typer.Option(help="segmenter | classifier (default both).")] = None,
+) -> None:
+    """Go back to the shipped models (installed files are kept)."""
+    from . import weights as W
+
+    try:
+        W.rollback(role)
+    except CervscanError as e:
+        _fail(e)
+    console.print("screen now uses the shipped model(s)" + (f" for {role}" if role else ""))
+
+
+@models_app.command("use")
+def models_use(role: str, tag: str) -> None:
+    """Make an installed model (by tag, see 'models list') the default again."""
+    from . import weights as W
+
+    try:
+        W.use(role, tag)
+    except CervscanError as e:
+        _fail(e)
+    console.print(f"{role}: now {tag}")
+
+
+@models_app.command("verify")
+def models_verify() -> None:
+    """Check the sha256 of every shipped and installed model."""
+    from . import weights as W
+
+    bad = 0
+    try:
+        rows = W.list_models()
+    except CervscanError as e:
+        _fail(e)
+    for r in rows:
+        try:
+            W.verify(Path(r["folder"]) / r["file"], r)
+            console.print(f"[green]ok[/green] {r['role']} {r['tag']} {r['file']}")
+        except CervscanError as e:
+            bad += 1
+            err_console.print(f"[red]FAIL[/red] {e}")
+    raise typer.Exit(1 if bad else 0)
+
+
+def main() -> None:
+    app()

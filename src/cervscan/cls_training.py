@@ -1,0 +1,551 @@
+"""``train-cls``: classifier on original + segmented images, patient-wise splits,
+calibration (temperature), operating point and optional voting-weight search.
+
+Data preparation: every image of every labelled patient is decoded, segmented
+with the given segmenter and stored (original and segmented image, both at the
+input size) in a cache keyed by the segmenter's sha256, so cross-validation
+folds and later runs do not segment again.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import itertools
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__
+from .config import STUDY_WEIGHTS, VARIANT_NAMES, VotingConfig, DEFAULT_BRIGHTNESS
+from .errors import CervscanError, DataError
+from .io import atomic_write_csv, atomic_write_json, discover_visits, read_image
+from .metrics import binary_metrics, bootstrap_ci, full_report, plot_confusion, plot_roc, threshold_for_sensitivity
+from .models import (build_classifier, default_norm, load_lite0_into_timm, make_checkpoint, to_deploy)
+from .seg_training import seed_everything
+from .transforms import resize_square, to_tensor_batch
+from .variants import make_variants, segment_region, weighted_score
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ClsTrainConfig:
+    visits: str
+    labels: str
+    out: str
+    seg_model: str | None = None
+    images_csv: str | None = None
+    arch: str = "repvgg_a0"
+    pretrained: bool = False
+    samples: str = "both"  # both | original | segmented
+    epochs: int = 12
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    input_size: int = 224
+    val_fraction: float = 0.2
+    folds: int = 0
+    full: bool = False
+    target_sensitivity: float = 0.90
+    tune_votes: bool = False
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = False
+    threads: int = 0
+    max_steps_per_epoch: int = 0
+    cache_dir: str | None = None
+    name: str = "cervscan-cls"
+    version: str = "0.0.0-local"
+    brightness: float = DEFAULT_BRIGHTNESS
+
+
+# --------------------------------------------------------------------------- data
+
+def read_labels(path: str | Path) -> list[dict]:
+    p = Path(path)
+    try:
+        with open(p, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise DataError(f"{p}: cannot read labels ({e.strerror})") from None
+    if not rows or "patient_id" not in rows[0] or "label" not in rows[0]:
+        raise DataError(f"{p}: needs columns patient_id,label")
+    out = []
+    for r in rows:
+        lab = (r.get("label") or "").strip()
+        if lab == "":
+            continue
+        if lab not in ("0", "1"):
+            raise DataError(f"{p}: patient {r['patient_id']}: label must be 0 or 1, got {lab!r}")
+        out.append({"patient_id": r["patient_id"].strip(), "label": int(lab), "source": (r.get("source") or "").strip() or "all"})
+    return out
+
+
+@dataclass
+class Sample:
+    patient_id: str
+    image: str
+    label: int
+    source: str
+    original: np.ndarray  # S x S x 3 uint8
+    segmented: np.ndarray  # S x S x 3 uint8
+    empty_mask: bool
+    lesion_fraction: float
+
+
+def prepare_samples(cfg: ClsTrainConfig, progress=None) -> tuple[list[Sample], dict]:
+    """Decode, segment and cache every labelled image. Returns samples and the segmenter info."""
+    from .inference import load_models, segment
+    from .weights import resolve
+    from .device import resolve_device
+
+    labels = {r["patient_id"]: r for r in read_labels(cfg.labels)}
+    visits = {v.patient_id: v for v in discover_visits([cfg.visits])}
+    missing = sorted(set(labels) - set(visits))
+    if missing:
+        log.warning("%d labelled patients have no visit folder (e.g. %s); skipped", len(missing), missing[:3])
+    seg_ref = resolve("segmenter", cfg.seg_model)
+    # a classifier is not needed to segment; load the segmenter only
+    from .models import model_from_checkpoint, read_checkpoint
+    seg_ck = read_checkpoint(seg_ref.path)
+    if seg_ck["kind"] != "segmenter":
+        raise CervscanError(f"{seg_ref.path}: not a segmenter checkpoint")
+    dev = resolve_device(cfg.device)
+    from .inference import LoadedModels
+    lm = LoadedModels(seg=model_from_checkpoint(seg_ck).to(dev), cls=None, seg_ckpt=seg_ck, cls_ckpt={}, device=dev)  # type: ignore[arg-type]
+    vcfg = VotingConfig()
+    S = cfg.input_size
+    if cfg.cache_dir:
+        cache = Path(cfg.cache_dir)
+    else:
+        from platformdirs import user_cache_dir
+        cache = Path(user_cache_dir("cervscan", appauthor=False))
+    cache = cache / f"cls-{seg_ref.sha256[:16]}-{S}"
+    cache.mkdir(parents=True, exist_ok=True)
+    samples: list[Sample] = []
+    todo = [(pid, p) for pid in sorted(labels) if pid in visits for p in visits[pid].images]
+    t0 = time.time()
+    for k, (pid, path) in enumerate(todo):
+        st = path.stat()
+        key = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:20]
+        f = cache / f"{key}.npz"
+        if f.exists():
+            z = np.load(f)
+            orig, segm, empty, frac = z["original"], z["segmented"], bool(z["empty"]), float(z["frac"])
+        else:
+            try:
+                d = read_image(path, max_side=1024)
+            except CervscanError as e:
+                log.warning("skipped: %s", e)
+                continue
+            m = segment(lm, [d.rgb], vcfg.mask_threshold)[0]
+            reg = segment_region(d.rgb, m, vcfg)
+            orig, segm = resize_square(d.rgb, S), resize_square(reg.image, S)
+            empty, frac = reg.empty, reg.lesion_fraction
+            tmp = cache / f".{key}.tmp.npz"
+            np.savez(tmp, original=orig, segmented=segm, empty=empty, frac=frac)
+            tmp.replace(f)
+        lab = labels[pid]
+        samples.append(Sample(pid, path.name, lab["label"], lab["source"], orig, segm, empty, frac))
+        if progress:
+            progress({"phase": "train", "epoch": 0, "epochs": 0, "step": k + 1, "steps": len(todo), "loss": 0.0,
+                      "fold": "preparing"})
+    log.info("prepared %d images of %d patients in %.0fs (cache %s)", len(samples),
+             len({s.patient_id for s in samples}), time.time() - t0, cache)
+    if not samples:
+        raise DataError("no usable training images")
+    info = {"path": str(seg_ref.path), "sha256": seg_ref.sha256, "name": seg_ck.get("name"), "version": seg_ck.get("version")}
+    return samples, info
+
+
+def patient_table(samples: list[Sample]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    pids = sorted({s.patient_id for s in samples})
+    first = {}
+    for s in samples:
+        first.setdefault(s.patient_id, s)
+    y = np.array([first[p].label for p in pids])
+    src = np.array([first[p].source for p in pids], dtype=object)
+    return pids, y, src
+
+
+def patient_folds(pids, y, src, k: int, seed: int) -> list[tuple[set, set]]:
+    """Stratified (label x source) K-fold over patients. Every patient is in exactly one validation fold."""
+    from sklearn.model_selection import StratifiedKFold
+
+    strata = np.array([f"{a}|{b}" for a, b in zip(y, src)])
+    # rare strata cannot be split k ways: fall back to label only
+    _, counts = np.unique(strata, return_counts=True)
+    if counts.min() < k:
+        strata = y.astype(str)
+    skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    out = []
+    for tr, va in skf.split(np.zeros(len(pids)), strata):
+        out.append(({pids[i] for i in tr}, {pids[i] for i in va}))
+    return out
+
+
+def patient_split(pids, y, src, val_fraction: float, seed: int) -> tuple[set, set]:
+    from sklearn.model_selection import train_test_split
+
+    strata = np.array([f"{a}|{b}" for a, b in zip(y, src)])
+    _, counts = np.unique(strata, return_counts=True)
+    if counts.min() < 2:
+        strata = y.astype(str)
+    tr, va = train_test_split(list(pids), test_size=val_fraction, random_state=seed, stratify=strata)
+    return set(tr), set(va)
+
+
+class ClsDataset(torch.utils.data.Dataset):
+    def __init__(self, samples: list[Sample], which: str, mean, std, train: bool, size: int):
+        from torchvision.transforms import v2
+
+        self.items: list[tuple[np.ndarray, int]] = []
+        for s in samples:
+            if which in ("both", "original"):
+                self.items.append((s.original, s.label))
+            if which in ("both", "segmented"):
+                self.items.append((s.segmented, s.label))
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.tf = v2.Compose([
+            v2.RandomResizedCrop(size, scale=(0.6, 1.0), ratio=(0.8, 1.25), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.RandomApply([v2.RandomRotation(15)], p=0.5),
+            v2.ColorJitter(0.25, 0.25, 0.2, 0.02),
+        ]) if train else None
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        img, lab = self.items[i]
+        x = torch.from_numpy(img).permute(2, 0, 1)
+        if self.tf is not None:
+            x = self.tf(x)
+        x = (x.float() / 255.0 - self.mean) / self.std
+        return x, lab
+
+
+# --------------------------------------------------------------------------- one training run
+
+def _build(cfg: ClsTrainConfig) -> tuple[nn.Module, tuple, tuple]:
+    model = build_classifier(cfg.arch)
+    mean, std = default_norm(cfg.arch)
+    if cfg.pretrained:
+        if cfg.arch != "tf_efficientnet_lite0":
+            raise CervscanError(f"ImageNet weights are available offline only for tf_efficientnet_lite0, not {cfg.arch}")
+        load_lite0_into_timm(model)
+    return model, mean, std
+
+
+def fit(cfg: ClsTrainConfig, train: list[Sample], dev, progress=None, tag: str = "", state_path: Path | None = None) -> nn.Module:
+    seed_everything(cfg.seed)
+    model, mean, std = _build(cfg)
+    model = model.to(dev)
+    ds = ClsDataset(train, cfg.samples, mean, std, True, cfg.input_size)
+    labels = np.array([lab for _, lab in ds.items])
+    counts = np.bincount(labels, minlength=2).astype(float)
+    w = torch.tensor(counts.sum() / (2 * np.maximum(counts, 1)), dtype=torch.float32, device=dev)
+    crit = nn.CrossEntropyLoss(weight=w, label_smoothing=0.05)
+    g = torch.Generator().manual_seed(cfg.seed)
+    dl = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=len(ds) > cfg.batch_size,
+                                     generator=g, num_workers=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = cfg.epochs * (min(len(dl), cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else len(dl))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(1, steps), pct_start=0.15)
+    start = 0
+    if cfg.resume and state_path is not None and state_path.exists():
+        st = torch.load(state_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"])
+        start = st["epoch"]
+        torch.set_rng_state(st["rng"])
+        g.set_state(st["gen"])
+        log.info("%s resumed at epoch %d", tag, start)
+    for epoch in range(start, cfg.epochs):
+        model.train()
+        losses = []
+        for step, (x, y) in enumerate(dl):
+            if cfg.max_steps_per_epoch and step >= cfg.max_steps_per_epoch:
+                break
+            x, y = x.to(dev), y.to(dev)
+            loss = crit(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            if progress:
+                progress({"phase": "train", "epoch": epoch + 1, "epochs": cfg.epochs, "step": step + 1,
+                          "steps": len(dl), "loss": losses[-1], "fold": tag})
+        log.info("%s epoch %d/%d loss %.4f", tag, epoch + 1, cfg.epochs, float(np.mean(losses)))
+        if state_path is not None:
+            tmp = state_path.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                        "epoch": epoch + 1, "rng": torch.get_rng_state(), "gen": g.get_state()}, tmp)
+            tmp.replace(state_path)
+    return model.eval()
+
+
+@torch.inference_mode()
+def variant_logits(model: nn.Module, samples: list[Sample], cfg: ClsTrainConfig, dev, batch: int = 8) -> np.ndarray:
+    """Logits (N x 6 x 2) of the six variants of each sample, in v1..v6 order."""
+    mean, std = default_norm(cfg.arch)
+    vcfg = VotingConfig(brightness=cfg.brightness)
+    out = []
+    for i in range(0, len(samples), batch):
+        chunk = samples[i:i + batch]
+        imgs = []
+        for s in chunk:
+            imgs.extend(make_variants(s.original, s.segmented, vcfg).values())
+        x = to_tensor_batch([resize_square(im, cfg.input_size) for im in imgs], mean, std).to(dev)
+        out.append(model(x).float().cpu().numpy().reshape(len(chunk), 6, 2))
+    return np.concatenate(out) if out else np.zeros((0, 6, 2))
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Temperature scaling (Guo et al. 2017): one scalar T minimising the NLL."""
+    z = torch.tensor(logits.reshape(-1, 2), dtype=torch.float64)
+    y = torch.tensor(labels, dtype=torch.long)
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(z / log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    t = float(log_t.exp().item())
+    return float(min(max(t, 0.05), 20.0))
+
+
+def patient_scores(samples: list[Sample], logits: np.ndarray, temperature: float, weights) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Per-image weighted score (temperature-scaled), then the mean per patient."""
+    z = logits / temperature
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p = (p / p.sum(-1, keepdims=True))[..., 1]  # N x 6
+    w = np.asarray(weights, float)
+    w = w / w.sum()
+    img_scores = p @ w
+    by: dict[str, list[float]] = {}
+    for s, sc in zip(samples, img_scores):
+        by.setdefault(s.patient_id, []).append(float(sc))
+    pids = sorted(by)
+    return pids, np.array([np.mean(by[q]) for q in pids]), img_scores
+
+
+def tune_vote_weights(samples, logits, temperature, y_by_pid: dict, step: float = 0.05) -> tuple[tuple, float]:
+    """Simplex grid over the six weights (step ``step``) maximising patient AUC; ties keep the study's order."""
+    from sklearn.metrics import roc_auc_score
+
+    z = logits / temperature
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p = (p / p.sum(-1, keepdims=True))[..., 1]
+    pids = sorted({s.patient_id for s in samples})
+    idx = {q: i for i, q in enumerate(pids)}
+    A = np.zeros((len(pids), len(samples)))
+    for j, s in enumerate(samples):
+        A[idx[s.patient_id], j] = 1
+    A /= A.sum(1, keepdims=True)
+    P = A @ p  # patients x 6: mean per-variant probability per patient
+    y = np.array([y_by_pid[q] for q in pids])
+    n = int(round(1 / step))
+    grid = np.array([(*c, n - sum(c)) for c in itertools.product(range(n + 1), repeat=5) if sum(c) <= n], float) / n
+    study = np.array(STUDY_WEIGHTS) / sum(STUDY_WEIGHTS)
+    grid = np.vstack([study, grid])
+    aucs = _auc_many(y, P @ grid.T)
+    study_auc = float(aucs[0])
+    i = int(np.argmax(aucs > aucs[0] + 1e-9)) if (aucs > aucs[0] + 1e-9).any() else 0
+    i = int(np.argmax(aucs)) if i else 0
+    best_auc, best_w = float(aucs[i]), tuple(float(x) for x in grid[i])
+    log.info("vote weights: study AUC %.4f -> tuned %.4f %s", study_auc, best_auc, best_w)
+    return best_w, best_auc
+
+
+def _auc_many(y: np.ndarray, S: np.ndarray) -> np.ndarray:
+    """ROC AUC of each column of S (patients x candidates), Mann-Whitney with tied ranks."""
+    from scipy.stats import rankdata
+
+    r = rankdata(S, axis=0)
+    pos = y == 1
+    n1, n0 = pos.sum(), (~pos).sum()
+    return (r[pos].sum(0) - n1 * (n1 + 1) / 2) / (n1 * n0)
+
+
+# --------------------------------------------------------------------------- the command
+
+def train_cls(cfg: ClsTrainConfig, progress: Callable[[dict], None] | None = None) -> dict:
+    from .device import resolve_device
+
+    if cfg.samples not in ("both", "original", "segmented"):
+        raise CervscanError(f"--samples must be both, original or segmented, not {cfg.samples!r}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    dev = resolve_device(cfg.device)
+    samples, seg_info = prepare_samples(cfg, progress)
+    pids, y, src = patient_table(samples)
+    if len(np.unique(y)) < 2:
+        raise DataError("labels contain a single class; a classifier needs both")
+    y_by = dict(zip(pids, y.tolist()))
+    src_by = dict(zip(pids, src.tolist()))
+    if cfg.folds and cfg.folds >= 2:
+        splits = patient_folds(pids, y, src, cfg.folds, cfg.seed)
+    else:
+        splits = [patient_split(pids, y, src, cfg.val_fraction, cfg.seed)]
+    for tr, va in splits:
+        assert not (tr & va), "a patient on both sides of a split"
+
+    oof_logits = np.zeros((len(samples), 6, 2))
+    oof_fold = np.full(len(samples), -1)
+    fold_rows = []
+    t_folds = time.time()
+    for k, (tr, va) in enumerate(splits):
+        tag = f"fold {k + 1}/{len(splits)}" if len(splits) > 1 else "split"
+        tr_s = [s for s in samples if s.patient_id in tr]
+        va_i = [i for i, s in enumerate(samples) if s.patient_id in va]
+        model = fit(cfg, tr_s, dev, progress, tag, state_path=out / f"state_fold{k + 1}.pt")
+        lg = variant_logits(model, [samples[i] for i in va_i], cfg, dev)
+        oof_logits[va_i] = lg
+        oof_fold[va_i] = k
+        vp, vs, _ = patient_scores([samples[i] for i in va_i], lg, 1.0, STUDY_WEIGHTS)
+        vy = np.array([y_by[q] for q in vp])
+        vsrc = [src_by[q] for q in vp]
+        row = {"fold": k + 1, "train_patients": len(tr), "val_patients": len(va)}
+        try:
+            m = binary_metrics(vy, vs, 0.5)
+            row.update(auc=m["auc"], sensitivity_at_0_5=m["sensitivity"], specificity_at_0_5=m["specificity"],
+                       accuracy_at_0_5=m["accuracy"])
+        except DataError as e:
+            row["error"] = str(e)
+        for sname in sorted(set(vsrc)):
+            sel = np.array([s_ == sname for s_ in vsrc])
+            try:
+                row[f"auc[{sname}]"] = binary_metrics(vy[sel], vs[sel], 0.5)["auc"]
+            except DataError:
+                row[f"auc[{sname}]"] = None
+        fold_rows.append(row)
+        log.info("%s: %s", tag, row)
+        if len(splits) == 1:
+            last_model = model
+    fold_seconds = time.time() - t_folds
+
+    # ---- calibration and operating point on held-out (validation / out-of-fold) patients
+    held = oof_fold >= 0
+    held_samples = [s for s, h in zip(samples, held) if h]
+    held_logits = oof_logits[held]
+    T = fit_temperature(held_logits, np.repeat([s.label for s in held_samples], 6))
+    weights = tuple(STUDY_WEIGHTS)
+    tuned_auc = None
+    if cfg.tune_votes:
+        weights, tuned_auc = tune_vote_weights(held_samples, held_logits, T, y_by)
+    hp, hs, img_scores = patient_scores(held_samples, held_logits, T, weights)
+    hy = np.array([y_by[q] for q in hp])
+    hsrc = np.array([src_by[q] for q in hp], dtype=object)
+    op = threshold_for_sensitivity(hy, hs, cfg.target_sensitivity)
+    rep = full_report(hy, hs, op["threshold"], sources=hsrc, seed=cfg.seed)
+    rep05 = binary_metrics(hy, hs, 0.5)
+    # the study's setting: no temperature, study weights, threshold 0.5
+    _, hs_raw, _ = patient_scores(held_samples, held_logits, 1.0, STUDY_WEIGHTS)
+    rep_study = binary_metrics(hy, hs_raw, 0.5)
+    # single-variant (no voting) for comparison
+    _, hs_orig, _ = patient_scores(held_samples, held_logits, 1.0, (1, 0, 0, 0, 0, 0))
+    auc_no_vote = binary_metrics(hy, hs_orig, 0.5)["auc"]
+
+    fold_summary = {}
+    for key in ("auc", "sensitivity_at_0_5", "specificity_at_0_5", "accuracy_at_0_5"):
+        vals = [r[key] for r in fold_rows if r.get(key) is not None]
+        if vals:
+            fold_summary[key] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0}
+    for sname in sorted(set(src.tolist())):
+        vals = [r.get(f"auc[{sname}]") for r in fold_rows if r.get(f"auc[{sname}]") is not None]
+        if vals:
+            fold_summary[f"auc[{sname}]"] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0}
+
+    # ---- final model: the single-split model, or retrained on every patient (--full)
+    t_full = time.time()
+    if cfg.full or len(splits) > 1:
+        if cfg.full:
+            model = fit(cfg, samples, dev, progress, "all patients", state_path=out / "state_full.pt")
+            final_note = f"trained on all {len(pids)} patients; calibration and operating point from {'cross-validation' if len(splits) > 1 else 'the validation split'}"
+        else:
+            model = None
+            final_note = "cross-validation only (no --full): no model written"
+    else:
+        model = last_model
+        final_note = f"trained on {len(splits[0][0])} patients; {len(splits[0][1])} validation patients"
+    full_seconds = time.time() - t_full
+
+    metrics = {
+        "patients": int(len(pids)), "images": len(samples), "severe": int(y.sum()),
+        "evaluation": "cross-validation" if len(splits) > 1 else "validation split",
+        "folds": fold_rows, "fold_summary": fold_summary,
+        "held_out": rep, "held_out_at_0_5": rep05, "study_setting": rep_study,
+        "auc_original_only": auc_no_vote,
+        "temperature": T, "operating_point": op, "voting_weights": list(weights), "tuned_vote_auc": tuned_auc,
+        "seconds": {"total": time.time() - t0, "folds": fold_seconds, "final": full_seconds},
+        "final_model": final_note,
+        "summary": {"arch": cfg.arch, "pretrained": cfg.pretrained, "samples": cfg.samples,
+                    "auc": rep["auc"], "auc_ci95": rep["ci95"]["auc"], "threshold": op["threshold"],
+                    "sensitivity": op["sensitivity"], "specificity": op["specificity"],
+                    "by_source_auc": {k: v.get("auc") for k, v in rep.get("by_source", {}).items()},
+                    "fold_auc": fold_summary.get("auc"), "minutes": (time.time() - t0) / 60},
+    }
+    # per-patient predictions (held-out)
+    rows = [{"patient_id": q, "label": int(yy), "source": s_, "score": float(sc), "fold": int(oof_fold[[i for i, s in enumerate(samples) if s.patient_id == q][0]]) + 1,
+             "decision": "severe" if sc > op["threshold"] else "mildly_normal"} for q, yy, s_, sc in zip(hp, hy, hsrc, hs)]
+    atomic_write_csv(out / "predictions.csv", rows, ["patient_id", "label", "source", "fold", "score", "decision"])
+    img_rows = [{"patient_id": s.patient_id, "image": s.image, "label": s.label, "score": float(sc),
+                 "empty_mask": s.empty_mask, "lesion_fraction": s.lesion_fraction} for s, sc in zip(held_samples, img_scores)]
+    atomic_write_csv(out / "image_predictions.csv", img_rows, ["patient_id", "image", "label", "score", "empty_mask", "lesion_fraction"])
+    np.savez(out / "oof_logits.npz", logits=oof_logits, fold=oof_fold,
+             patient=np.array([s.patient_id for s in samples]), image=np.array([s.image for s in samples]))
+    plot_roc(hy, hs, out / "roc.png", sources=hsrc, point=op,
+             title=f"{cfg.arch}: held-out patients ({metrics['evaluation']})")
+    plot_confusion(rep["confusion"], out / "confusion.png", title=f"threshold {op['threshold']:.3f}")
+
+    if model is not None:
+        deploy = to_deploy(model.cpu().eval())
+        ck = make_checkpoint(deploy, kind="classifier", arch=cfg.arch, arch_kwargs={}, form="deploy",
+                             input_size=(cfg.input_size, cfg.input_size), mean=default_norm(cfg.arch)[0],
+                             std=default_norm(cfg.arch)[1], name=cfg.name, version=cfg.version, extra={
+                                 "threshold": op["threshold"],
+                                 "operating_point": {**op, "evaluated_on": metrics["evaluation"],
+                                                     "patients": int(len(hp)), "auc": rep["auc"],
+                                                     "auc_ci95": rep["ci95"]["auc"],
+                                                     "sensitivity_ci95": rep["ci95"]["sensitivity"],
+                                                     "specificity_ci95": rep["ci95"]["specificity"]},
+                                 "temperature": T,
+                                 "voting": {"weights": list(weights), "brightness": cfg.brightness,
+                                            "brightness_from_flipped": False,
+                                            "tuned": bool(cfg.tune_votes)},
+                                 "train_summary": {"final_model": final_note, "samples": cfg.samples,
+                                                   "epochs": cfg.epochs, "lr": cfg.lr, "batch_size": cfg.batch_size,
+                                                   "pretrained": cfg.pretrained, "segmenter": seg_info,
+                                                   "labels": str(cfg.labels), "patients": int(len(pids)),
+                                                   "images": len(samples), "seed": cfg.seed}})
+        from .models import save_checkpoint
+
+        save_checkpoint(ck, out / "model.pt")
+        metrics["checkpoint"] = str(out / "model.pt")
+    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_json(out / "run.json", {"command": "train-cls", "config": asdict(cfg), "cervscan_version": __version__,
+                                         "torch": torch.__version__, "device": str(dev), "threads": torch.get_num_threads(),
+                                         "segmenter": seg_info})
+    for f in out.glob("state_*.pt"):
+        if model is not None or cfg.folds:
+            pass
+    return metrics

@@ -1,0 +1,150 @@
+"""Run configuration: frozen dataclasses, JSON/TOML loading. No torch import."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import CervscanError
+
+#: The six variants of the method, in order (v1..v6).
+VARIANT_NAMES: tuple[str, ...] = (
+    "original",
+    "segmented",
+    "original_flip",
+    "segmented_flip",
+    "original_bright",
+    "segmented_bright",
+)
+#: The study's hand-tuned voting weights (METHOD.md, step 4).
+STUDY_WEIGHTS: tuple[float, ...] = (0.20, 0.25, 0.15, 0.20, 0.11, 0.09)
+#: Brightness factor of variants 5 and 6 (pixel values multiplied, clipped to 255).
+DEFAULT_BRIGHTNESS = 1.2
+DEFAULT_THRESHOLD = 0.5
+
+VARIANT_SETS = {
+    "all": VARIANT_NAMES,
+    "original": ("original",),
+    "original+segmented": ("original", "segmented"),
+}
+
+
+@dataclass(frozen=True)
+class VotingConfig:
+    """How the six variants are built and combined.
+
+    ``weights`` are renormalised over the variants in use, so that
+    ``--variants original`` gives score = P(severe | original).
+    Variants 5 and 6 are built from the *unflipped* original / segmented image
+    unless ``brightness_from_flipped`` is set.
+    """
+
+    weights: tuple[float, ...] = STUDY_WEIGHTS
+    brightness: float = DEFAULT_BRIGHTNESS
+    brightness_from_flipped: bool = False
+    variants: tuple[str, ...] = VARIANT_NAMES
+    #: Margin around the lesion bounding box, as a fraction of the box side.
+    crop_margin: float = 0.10
+    #: Masks covering less than this fraction of the image count as empty.
+    min_lesion_fraction: float = 0.002
+    #: Threshold on the segmenter's sigmoid output.
+    mask_threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        if len(self.weights) != 6:
+            raise CervscanError(f"voting weights: need 6 values, got {len(self.weights)}")
+        if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
+            raise CervscanError("voting weights must be non-negative and not all zero")
+        bad = [v for v in self.variants if v not in VARIANT_NAMES]
+        if bad or not self.variants:
+            raise CervscanError(
+                f"unknown variant(s) {bad}; choose from {', '.join(VARIANT_NAMES)}"
+            )
+        if not 0 < self.brightness <= 4:
+            raise CervscanError(f"brightness factor must be in (0, 4], got {self.brightness}")
+        w = sum(self.weights[VARIANT_NAMES.index(v)] for v in self.variants)
+        if w <= 0:
+            raise CervscanError("the selected variants all have weight 0")
+
+    def active_weights(self) -> dict[str, float]:
+        """Weights of the variants in use, renormalised to sum to 1."""
+        raw = {v: self.weights[VARIANT_NAMES.index(v)] for v in self.variants}
+        total = sum(raw.values())
+        return {k: v / total for k, v in raw.items()}
+
+
+@dataclass(frozen=True)
+class ScreenConfig:
+    voting: VotingConfig = field(default_factory=VotingConfig)
+    threshold: float = DEFAULT_THRESHOLD
+    device: str = "auto"
+    batch_images: int = 4
+    num_workers: int = 1
+    #: Longest side an image is decoded to (bigger images are scaled down on read).
+    max_side: int = 2048
+    #: Decompression-bomb guard: images with more pixels are refused.
+    max_pixels: int = 120_000_000
+    #: Images smaller than this on their shorter side are refused.
+    min_side: int = 32
+    write_masks: bool = True
+    write_overlays: bool = True
+    write_heatmaps: bool = False
+    backend: str = "torch"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a JSON or TOML config file into a flat dict of overrides."""
+    p = Path(path)
+    try:
+        text = p.read_bytes()
+    except OSError as e:
+        raise CervscanError(f"{p}: cannot read config file ({e.strerror})") from None
+    try:
+        if p.suffix.lower() == ".toml":
+            data = tomllib.loads(text.decode("utf-8"))
+        else:
+            data = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CervscanError(f"{p}: not valid {'TOML' if p.suffix.lower() == '.toml' else 'JSON'} ({e})") from None
+    if not isinstance(data, dict):
+        raise CervscanError(f"{p}: config must be a table/object")
+    known = {
+        "weights", "brightness", "brightness_from_flipped", "variants", "crop_margin",
+        "min_lesion_fraction", "mask_threshold", "threshold", "device", "batch_images",
+        "num_workers", "max_side", "max_pixels", "min_side", "clinic", "next_step",
+    }
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise CervscanError(f"{p}: unknown config key(s): {', '.join(unknown)}")
+    return data
+
+
+def parse_variants(spec: str) -> tuple[str, ...]:
+    spec = spec.strip()
+    if spec in VARIANT_SETS:
+        return VARIANT_SETS[spec]
+    names = tuple(s.strip() for s in spec.split(",") if s.strip())
+    bad = [n for n in names if n not in VARIANT_NAMES]
+    if bad or not names:
+        raise CervscanError(
+            f"--variants: unknown {bad or spec!r}; use all, original, original+segmented "
+            f"or a comma list of {', '.join(VARIANT_NAMES)}"
+        )
+    return names
+
+
+def parse_weights(spec: str) -> tuple[float, ...]:
+    try:
+        w = tuple(float(x) for x in spec.split(","))
+    except ValueError:
+        raise CervscanError(f"--weights: expected 6 comma-separated numbers, got {spec!r}") from None
+    if len(w) != 6:
+        raise CervscanError(f"--weights: expected 6 numbers, got {len(w)}")
+    return w

@@ -1,0 +1,165 @@
+"""Patient-level classification metrics: thin wrappers over ``sklearn.metrics``."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import DataError
+
+
+def binary_metrics(y_true, scores, threshold: float) -> dict:
+    """AUC, accuracy, sensitivity, specificity, PPV, NPV and confusion [[tn, fp], [fn, tp]].
+
+    Decision is severe when score > threshold. A single-class label set raises
+    DataError (AUC, sensitivity or specificity would be undefined).
+    """
+    from sklearn.metrics import accuracy_score, confusion_matrix, roc_auc_score
+
+    y = np.asarray(y_true, dtype=int)
+    s = np.asarray(scores, dtype=float)
+    if y.size == 0:
+        raise DataError("no labelled patients to evaluate")
+    if len(np.unique(y)) < 2:
+        raise DataError(f"labels contain a single class ({int(y[0])}) only: AUC, sensitivity and specificity "
+                        f"are undefined; evaluate on a set with both severe and mildly normal patients")
+    pred = (s > threshold).astype(int)
+    tn, fp, fn, tp = confusion_matrix(y, pred, labels=[0, 1]).ravel()
+    div = lambda a, b: float(a / b) if b else None  # noqa: E731
+    return {
+        "patients": int(y.size), "severe": int(y.sum()),
+        "auc": float(roc_auc_score(y, s)),
+        "accuracy": float(accuracy_score(y, pred)),
+        "sensitivity": div(tp, tp + fn), "specificity": div(tn, tn + fp),
+        "ppv": div(tp, tp + fp), "npv": div(tn, tn + fn),
+        "threshold": float(threshold),
+        "confusion": [[int(tn), int(fp)], [int(fn), int(tp)]],
+    }
+
+
+def bootstrap_ci(y_true, scores, threshold: float, n: int = 2000, seed: int = 0, alpha: float = 0.05) -> dict:
+    """Percentile bootstrap over patients for AUC, sensitivity and specificity."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(y_true, dtype=int)
+    s = np.asarray(scores, dtype=float)
+    rng = np.random.default_rng(seed)
+    out = {"auc": [], "sensitivity": [], "specificity": []}
+    pred = s > threshold
+    for _ in range(n):
+        idx = rng.integers(0, y.size, y.size)
+        yy, ss, pp = y[idx], s[idx], pred[idx]
+        pos, neg = yy == 1, yy == 0
+        if pos.any() and neg.any():
+            out["auc"].append(roc_auc_score(yy, ss))
+        if pos.any():
+            out["sensitivity"].append(pp[pos].mean())
+        if neg.any():
+            out["specificity"].append((~pp[neg]).mean())
+    lo, hi = 100 * alpha / 2, 100 * (1 - alpha / 2)
+    return {k: ([float(np.percentile(v, lo)), float(np.percentile(v, hi))] if v else None) for k, v in out.items()}
+
+
+def threshold_for_sensitivity(y_true, scores, target: float) -> dict:
+    """Largest threshold whose sensitivity (score > threshold) reaches ``target``.
+
+    Returns threshold, sensitivity and specificity reached on these patients.
+    The threshold sits halfway between the score of the last severe patient kept
+    above it and the next lower score, so it is not fitted onto a data point.
+    """
+    y = np.asarray(y_true, dtype=int)
+    s = np.asarray(scores, dtype=float)
+    if len(np.unique(y)) < 2:
+        raise DataError("operating point needs both classes")
+    pos = np.sort(s[y == 1])[::-1]
+    k = int(np.ceil(target * pos.size))  # severe patients that must score above the threshold
+    k = min(max(k, 1), pos.size)
+    kth = pos[k - 1]
+    below = s[s < kth]
+    thr = float((kth + below.max()) / 2) if below.size else float(kth - 1e-6)
+    pred = s > thr
+    return {"threshold": thr, "target_sensitivity": float(target),
+            "sensitivity": float(pred[y == 1].mean()), "specificity": float((~pred[y == 0]).mean())}
+
+
+def full_report(y_true, scores, threshold: float, *, sources=None, n_bootstrap: int = 2000, seed: int = 0) -> dict:
+    m = binary_metrics(y_true, scores, threshold)
+    m["ci95"] = bootstrap_ci(y_true, scores, threshold, n=n_bootstrap, seed=seed)
+    if sources is not None:
+        src = np.asarray(sources, dtype=object)
+        y = np.asarray(y_true)
+        s = np.asarray(scores)
+        m["by_source"] = {}
+        for v in sorted(set(src.tolist())):
+            sel = src == v
+            try:
+                sub = binary_metrics(y[sel], s[sel], threshold)
+                sub["ci95"] = bootstrap_ci(y[sel], s[sel], threshold, n=n_bootstrap, seed=seed)
+            except DataError as e:
+                sub = {"patients": int(sel.sum()), "severe": int(y[sel].sum()), "error": str(e)}
+            m["by_source"][str(v)] = sub
+    return m
+
+
+def plot_roc(y_true, scores, path, *, sources=None, title: str = "ROC (patients)", point: dict | None = None):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    y, s = np.asarray(y_true), np.asarray(scores)
+    groups = [("all", np.ones(len(y), bool))]
+    if sources is not None:
+        src = np.asarray(sources, dtype=object)
+        groups += [(str(v), src == v) for v in sorted(set(src.tolist()))]
+    for name, sel in groups:
+        if len(np.unique(y[sel])) < 2:
+            continue
+        fpr, tpr, _ = roc_curve(y[sel], s[sel])
+        ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(y[sel], s[sel]):.3f}, n={sel.sum()})")
+    if point:
+        ax.scatter([1 - point["specificity"]], [point["sensitivity"]], c="k", zorder=5,
+                   label=f"threshold {point['threshold']:.3f}")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_confusion(confusion, path, title: str = "Confusion (patients)"):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = np.asarray(confusion)
+    fig, ax = plt.subplots(figsize=(4, 3.6))
+    ax.imshow(c, cmap="Blues")
+    for i in range(2):
+        for j in range(2):
+            ax.text(j, i, str(c[i, j]), ha="center", va="center", fontsize=14,
+                    color="white" if c[i, j] > c.max() / 2 else "black")
+    ax.set_xticks([0, 1], ["mildly normal", "severe"])
+    ax.set_yticks([0, 1], ["mildly normal", "severe"])
+    ax.set_xlabel("cervscan decision")
+    ax.set_ylabel("label")
+    ax.set_title(title)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _save(fig, path):
+    from pathlib import Path
+
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)

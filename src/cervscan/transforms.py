@@ -1,0 +1,77 @@
+"""Preprocessing shared by training and inference (one definition, no drift)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def resize_square(img: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Resize (squash) an RGB uint8 image to ``size`` x ``size`` with area/linear interpolation."""
+    import cv2
+
+    h, w = (size, size) if isinstance(size, int) else size
+    interp = cv2.INTER_AREA if img.shape[0] > h or img.shape[1] > w else cv2.INTER_LINEAR
+    return cv2.resize(img, (w, h), interpolation=interp)
+
+
+def to_tensor_batch(images: list[np.ndarray], mean, std):
+    """List of HxWx3 uint8 (same size) -> normalised float tensor N x 3 x H x W."""
+    import torch
+
+    arr = np.stack(images).astype(np.float32) / 255.0
+    arr = (arr - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def image_quality(img: np.ndarray) -> dict:
+    """Simple, documented image-quality measures (not a gate).
+
+    sharpness: variance of the Laplacian of the grey image resized to 512 px on
+    its longer side; brightness: mean grey level 0-255; overexposed / underexposed:
+    fraction of pixels >= 250 / <= 5.
+    """
+    import cv2
+
+    g = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
+    s = 512 / max(g.shape)
+    if s < 1:
+        g = cv2.resize(g, (max(1, round(g.shape[1] * s)), max(1, round(g.shape[0] * s))), interpolation=cv2.INTER_AREA)
+    return {
+        "sharpness": float(cv2.Laplacian(g, cv2.CV_64F).var()),
+        "brightness": float(g.mean()),
+        "overexposed": float((g >= 250).mean()),
+        "underexposed": float((g <= 5).mean()),
+    }
+
+
+#: Thresholds for quality flags (informative; a later quality gate may act on them).
+BLUR_SHARPNESS = 20.0
+DARK_BRIGHTNESS = 35.0
+GLARE_FRACTION = 0.08
+
+
+def quality_flags(q: dict) -> list[str]:
+    flags = []
+    if q["sharpness"] < BLUR_SHARPNESS:
+        flags.append("blurry")
+    if q["brightness"] < DARK_BRIGHTNESS:
+        flags.append("dark")
+    if q["overexposed"] > GLARE_FRACTION:
+        flags.append("glare")
+    return flags
+
+
+def overlay(img: np.ndarray, mask: np.ndarray, color=(0, 255, 0), alpha: float = 0.3) -> np.ndarray:
+    """Translucent fill plus contour of a binary mask on an RGB image."""
+    import cv2
+
+    out = img.copy()
+    m = mask > 0
+    if m.any():
+        fill = out.copy()
+        fill[m] = color
+        out = cv2.addWeighted(fill, alpha, out, 1 - alpha, 0)
+        contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        thick = max(2, round(max(img.shape[:2]) / 300))
+        cv2.drawContours(out, contours, -1, color, thick)
+    return out

@@ -1,0 +1,277 @@
+"""Where models come from, their manifests and sha256 checks. No torch import.
+
+Resolution order for each role (segmenter, classifier):
+
+1. an explicit path (``--seg-model`` / ``--cls-model``);
+2. ``$CERVSCAN_SEG_MODEL`` / ``$CERVSCAN_CLS_MODEL`` (a file), or
+   ``$CERVSCAN_WEIGHTS_DIR`` (a folder with ``manifest.json``);
+3. the model installed with ``cervscan models install`` in the user data dir
+   (``platformdirs.user_data_dir("cervscan")/models``, or ``$CERVSCAN_HOME/models``);
+4. the shipped defaults (``weights/`` of the source tree, installed as package data).
+
+Nothing is ever downloaded. A file listed in a manifest must match its sha256,
+otherwise loading is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ChecksumError, CervscanError, ModelNotFoundError
+
+ROLES = ("segmenter", "classifier")
+ENV_FILE = {"segmenter": "CERVSCAN_SEG_MODEL", "classifier": "CERVSCAN_CLS_MODEL"}
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class ResolvedModel:
+    role: str
+    path: Path
+    source: str  # option | env | installed | shipped
+    sha256: str
+    verified: bool  # sha256 checked against a manifest entry
+    entry: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        name = self.entry.get("name") or self.path.stem
+        ver = self.entry.get("version")
+        return f"{name}{'@' + ver if ver else ''}:{self.sha256[:12]}"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def user_dir() -> Path:
+    env = os.environ.get("CERVSCAN_HOME")
+    if env:
+        return Path(env)
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("cervscan", appauthor=False))
+
+
+def shipped_dir() -> Path | None:
+    """The shipped weights: package data when installed, else the source tree's weights/."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "_weights", here.parent.parent / "weights"):
+        if (cand / MANIFEST).is_file():
+            return cand
+    return None
+
+
+def read_manifest(folder: Path) -> dict:
+    p = folder / MANIFEST
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelNotFoundError(f"{p}: manifest not found") from None
+    except (OSError, ValueError) as e:
+        raise CervscanError(f"{p}: unreadable manifest ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("models"), list):
+        raise CervscanError(f"{p}: manifest must have a 'models' list")
+    return data
+
+
+def _entry_for(folder: Path, role: str) -> dict | None:
+    for e in read_manifest(folder)["models"]:
+        if e.get("role") == role:
+            return e
+    return None
+
+
+def verify(path: Path, entry: dict) -> str:
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path}: model file listed in the manifest is missing")
+    digest = sha256_file(path)
+    want = entry.get("sha256")
+    if not want:
+        raise ChecksumError(f"{path}: manifest entry has no sha256")
+    if digest != want:
+        raise ChecksumError(
+            f"{path}: sha256 mismatch (manifest {want[:16]}..., file {digest[:16]}...): the file was changed "
+            f"or corrupted; refusing to load it. Reinstall the model or roll back with 'cervscan models rollback'."
+        )
+    return digest
+
+
+def _from_folder(folder: Path, role: str, source: str) -> ResolvedModel | None:
+    entry = _entry_for(folder, role)
+    if entry is None:
+        return None
+    path = folder / entry["file"]
+    return ResolvedModel(role, path, source, verify(path, entry), True, entry)
+
+
+def _from_file(path: Path, role: str, source: str) -> ResolvedModel:
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path}: {role} model file not found")
+    # a manifest beside the file that lists it is honoured
+    if (path.parent / MANIFEST).is_file():
+        try:
+            entries = read_manifest(path.parent)["models"]
+        except CervscanError:
+            entries = []
+        for e in entries:
+            if e.get("file") == path.name:
+                return ResolvedModel(role, path, source, verify(path, e), True, e)
+    return ResolvedModel(role, path, source, sha256_file(path), False, {})
+
+
+def current_pointer() -> Path:
+    return user_dir() / "models" / "current.json"
+
+
+def installed_current() -> dict:
+    p = current_pointer()
+    if not p.is_file():
+        return {}
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CervscanError(f"{p}: unreadable ({e}); delete it or run 'cervscan models rollback'") from None
+
+
+def resolve(role: str, explicit: str | Path | None = None) -> ResolvedModel:
+    if role not in ROLES:
+        raise ValueError(role)
+    if explicit:
+        p = Path(explicit)
+        if p.is_dir():
+            if (p / MANIFEST).is_file():
+                r = _from_folder(p, role, "option")
+                if r:
+                    return r
+            if (p / "model.pt").is_file():
+                return _from_file(p / "model.pt", role, "option")
+            raise ModelNotFoundError(f"{p}: no {role} in this folder (no manifest entry, no model.pt)")
+        return _from_file(p, role, "option")
+    env_file = os.environ.get(ENV_FILE[role])
+    if env_file:
+        return _from_file(Path(env_file), role, "env")
+    env_dir = os.environ.get("CERVSCAN_WEIGHTS_DIR")
+    if env_dir:
+        r = _from_folder(Path(env_dir), role, "env")
+        if r:
+            return r
+    cur = installed_current().get(role)
+    if cur:
+        folder = user_dir() / "models" / cur
+        r = _from_folder(folder, role, "installed")
+        if r:
+            return r
+        raise ModelNotFoundError(f"installed {role} '{cur}' is missing from {folder}; run 'cervscan models rollback'")
+    sd = shipped_dir()
+    if sd is not None:
+        r = _from_folder(sd, role, "shipped")
+        if r:
+            return r
+    raise ModelNotFoundError(
+        f"no {role} model found. Pass --{'seg' if role == 'segmenter' else 'cls'}-model PATH, set "
+        f"{ENV_FILE[role]}, install a trained one with 'cervscan models install RUN_DIR', or reinstall "
+        f"cervscan (the package ships default weights)."
+    )
+
+
+# --------------------------------------------------------------------------- install / list / rollback
+
+def install(run_dirs: list[Path], *, name: str | None = None) -> dict:
+    """Copy trained model(s) into the user data dir and make them the default for their role."""
+    import torch  # only to read the kind of each checkpoint
+
+    found: dict[str, tuple[Path, dict]] = {}
+    for rd in run_dirs:
+        rd = Path(rd)
+        f = rd / "model.pt" if rd.is_dir() else rd
+        if not f.is_file():
+            raise ModelNotFoundError(f"{rd}: no model.pt to install")
+        ck = torch.load(f, map_location="cpu", weights_only=True)
+        kind = ck.get("kind") if isinstance(ck, dict) else None
+        if kind not in ROLES:
+            raise CervscanError(f"{f}: not a cervscan checkpoint")
+        if kind in found:
+            raise CervscanError(f"two {kind} models given ({found[kind][0]} and {f})")
+        meta = {k: ck.get(k) for k in ("name", "version", "arch", "input_size", "threshold", "operating_point",
+                                        "train_summary", "cervscan_version")}
+        found[kind] = (f, meta)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    models_root = user_dir() / "models"
+    cur = installed_current()
+    result = {}
+    for role, (f, meta) in found.items():
+        tag = f"{name or role}-{stamp}"
+        dest = models_root / tag
+        k = 1
+        while dest.exists():
+            k += 1
+            dest = models_root / f"{tag}-{k}"
+        dest.mkdir(parents=True)
+        target = dest / f"{role}.pt"
+        tmp = dest / f".{role}.pt.tmp"
+        shutil.copyfile(f, tmp)
+        tmp.replace(target)
+        digest = sha256_file(target)
+        entry = {"role": role, "file": target.name, "sha256": digest, "installed_from": str(f.resolve()),
+                 "installed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **{k: v for k, v in meta.items() if v is not None}}
+        from .io import atomic_write_json
+
+        atomic_write_json(dest / MANIFEST, {"format": 1, "models": [entry]})
+        cur[role] = dest.name
+        result[role] = {"folder": str(dest), "sha256": digest}
+    from .io import atomic_write_json
+
+    atomic_write_json(current_pointer(), cur)
+    return result
+
+
+def rollback(role: str | None = None) -> dict:
+    """Forget the installed default(s): ``screen`` goes back to the shipped models."""
+    from .io import atomic_write_json
+
+    cur = installed_current()
+    for r in (ROLES if role is None else (role,)):
+        cur.pop(r, None)
+    atomic_write_json(current_pointer(), cur)
+    return cur
+
+
+def use(role: str, tag: str) -> dict:
+    from .io import atomic_write_json
+
+    folder = user_dir() / "models" / tag
+    if _from_folder(folder, role, "installed") is None:
+        raise ModelNotFoundError(f"{folder}: no installed {role}")
+    cur = installed_current()
+    cur[role] = tag
+    atomic_write_json(current_pointer(), cur)
+    return cur
+
+
+def list_models() -> list[dict]:
+    rows = []
+    sd = shipped_dir()
+    if sd:
+        for e in read_manifest(sd)["models"]:
+            rows.append({"source": "shipped", "tag": "shipped", "folder": str(sd), **e})
+    root = user_dir() / "models"
+    if root.is_dir():
+        for d in sorted(root.iterdir()):
+            if (d / MANIFEST).is_file():
+                for e in read_manifest(d)["models"]:
+                    rows.append({"source": "installed", "tag": d.name, "folder": str(d), **e})
+    return rows

@@ -1,0 +1,162 @@
+"""Configuration: validation, parsing of CLI specs, config files and precedence."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cervscan.api import _voting_from
+from cervscan.config import (DEFAULT_THRESHOLD, STUDY_WEIGHTS, VARIANT_NAMES, ScreenConfig, VotingConfig,
+                             load_config_file, parse_variants, parse_weights)
+from cervscan.errors import CervscanError
+
+
+def test_defaults_are_the_study_method():
+    v = VotingConfig()
+    assert v.weights == STUDY_WEIGHTS and sum(STUDY_WEIGHTS) == pytest.approx(1.0)
+    assert v.variants == VARIANT_NAMES and len(VARIANT_NAMES) == 6
+    assert v.brightness == 1.2 and v.brightness_from_flipped is False
+    assert ScreenConfig().threshold == DEFAULT_THRESHOLD == 0.5
+
+
+def test_configs_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        VotingConfig().brightness = 2.0  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ScreenConfig().threshold = 0.1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("kw, msg", [
+    ({"weights": (1, 1, 1)}, "need 6 values"),
+    ({"weights": (0.5, -0.1, 0.2, 0.2, 0.1, 0.1)}, "non-negative"),
+    ({"weights": (0, 0, 0, 0, 0, 0)}, "not all zero"),
+    ({"variants": ("original", "sideways")}, "unknown variant"),
+    ({"variants": ()}, "unknown variant"),
+    ({"brightness": 0.0}, "brightness"),
+    ({"brightness": 5.0}, "brightness"),
+    ({"weights": (0, 1, 1, 1, 1, 1), "variants": ("original",)}, "weight 0"),
+])
+def test_voting_config_rejects_bad_values(kw, msg):
+    with pytest.raises(CervscanError, match=msg):
+        VotingConfig(**kw)
+
+
+def test_screen_config_to_dict_is_json_serialisable():
+    d = ScreenConfig().to_dict()
+    assert d["voting"]["weights"] == STUDY_WEIGHTS
+    s = json.dumps(d)
+    assert json.loads(s)["max_side"] == 2048
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("all", VARIANT_NAMES),
+    ("original", ("original",)),
+    ("original+segmented", ("original", "segmented")),
+    (" original_flip , segmented_bright ", ("original_flip", "segmented_bright")),
+])
+def test_parse_variants(spec, expected):
+    assert parse_variants(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["", "  ", "orig", "original,flipped", ","])
+def test_parse_variants_rejects_unknown_names(spec):
+    with pytest.raises(CervscanError, match="--variants"):
+        parse_variants(spec)
+
+
+def test_parse_weights():
+    assert parse_weights("0.2,0.25,0.15,0.2,0.11,0.09") == STUDY_WEIGHTS
+    assert parse_weights("1,1,1,1,1,1") == (1.0,) * 6
+    with pytest.raises(CervscanError, match="expected 6 numbers, got 5"):
+        parse_weights("1,1,1,1,1")
+    with pytest.raises(CervscanError, match="comma-separated numbers"):
+        parse_weights("1,1,1,1,1,x")
+
+
+# --------------------------------------------------------------------------- files
+
+def test_load_json_config(tmp_path):
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"threshold": 0.4, "weights": [1, 1, 1, 1, 1, 1], "max_side": 512}))
+    assert load_config_file(p) == {"threshold": 0.4, "weights": [1, 1, 1, 1, 1, 1], "max_side": 512}
+
+
+def test_load_toml_config(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('threshold = 0.35\nvariants = ["original", "segmented"]\nbrightness = 1.1\nclinic = "Clínica São José"\n',
+                 encoding="utf-8")
+    d = load_config_file(p)
+    assert d == {"threshold": 0.35, "variants": ["original", "segmented"], "brightness": 1.1,
+                 "clinic": "Clínica São José"}
+
+
+@pytest.mark.parametrize("name, text, msg", [
+    ("bad.json", "{threshold: 0.3", "not valid JSON"),
+    ("bad.toml", "threshold = = 1", "not valid TOML"),
+    ("list.json", "[1, 2]", "must be a table/object"),
+    ("typo.json", '{"treshold": 0.3, "weights": [1,1,1,1,1,1]}', "unknown config key.*treshold"),
+])
+def test_bad_config_files_name_the_file_and_reason(tmp_path, name, text, msg):
+    p = tmp_path / name
+    p.write_text(text)
+    with pytest.raises(CervscanError, match=msg) as ei:
+        load_config_file(p)
+    assert name in str(ei.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(CervscanError, match="cannot read config file") as ei:
+        load_config_file(tmp_path / "nope.toml")
+    assert "nope.toml" in str(ei.value)
+
+
+# --------------------------------------------------------------------------- precedence
+
+CKPT = {"threshold": 0.42, "voting": {"weights": [0.1, 0.1, 0.2, 0.2, 0.2, 0.2], "brightness": 1.3,
+                                      "brightness_from_flipped": True}}
+
+
+def test_checkpoint_values_are_the_defaults():
+    v, thr, src = _voting_from(CKPT, {}, {})
+    assert thr == 0.42 and src["threshold"] == "checkpoint"
+    assert v.weights == (0.1, 0.1, 0.2, 0.2, 0.2, 0.2) and v.brightness == 1.3 and v.brightness_from_flipped
+    assert src["weights"] == "checkpoint"
+
+
+def test_no_checkpoint_values_gives_study_defaults():
+    v, thr, src = _voting_from({}, {}, {})
+    assert v == VotingConfig() and thr == 0.5 and src == {"threshold": "default"}
+
+
+def test_config_file_overrides_checkpoint_and_options_override_both():
+    v, thr, src = _voting_from(CKPT, {"threshold": 0.3, "brightness": 1.1, "max_side": 256},
+                               {"threshold": 0.6, "variants": ("original",), "brightness": None})
+    assert thr == 0.6 and src["threshold"] == "option"
+    assert v.brightness == 1.1 and src["brightness"] == "config"  # None option does not override
+    assert v.variants == ("original",) and src["variants"] == "option"
+    assert v.weights == (0.1, 0.1, 0.2, 0.2, 0.2, 0.2) and src["weights"] == "checkpoint"
+
+
+@pytest.mark.parametrize("thr", [-0.1, 1.5])
+def test_threshold_out_of_range(thr):
+    with pytest.raises(CervscanError, match="threshold"):
+        _voting_from({}, {}, {"threshold": thr})
+
+
+def test_light_modules_do_not_import_torch():
+    """config, io, variants, weights and the CLI must stay importable without torch (fast --help)."""
+    code = ("import sys\n"
+            "for m in ['cervscan.config', 'cervscan.io', 'cervscan.variants', 'cervscan.weights', "
+            "'cervscan.errors', 'cervscan.cli']:\n"
+            "    __import__(m)\n"
+            "    if 'torch' in sys.modules:\n"
+            "        print('torch imported by', m); break\n"
+            "else:\n"
+            "    print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ok"
