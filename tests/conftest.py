@@ -31,7 +31,7 @@ MODEL_ENV = ("CERVSCAN_SEG_MODEL", "CERVSCAN_CLS_MODEL", "CERVSCAN_WEIGHTS_DIR",
 # --------------------------------------------------------------------------- isolation
 
 @pytest.fixture(autouse=True)
-def _isolated_cervscan_env(monkeypatch, tmp_path_factory):
+def cervscan_home(monkeypatch, tmp_path_factory):
     """No test reads the user's data dir or inherits model-selection variables."""
     for k in MODEL_ENV:
         monkeypatch.delenv(k, raising=False)
@@ -46,6 +46,26 @@ def _isolated_cervscan_env(monkeypatch, tmp_path_factory):
 def tiny_models(tmp_path_factory) -> dict:
     """Random U-Net++ (resnet18, depth 3) + RepVGG-A0 checkpoints with a manifest (64x64 inputs)."""
     return make_tiny_models(tmp_path_factory.mktemp("tiny-models"))
+
+
+def _calibration_batch(seed: int, size: int, n: int = 8) -> torch.Tensor:
+    """Normalised synthetic images like the ones screened: plain, brightened and masked-and-cropped."""
+    from cervscan.models import IMAGENET_MEAN, IMAGENET_STD
+    from cervscan.transforms import resize_square, to_tensor_batch
+    from cervscan.variants import adjust_brightness
+
+    rng = np.random.default_rng(seed)
+    ims = []
+    for i in range(n):
+        im = synthetic_image(rng)
+        if i % 3 == 1:
+            im = adjust_brightness(im, 1.2)
+        elif i % 3 == 2:
+            im = im.copy()
+            im[: im.shape[0] // 4] = 0
+            im[:, im.shape[1] // 2:] = 0
+        ims.append(resize_square(im, size))
+    return to_tensor_batch(ims, IMAGENET_MEAN, IMAGENET_STD)
 
 
 def make_varied_classifier(path: Path, *, seed: int = 1, input_size: int = 64) -> Path:
@@ -68,8 +88,8 @@ def make_varied_classifier(path: Path, *, seed: int = 1, input_size: int = 64) -
             mod.momentum = None  # cumulative average over the calibration batches
     m.train()
     with torch.no_grad():
-        for _ in range(2):
-            m(torch.rand(4, 3, input_size, input_size, generator=g))
+        for k in range(3):
+            m(_calibration_batch(100 + k, input_size))
     m.eval()
     torch.nn.init.normal_(m.head.fc.weight, std=0.05, generator=g)
     ck = make_checkpoint(to_deploy(m), kind="classifier", arch="repvgg_a0", arch_kwargs={}, form="deploy",
@@ -162,11 +182,6 @@ def read_csv(path: Path) -> list[dict]:
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text(encoding="utf-8"))
-
-
-@pytest.fixture
-def csv_rows():
-    return read_csv
 
 
 @pytest.fixture

@@ -160,3 +160,34 @@ def test_light_modules_do_not_import_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("line, msg", [
+    ('threshold = "high"', "'threshold' must be a number"),
+    ("threshold = true", "'threshold' must be a number"),
+    ('brightness = "x"', "'brightness' must be a number"),
+    ('max_side = "big"', "'max_side' must be a whole number"),
+    ("max_side = 10.5", "'max_side' must be a whole number"),
+    ('brightness_from_flipped = "yes"', "'brightness_from_flipped' must be true or false"),
+    ("device = 0", "'device' must be a string"),
+    ("variants = 3", "'variants' must be a list"),
+    ('variants = "sideways"', "'variants'.*unknown"),
+    ('weights = "0.2,0.25,x,0.2,0.11,0.09"', "'weights'.*6 comma-separated numbers"),
+    ('weights = ["a", 1, 1, 1, 1, 1]', "'weights' must be a list of 6 numbers"),
+])
+def test_config_values_of_the_wrong_type_name_the_file_and_key(tmp_path, line, msg):
+    p = tmp_path / "site.toml"
+    p.write_text(line + "\n")
+    with pytest.raises(CervscanError, match=msg) as ei:
+        load_config_file(p)
+    assert str(ei.value).startswith(f"{p}:")
+
+
+def test_config_variants_and_weights_may_be_written_as_on_the_command_line(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('variants = "original+segmented"\nweights = "1,1,1,1,0,0"\nmax_side = 1024.0\n')
+    d = load_config_file(p)
+    assert d == {"variants": ("original", "segmented"), "weights": (1.0, 1.0, 1.0, 1.0, 0.0, 0.0), "max_side": 1024}
+    v, _, src = _voting_from({}, d, {})
+    assert v.variants == ("original", "segmented") and v.active_weights() == {"original": 0.5, "segmented": 0.5}
+    assert src["variants"] == src["weights"] == "config"

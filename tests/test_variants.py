@@ -53,6 +53,14 @@ def test_segmented_crop_margin_is_a_fraction_of_each_box_side():
     np.testing.assert_array_equal(reg.image, expected)
 
 
+def test_segmented_crop_margin_uses_each_sides_own_length():
+    img = img4()
+    # horizontal lesion (1,1), (1,2): box height 1, width 2; margin 0.3 -> rows +round(0.3)=0, cols +round(0.6)=1
+    reg = segment_region(img, mask4((1, 1), (1, 2)), VotingConfig(crop_margin=0.3))
+    assert reg.bbox == (0, 1, 4, 2)
+    np.testing.assert_array_equal(reg.image, np.array([[[0, 0, 0], img[1, 1], img[1, 2], [0, 0, 0]]], np.uint8))
+
+
 def test_segmented_crop_margin_is_clipped_at_the_image_border():
     img = img4()
     # lesion in the top-left corner: (0,0), (0,1); box rows 0..0, cols 0..1

@@ -26,11 +26,11 @@ def fake_model_dir(folder: Path, tag: str, roles=W.ROLES) -> Path:
 
 
 @pytest.fixture
-def layers(tmp_path, monkeypatch, _isolated_cervscan_env):
+def layers(tmp_path, monkeypatch, cervscan_home):
     """One folder per resolution layer, all present; the test removes layers one by one."""
     shipped = fake_model_dir(tmp_path / "shipped", "shipped")
     monkeypatch.setattr(W, "shipped_dir", lambda: shipped)
-    home = Path(_isolated_cervscan_env)
+    home = Path(cervscan_home)
     installed = fake_model_dir(home / "models" / "inst-1", "installed")
     (home / "models" / "current.json").write_text(json.dumps({"segmenter": "inst-1", "classifier": "inst-1"}))
     wdir = fake_model_dir(tmp_path / "weights-dir", "wdir")
@@ -148,7 +148,7 @@ def test_bad_manifest(tmp_path, text, msg):
         W.read_manifest(tmp_path)
 
 
-def test_installed_pointer_to_a_missing_folder(_isolated_cervscan_env):
+def test_installed_pointer_to_a_missing_folder(cervscan_home):
     p = W.current_pointer()
     p.parent.mkdir(parents=True)
     p.write_text(json.dumps({"classifier": "gone-123"}))
@@ -156,7 +156,7 @@ def test_installed_pointer_to_a_missing_folder(_isolated_cervscan_env):
         W.resolve("classifier")
 
 
-def test_corrupt_installed_pointer(_isolated_cervscan_env):
+def test_corrupt_installed_pointer(cervscan_home):
     p = W.current_pointer()
     p.parent.mkdir(parents=True)
     p.write_text("{not json")
@@ -164,9 +164,9 @@ def test_corrupt_installed_pointer(_isolated_cervscan_env):
         W.resolve("classifier")
 
 
-def test_user_dir_follows_cervscan_home(_isolated_cervscan_env):
-    assert W.user_dir() == Path(_isolated_cervscan_env)
-    assert W.current_pointer() == Path(_isolated_cervscan_env) / "models" / "current.json"
+def test_user_dir_follows_cervscan_home(cervscan_home):
+    assert W.user_dir() == Path(cervscan_home)
+    assert W.current_pointer() == Path(cervscan_home) / "models" / "current.json"
 
 
 # --------------------------------------------------------------------------- install / use / rollback
@@ -249,3 +249,14 @@ def test_list_models(tiny_models, tmp_path, monkeypatch):
     assert W.verify(Path(inst[0]["folder"]) / inst[0]["file"], inst[0]) == inst[0]["sha256"]
     monkeypatch.setattr(W, "shipped_dir", lambda: None)
     assert [r["source"] for r in W.list_models()] == ["installed"]
+
+
+def test_rollback_and_use_reject_unknown_roles_and_tags(tiny_models):
+    res = W.install([tiny_models["cls"]])
+    with pytest.raises(CervscanError, match="unknown role 'segmentr'"):
+        W.rollback("segmentr")
+    assert W.resolve("classifier").source == "installed"  # nothing was rolled back
+    with pytest.raises(CervscanError, match="unknown role"):
+        W.use("clasifier", Path(res["classifier"]["folder"]).name)
+    with pytest.raises(ModelNotFoundError, match="no installed model 'nope'.*models list"):
+        W.use("classifier", "nope")

@@ -66,14 +66,26 @@ def _voting_from(ckpt: dict, file_cfg: dict, overrides: dict) -> tuple[VotingCon
 
 
 def _unique_stems(names: list[str]) -> dict[str, str]:
+    """File-name stems for masks/overlays: the stem when unique in the visit, else
+    the name with dots replaced, then a numeric suffix until no two images share one."""
     from collections import Counter
 
     stems = Counter(Path(n).stem for n in names)
-    return {n: (Path(n).stem if stems[Path(n).stem] == 1 else n.replace(".", "_")) for n in names}
+    out: dict[str, str] = {}
+    used: set[str] = set()
+    for n in sorted(names):
+        cand = Path(n).stem if stems[Path(n).stem] == 1 else n.replace(".", "_")
+        base, k = cand, 1
+        while cand.lower() in used:
+            k += 1
+            cand = f"{base}-{k}"
+        used.add(cand.lower())
+        out[n] = cand
+    return out
 
 
 def screen(paths: list[str | Path], out: str | Path, *, seg_model: str | None = None, cls_model: str | None = None,
-           config_file: str | None = None, overrides: dict | None = None, device: str = "auto",
+           config_file: str | None = None, overrides: dict | None = None, device: str | None = None,
            num_workers: int | None = None, batch_images: int | None = None, write_masks: bool = True,
            write_overlays: bool = True, threads: int | None = None,
            progress: Callable[[str, int, int], None] | None = None) -> ScreenResult:
@@ -102,7 +114,8 @@ def screen(paths: list[str | Path], out: str | Path, *, seg_model: str | None = 
 
     if threads:
         torch.set_num_threads(threads)
-    dev = resolve_device(overrides.pop("device", None) or file_cfg.get("device") or device)
+    # explicit option > config file > auto
+    dev = resolve_device(overrides.pop("device", None) or device or file_cfg.get("device") or "auto")
     seg_ref = resolve("segmenter", seg_model)
     cls_ref = resolve("classifier", cls_model)
     t_load = time.time()
@@ -198,7 +211,7 @@ def screen(paths: list[str | Path], out: str | Path, *, seg_model: str | None = 
 
     run = {
         "command": "screen", "cervscan_version": __version__, "out": str(out),
-        "inputs": [str(p) for p in paths],
+        "inputs": [str(Path(p).resolve()) for p in paths],
         "config": cfg.to_dict(), "threshold": threshold, "provenance": provenance,
         "models": {"segmenter": model_info(seg_ref, models.seg_ckpt), "classifier": model_info(cls_ref, models.cls_ckpt)},
         "versions": {"cervscan": __version__, "torch": torch.__version__, "timm": timm.__version__,

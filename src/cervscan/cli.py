@@ -106,7 +106,7 @@ SegOpt = Annotated[Optional[str], typer.Option("--seg-model", envvar="CERVSCAN_S
                                                help="Segmenter checkpoint (file or run folder).")]
 ClsOpt = Annotated[Optional[str], typer.Option("--cls-model", envvar="CERVSCAN_CLS_MODEL",
                                                help="Classifier checkpoint (file or run folder).")]
-DeviceOpt = Annotated[str, typer.Option("--device", envvar="CERVSCAN_DEVICE", help="auto | cpu | cuda | cuda:N")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", envvar="CERVSCAN_DEVICE", help="auto | cpu | cuda | cuda:N (default auto)")]
 ThresholdOpt = Annotated[Optional[float], typer.Option("--threshold", help="Decision threshold on the score (default: the classifier's operating point).")]
 WeightsOpt = Annotated[Optional[str], typer.Option("--weights", help="Six voting weights v1..v6, comma-separated.")]
 BrightOpt = Annotated[Optional[float], typer.Option("--brightness", help="Brightness factor of variants 5 and 6.")]
@@ -122,7 +122,7 @@ def screen(
     out: Annotated[Path, typer.Option("-o", "--out", help="Output folder.")] = Path("cervscan-out"),
     seg_model: SegOpt = None,
     cls_model: ClsOpt = None,
-    device: DeviceOpt = "auto",
+    device: DeviceOpt = None,
     threshold: ThresholdOpt = None,
     weights: WeightsOpt = None,
     brightness: BrightOpt = None,
@@ -145,6 +145,9 @@ def screen(
 
     try:
         ov = _overrides(threshold, weights, brightness, brightness_from_flipped, variants)
+    except CervscanError as e:  # a malformed --variants / --weights value is a usage error (exit 2)
+        raise typer.BadParameter(str(e)) from None
+    try:
         if quiet or as_json:
             res = api.screen(paths, out, seg_model=seg_model, cls_model=cls_model, config_file=config,
                              overrides=ov, device=device, num_workers=workers,
@@ -171,7 +174,7 @@ def screen(
         if report:
             from .report import write_reports
 
-            write_reports(Path(out))
+            write_reports(Path(out), config_file=config, clinic=os.environ.get("CERVSCAN_CLINIC"))
     except CervscanError as e:
         _fail(e)
     if as_json:
@@ -212,7 +215,7 @@ def evaluate(
     out: Annotated[Path, typer.Option("-o", "--out")] = Path("cervscan-eval"),
     seg_model: SegOpt = None,
     cls_model: ClsOpt = None,
-    device: DeviceOpt = "auto",
+    device: DeviceOpt = None,
     threshold: ThresholdOpt = None,
     weights: WeightsOpt = None,
     brightness: BrightOpt = None,
@@ -275,6 +278,8 @@ def train_seg_cmd(
     seed: Annotated[int, typer.Option()] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in OUT.")] = False,
     compare: Annotated[Optional[Path], typer.Option("--compare", help="Another train-seg run folder to draw in iou.png.")] = None,
+    model_name: Annotated[str, typer.Option("--model-name", help="Name recorded in the checkpoint.")] = "cervscan-seg",
+    model_version: Annotated[str, typer.Option("--model-version", help="Version recorded in the checkpoint.")] = "0.0.0-local",
     max_steps: Annotated[int, typer.Option(hidden=True)] = 0,
 ) -> None:
     """Train the U-Net++ lesion segmenter (Dice + BCE, Adam, validation IoU/Dice per epoch)."""
@@ -285,7 +290,7 @@ def train_seg_cmd(
     cfg = SegTrainConfig(data=str(data), out=str(out), encoder=encoder, pretrained=pretrained and init is None,
                          init=str(init) if init else None, epochs=epochs, batch_size=batch_size, lr=lr,
                          input_size=input_size, val_fraction=val_fraction, group_regex=group_regex, seed=seed,
-                         resume=resume, max_steps_per_epoch=max_steps)
+                         resume=resume, max_steps_per_epoch=max_steps, name=model_name, version=model_version)
     try:
         with _train_progress() as cb:
             m = train_seg(cfg, progress=cb)
@@ -340,8 +345,11 @@ def train_cls_cmd(
     target_sensitivity: Annotated[float, typer.Option()] = 0.90,
     tune_votes: Annotated[bool, typer.Option("--tune-votes", help="Grid-search the six voting weights for patient AUC.")] = False,
     seed: Annotated[int, typer.Option()] = 0,
-    device: DeviceOpt = "auto",
+    device: DeviceOpt = None,
     resume: Annotated[bool, typer.Option("--resume")] = False,
+    model_name: Annotated[str, typer.Option("--model-name", help="Name recorded in the checkpoint.")] = "cervscan-cls",
+    model_version: Annotated[str, typer.Option("--model-version", help="Version recorded in the checkpoint.")] = "0.0.0-local",
+    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Where segmented training images are cached.")] = None,
     max_steps: Annotated[int, typer.Option(hidden=True)] = 0,
 ) -> None:
     """Train the classifier on original + segmented images with a patient-wise split; calibrate the operating point."""
@@ -353,7 +361,8 @@ def train_cls_cmd(
                          images_csv=str(images_csv) if images_csv else None, arch=arch, pretrained=pretrained,
                          samples=samples, epochs=epochs, batch_size=batch_size, lr=lr, input_size=input_size,
                          val_fraction=val_fraction, folds=folds, full=full, target_sensitivity=target_sensitivity,
-                         tune_votes=tune_votes, seed=seed, device=device, resume=resume, max_steps_per_epoch=max_steps)
+                         tune_votes=tune_votes, seed=seed, device=device or "auto", resume=resume, max_steps_per_epoch=max_steps,
+                         name=model_name, version=model_version, cache_dir=str(cache_dir) if cache_dir else None)
     try:
         with _train_progress() as cb:
             m = train_cls(cfg, progress=cb)

@@ -185,6 +185,10 @@ def patient_folds(pids, y, src, k: int, seed: int) -> list[tuple[set, set]]:
     _, counts = np.unique(strata, return_counts=True)
     if counts.min() < k:
         strata = y.astype(str)
+        _, counts = np.unique(strata, return_counts=True)
+        if counts.min() < k:
+            raise DataError(f"{k}-fold cross-validation needs at least {k} patients of each class, "
+                            f"have {counts.min()} of one class; use fewer folds")
     skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
     out = []
     for tr, va in skf.split(np.zeros(len(pids)), strata):
@@ -195,10 +199,19 @@ def patient_folds(pids, y, src, k: int, seed: int) -> list[tuple[set, set]]:
 def patient_split(pids, y, src, val_fraction: float, seed: int) -> tuple[set, set]:
     from sklearn.model_selection import train_test_split
 
+    n_val = math.ceil(val_fraction * len(pids))  # how train_test_split counts a fractional test_size
+
+    def splittable(st) -> bool:  # sklearn needs >= 2 per stratum and >= 1 per stratum on each side
+        _, c = np.unique(st, return_counts=True)
+        return c.min() >= 2 and min(n_val, len(pids) - n_val) >= len(c)
+
     strata = np.array([f"{a}|{b}" for a, b in zip(y, src)])
-    _, counts = np.unique(strata, return_counts=True)
-    if counts.min() < 2:
+    if not splittable(strata):
         strata = y.astype(str)
+        if not splittable(strata):
+            raise DataError(f"{len(pids)} patients are too few for a stratified validation split of {val_fraction:g}: "
+                            f"each class needs at least 2 patients and a place on both sides; use more patients "
+                            f"or a different --val-fraction")
     tr, va = train_test_split(list(pids), test_size=val_fraction, random_state=seed, stratify=strata)
     return set(tr), set(va)
 
@@ -457,6 +470,17 @@ def train_cls(cfg: ClsTrainConfig, progress: Callable[[dict], None] | None = Non
     hsrc = np.array([src_by[q] for q in hp], dtype=object)
     op = threshold_for_sensitivity(hy, hs, cfg.target_sensitivity)
     rep = full_report(hy, hs, op["threshold"], sources=hsrc, seed=cfg.seed)
+    # per fold, at the final (calibrated) operating point, overall and per source
+    fold_of_pid = {s.patient_id: int(f) for s, f in zip(samples, oof_fold) if f >= 0}
+    hfold = np.array([fold_of_pid[q] for q in hp])
+    for row in fold_rows:
+        sel = hfold == row["fold"] - 1
+        for sname in [None, *sorted(set(hsrc.tolist()))]:
+            ss = sel if sname is None else sel & (hsrc == sname)
+            suffix = "" if sname is None else f"[{sname}]"
+            yy, pp = hy[ss], hs[ss] > op["threshold"]
+            row[f"sensitivity_at_op{suffix}"] = float(pp[yy == 1].mean()) if (yy == 1).any() else None
+            row[f"specificity_at_op{suffix}"] = float((~pp[yy == 0]).mean()) if (yy == 0).any() else None
     rep05 = binary_metrics(hy, hs, 0.5)
     # the study's setting: no temperature, study weights, threshold 0.5
     _, hs_raw, _ = patient_scores(held_samples, held_logits, 1.0, STUDY_WEIGHTS)
@@ -466,7 +490,8 @@ def train_cls(cfg: ClsTrainConfig, progress: Callable[[dict], None] | None = Non
     auc_no_vote = binary_metrics(hy, hs_orig, 0.5)["auc"]
 
     fold_summary = {}
-    for key in ("auc", "sensitivity_at_0_5", "specificity_at_0_5", "accuracy_at_0_5"):
+    for key in ("auc", "sensitivity_at_0_5", "specificity_at_0_5", "accuracy_at_0_5", "sensitivity_at_op", "specificity_at_op",
+                *[f"{m}_at_op[{sn}]" for sn in sorted(set(src.tolist())) for m in ("sensitivity", "specificity")]):
         vals = [r[key] for r in fold_rows if r.get(key) is not None]
         if vals:
             fold_summary[key] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0}

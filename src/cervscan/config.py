@@ -123,7 +123,52 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     unknown = sorted(set(data) - known)
     if unknown:
         raise CervscanError(f"{p}: unknown config key(s): {', '.join(unknown)}")
-    return data
+    return _check_types(p, data)
+
+
+_FLOAT_KEYS = {"brightness", "crop_margin", "min_lesion_fraction", "mask_threshold", "threshold"}
+_INT_KEYS = {"batch_images", "num_workers", "max_side", "max_pixels", "min_side"}
+
+
+def _check_types(p: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """Check value types, so a bad file gives a message naming it (not a traceback after loading models).
+
+    ``variants`` and ``weights`` may also be written as on the command line
+    (``"original+segmented"``, ``"0.2,0.25,0.15,0.2,0.11,0.09"``).
+    """
+    out = dict(data)
+    for k, v in data.items():
+        if k in _FLOAT_KEYS:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise CervscanError(f"{p}: '{k}' must be a number, got {v!r}")
+        elif k in _INT_KEYS:
+            if isinstance(v, float) and v.is_integer():
+                out[k] = v = int(v)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise CervscanError(f"{p}: '{k}' must be a whole number, got {v!r}")
+        elif k == "brightness_from_flipped":
+            if not isinstance(v, bool):
+                raise CervscanError(f"{p}: '{k}' must be true or false, got {v!r}")
+        elif k == "device":
+            if not isinstance(v, str):
+                raise CervscanError(f"{p}: 'device' must be a string such as \"cpu\", got {v!r}")
+        elif k == "variants":
+            if isinstance(v, str):
+                try:
+                    out[k] = parse_variants(v)
+                except CervscanError as e:
+                    raise CervscanError(f"{p}: 'variants': {e}") from None
+            elif not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+                raise CervscanError(f"{p}: 'variants' must be a list of variant names, got {v!r}")
+        elif k == "weights":
+            if isinstance(v, str):
+                try:
+                    out[k] = parse_weights(v)
+                except CervscanError as e:
+                    raise CervscanError(f"{p}: 'weights': {e}") from None
+            elif not (isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)):
+                raise CervscanError(f"{p}: 'weights' must be a list of 6 numbers, got {v!r}")
+    return out
 
 
 def parse_variants(spec: str) -> tuple[str, ...]:

@@ -37,7 +37,7 @@ def resolve_device(spec: str = "auto"):
                 idx = int(spec.split(":", 1)[1])
             except ValueError:
                 raise DeviceError(f"bad device '{spec}'") from None
-            if idx >= torch.cuda.device_count():
+            if idx < 0 or idx >= torch.cuda.device_count():
                 raise DeviceError(f"device '{spec}': only {torch.cuda.device_count()} CUDA device(s)")
         return torch.device(spec)
     raise DeviceError(f"unknown device '{spec}': use auto, cpu, cuda, cuda:N or mps")

@@ -6,7 +6,8 @@ gradient of the class logit and keeps the positive part.
 
 Why hand-written hooks rather than a library such as ``pytorch-grad-cam``:
 
-* it is a few lines (one forward hook, one tensor gradient hook);
+* it is a few lines (one forward hook that makes the feature map the root of
+  the autograd graph, then ``torch.autograd.grad`` of the class logit w.r.t. it);
 * it adds no dependency to a medical tool whose dependencies we pin and audit;
 * it works on exactly the network that screened the images, including the
   deploy (re-parameterised) RepVGG form that timm builds with
@@ -76,8 +77,8 @@ def grad_cam(model: nn.Module, x: torch.Tensor, class_idx: int = 1, layer: nn.Mo
     ``x`` is a normalised 1x3xHxW (or 3xHxW) tensor as fed to the classifier;
     returns an HxW float32 array in [0, 1] at the input resolution (all zeros
     when no location supports the class). The model is used as is (eval mode,
-    its parameters are not changed; gradients are taken w.r.t. the feature map
-    only).
+    its parameters and their ``.grad`` are left untouched; gradients are taken
+    w.r.t. the feature map only, so the backward pass runs through the head only).
     """
     import torch.nn.functional as F
 
@@ -91,27 +92,32 @@ def grad_cam(model: nn.Module, x: torch.Tensor, class_idx: int = 1, layer: nn.Mo
     store: dict[str, torch.Tensor] = {}
 
     def fwd_hook(_mod, _inp, out):
-        feat = out[0] if isinstance(out, (tuple, list)) else out
-        # Clone: a later in-place op (e.g. ReLU(inplace=True)) must not change what we keep.
-        store["act"] = feat.detach().clone()
-        feat.register_hook(lambda g: store.__setitem__("grad", g.detach().clone()))
+        if isinstance(out, (tuple, list)):
+            raise ValueError("grad_cam: the target layer must return a single tensor")
+        # The feature map becomes the start of the graph: gradients flow back only
+        # through the head (cheap), never into the backbone or the weights.
+        # ``leaf.clone()`` keeps later in-place ops (ReLU(inplace=True)) legal.
+        leaf = out.detach().requires_grad_(True)
+        store["act"] = leaf
+        return leaf.clone()
 
+    flags = [p.requires_grad for p in model.parameters()]
     handle = layer.register_forward_hook(fwd_hook)
     try:
+        model.requires_grad_(False)
         # The report may run inside torch.inference_mode(); Grad-CAM needs autograd.
         with torch.inference_mode(False), torch.enable_grad():
-            xi = x.detach().clone().requires_grad_(True)
-            logits = model(xi)
+            logits = model(x.detach().clone())
             if logits.dim() != 2 or not 0 <= class_idx < logits.shape[1]:
                 raise ValueError(f"grad_cam: class {class_idx} not in model output of shape {tuple(logits.shape)}")
-            model.zero_grad(set_to_none=True)
-            logits[0, class_idx].backward()
+            if "act" not in store or not logits.requires_grad:
+                raise RuntimeError("grad_cam: the target layer did not take part in the forward pass")
+            (grad,) = torch.autograd.grad(logits[0, class_idx], store["act"])
     finally:
         handle.remove()
-    model.zero_grad(set_to_none=True)
-    if "act" not in store or "grad" not in store:
-        raise RuntimeError("grad_cam: the target layer did not take part in the forward/backward pass")
-    act, grad = store["act"][0].float(), store["grad"][0].float()  # C x h x w
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
+    act, grad = store["act"].detach()[0].float(), grad.detach()[0].float()  # C x h x w
     weights = grad.mean(dim=(1, 2))  # C
     cam = torch.relu((weights[:, None, None] * act).sum(0))
     cam = F.interpolate(cam[None, None], size=(int(h), int(w)), mode="bilinear", align_corners=False)[0, 0]

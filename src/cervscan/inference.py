@@ -136,7 +136,7 @@ def classify(models: LoadedModels, images: list[np.ndarray]) -> np.ndarray:
 
 # --------------------------------------------------------------------------- per-image records
 
-IMAGE_COLUMNS = ["patient_id", "image", "status", "error", "width", "height", "lesion_fraction", "empty_mask",
+IMAGE_COLUMNS = ["patient_id", "image", "path", "status", "error", "width", "height", "lesion_fraction", "empty_mask",
                  *[f"p_v{i}" for i in range(1, 7)], "score", "threshold", "decision",
                  "sharpness", "brightness", "quality_flags", "mask", "overlay"]
 
@@ -172,7 +172,7 @@ def screen_images(models: LoadedModels, items: list[tuple[str, Path]], cfg: Scre
             score = weighted_score(p, vcfg)
             q = image_quality(r["rgb"])
             rec = {
-                "patient_id": r["patient_id"], "image": r["path"].name, "path": str(r["path"]), "status": "ok",
+                "patient_id": r["patient_id"], "image": r["path"].name, "path": str(Path(r["path"]).resolve()), "status": "ok",
                 "error": "", "width": r["width"], "height": r["height"],
                 "lesion_fraction": reg.lesion_fraction, "empty_mask": reg.empty,
                 **{f"p_v{i + 1}": p.get(n) for i, n in enumerate(VARIANT_NAMES)},
@@ -189,7 +189,7 @@ def screen_images(models: LoadedModels, items: list[tuple[str, Path]], cfg: Scre
 
     for d in iter_decoded(items, cfg):
         if "error" in d:
-            rec = {"patient_id": d["patient_id"], "image": Path(d["path"]).name, "path": str(d["path"]),
+            rec = {"patient_id": d["patient_id"], "image": Path(d["path"]).name, "path": str(Path(d["path"]).resolve()),
                    "status": "error", "error": d["error"], "threshold": threshold, "decision": "error"}
             records[d["index"]] = rec
             if on_image:

@@ -23,7 +23,6 @@ import csv
 import datetime as _dt
 import io
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -39,7 +38,8 @@ log = logging.getLogger(__name__)
 #: What each decision means, in words: (headline, explanation).
 DECISION_WORDS: dict[str, tuple[str, str]] = {
     "severe": ("SEVERE", "Features of a high-grade (severe) lesion were found."),
-    "mildly_normal": ("MILDLY ABNORMAL OR NORMAL", "No features of a high-grade lesion were found."),
+    "mildly_normal": ("MILDLY NORMAL", "Normal or at most mildly abnormal: no features of a high-grade lesion "
+                                       "were found."),
     "inadequate": ("INADEQUATE", "The images are not adequate for an automated assessment."),
     "error": ("NO RESULT", "The screening could not be completed for this patient."),
 }
@@ -57,7 +57,8 @@ DECISION_COLOURS = {"severe": "#c62828", "mildly_normal": "#2e7d32", "error": "#
 DECISION_TINTS = {"severe": "#fdecea", "mildly_normal": "#e8f5e9", "error": "#fff4e0", "inadequate": "#fff4e0"}
 #: Order in the summary: severe first, patients without a usable result last.
 DECISION_ORDER = {"severe": 0, "inadequate": 1, "mildly_normal": 2, "error": 3}
-QUALITY_WORDS = {"blurry": "blurry (low sharpness)", "dark": "dark (underexposed)", "glare": "glare (overexposed areas)"}
+QUALITY_WORDS = {"blurry": "blurry (low sharpness)", "dark": "dark (underexposed)",
+                 "glare": "glare (overexposed areas)"}
 STATEMENT = ("This result was produced by cervscan, a decision-support tool. It supports and does not replace "
              "the clinician's judgement; the examining clinician makes and is responsible for the final decision.")
 PAGE_SIZES = ("a4", "letter")
@@ -144,11 +145,27 @@ def _pct(x: Any) -> str:
     return "–" if v is None else f"{100 * v:.0f}%"
 
 
-def _short_error(err: str, path: str | None) -> str:
-    """Error text without the long absolute path prefix (the file name stays)."""
+def _when(stamp: Any) -> str:
+    """'2026-11-27T01:48:17+0000' -> '2026-11-27 01:48 (UTC+00:00)'; other text unchanged."""
+    if not stamp:
+        return "–"
+    try:
+        t = _dt.datetime.strptime(str(stamp), "%Y-%m-%dT%H:%M:%S%z")
+    except ValueError:
+        return str(stamp)
+    off = t.strftime("%z")
+    return t.strftime("%Y-%m-%d %H:%M") + (f" (UTC{off[:3]}:{off[3:]})" if off else "")
+
+
+def _short_error(err: str, path: str | None, name: str | None = None) -> str:
+    """Error text without the long folder prefix of the file it names (the file name stays)."""
     err = err or ""
     if path and err.startswith(path):
         return Path(path).name + err[len(path):]
+    if name:
+        k = err.find(f"{name}: ")
+        if k > 0 and err[k - 1] in "/\\":
+            return err[k:]
     return err
 
 
@@ -325,7 +342,7 @@ def write_heatmaps(out: str | Path, patients: list[str] | None = None) -> dict[t
 def _save_heatmap(out: Path, pid: str, stem: str, blended: np.ndarray) -> Path:
     from .io import atomic_write_image
 
-    return atomic_write_image(out / "heatmaps" / pid / f"{stem}.jpg", blended)
+    return atomic_write_image(out / "heatmaps" / _file_name(pid) / f"{_file_name(stem)}.jpg", blended)
 
 
 # --------------------------------------------------------------------------- fonts and styles
@@ -434,14 +451,15 @@ def _canvas_maker(footer_left: str, font: str):
 
         def _footer(self, n: int) -> None:
             w, _h = self._pagesize
+            x0, x1 = _MARGIN_MM * mm + _FRAME_PAD, w - _MARGIN_MM * mm - _FRAME_PAD
             self.saveState()
             self.setStrokeColor(colors.HexColor("#bbbbbb"))
             self.setLineWidth(0.5)
-            self.line(18 * mm, 13 * mm, w - 18 * mm, 13 * mm)
+            self.line(x0, 13 * mm, x1, 13 * mm)
             self.setFont(font, 7.5)
             self.setFillColor(colors.HexColor("#555555"))
-            self.drawString(18 * mm, 9 * mm, footer_left)
-            self.drawRightString(w - 18 * mm, 9 * mm, f"Page {self._pageNumber} of {n}")
+            self.drawString(x0, 9 * mm, footer_left)
+            self.drawRightString(x1, 9 * mm, f"Page {self._pageNumber} of {n}")
             self.restoreState()
 
     return NumberedCanvas
@@ -464,11 +482,19 @@ def _build_pdf(path: Path, story: list, *, page_size, title: str, footer: str, f
 
     from .io import atomic_write_bytes
 
+    from reportlab import rl_config
+
     buf = io.BytesIO()
-    doc = SimpleDocTemplate(buf, pagesize=page_size, leftMargin=_MARGIN_MM * mm, rightMargin=_MARGIN_MM * mm, topMargin=16 * mm,
+    doc = SimpleDocTemplate(buf, pagesize=page_size, leftMargin=_MARGIN_MM * mm, rightMargin=_MARGIN_MM * mm,
+                            topMargin=16 * mm,
                             bottomMargin=20 * mm, title=title, author=author or "cervscan",
                             subject="Colposcopy screening (decision support)", creator=f"cervscan {__version__}")
-    doc.build(story, canvasmaker=_canvas_maker(footer, font))
+    a85 = rl_config.useA85
+    rl_config.useA85 = 0  # binary streams: smaller files, and no slow pure-Python ASCII85 of the images
+    try:
+        doc.build(story, canvasmaker=_canvas_maker(footer, font))
+    finally:
+        rl_config.useA85 = a85
     return atomic_write_bytes(path, buf.getvalue())
 
 
@@ -481,7 +507,9 @@ def _rl_image(rgb: np.ndarray, max_w: float, max_h: float):
 
     h, w = rgb.shape[:2]
     s = _EMBED_MAX_SIDE / max(h, w)
-    small = cv2.resize(rgb, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA) if s < 1 else rgb
+    small = rgb
+    if s < 1:
+        small = cv2.resize(rgb, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
     ok, enc = cv2.imencode(".jpg", cv2.cvtColor(small, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 82])
     if not ok:
         raise CervscanError("could not encode an image for the report")
@@ -495,6 +523,22 @@ def _decision_colour(decision: str) -> str:
 
 def _decision_words(decision: str) -> tuple[str, str]:
     return DECISION_WORDS.get(decision, (decision.replace("_", " ").upper() or "UNKNOWN", ""))
+
+
+def _software_line(run: dict, p: dict | None = None) -> str:
+    ver = str(run.get("cervscan_version") or (p or {}).get("cervscan_version") or __version__)
+    if ver == __version__:
+        return f"cervscan {escape(ver)}"
+    return f"screened with cervscan {escape(ver)}; report written by cervscan {__version__}"
+
+
+def _file_name(pid: str) -> str:
+    """A patient id as a file name: ids come from folder names, but never let one escape OUT/reports
+    or overwrite summary.pdf."""
+    name = pid.replace("/", "_").replace("\\", "_").replace("\0", "_")
+    if name in ("", ".", "..") or name.startswith("."):
+        return "_" + name
+    return name + "_patient" if name.lower() == "summary" else name  # summary.pdf is the run summary
 
 
 def _model_line(info: dict) -> str:
@@ -567,11 +611,12 @@ def _signature_box(st: dict, width: float):
     data = [
         [Paragraph("Clinician's notes", st["label"]), "", ""],
         ["", "", ""],
-        [Paragraph("Clinician (name)", st["label"]), Paragraph("Signature", st["label"]), Paragraph("Date", st["label"])],
+        [Paragraph("Clinician (name)", st["label"]), Paragraph("Signature", st["label"]),
+         Paragraph("Date", st["label"])],
         ["", "", ""],
     ]
     t = Table(data, colWidths=[width * 0.42, width * 0.38, width * 0.20],
-              rowHeights=[6 * mm, 36 * mm, 6 * mm, 12 * mm])
+              rowHeights=[6 * mm, 32 * mm, 6 * mm, 12 * mm])
     t.setStyle(TableStyle([
         ("SPAN", (0, 0), (-1, 0)), ("SPAN", (0, 1), (-1, 1)),
         ("BOX", (0, 0), (-1, -1), 0.8, colors.HexColor("#777777")),
@@ -600,14 +645,16 @@ def _decision_box(p: dict, run: dict, st: dict, width: float, next_step: dict[st
         rel = "above" if thr is not None and score > thr else "at or below"
         thr_s = f"{thr:.3f}" if thr is not None else "–"
         rows.append([Paragraph(
-            f"<b>Score {score:.3f}</b> (0 = no sign of a severe lesion, 1 = certain); threshold <b>{thr_s}</b>. "
+            f"<b>Score {score:.3f}</b> (from 0 to 1; higher means a severe lesion is more likely); "
+            f"threshold <b>{thr_s}</b>. "
             f"The score is {rel} the threshold; a patient is called severe when the score is above it. "
             f"The score is the mean of the image scores ({_i(p.get('n_used'))} image(s) used).", st["base"])])
     else:
         rows.append([Paragraph("No score: no image of this patient could be assessed.", st["base"])])
     if p.get("error"):
         rows.append([Paragraph(f"<b>Reason:</b> {escape(str(p['error']))}", st["base"])])
-    rows.append([Paragraph(_threshold_meaning(run, thr), st["small"])])
+    if score is not None:
+        rows.append([Paragraph(_threshold_meaning(run, thr), st["small"])])
     step = next_step.get(decision) or next_step.get("error", "")
     rows.append([Paragraph(f"<b>Recommended next step:</b> {escape(step)}", st["base"])])
     t = Table(rows, colWidths=[width])
@@ -733,8 +780,7 @@ def _patient_report(so: ScreenOutput, p: dict, opts: _Options, maker: HeatmapMak
         ("Patient ID", f"<b>{escape(pid)}</b>"),
         ("Exam date", escape(exam)),
         ("Report date", escape(opts.report_date)),
-        ("Software", f"cervscan {escape(str(run.get('cervscan_version') or p.get('cervscan_version') or __version__))}"
-                     + (f" (report by {__version__})" if run.get("cervscan_version") not in (None, __version__) else "")),
+        ("Software", _software_line(run, p)),
         ("Segmentation model", _model_line(models.get("segmenter") or {})),
         ("Classifier", _model_line(models.get("classifier") or {})),
     ], st, width))
@@ -763,9 +809,9 @@ def _patient_report(so: ScreenOutput, p: dict, opts: _Options, maker: HeatmapMak
         if maker is None:
             heat_note = "Heatmaps were not requested."
         elif maker.available:
-            heat_note = ("<b>Heatmap</b> (Grad-CAM): red marks the regions that most raised the classifier's "
-                         "'severe' score, blue regions had little influence. It shows where the model looked, "
-                         "not a diagnosis.")
+            heat_note = ("<b>Heatmap</b> (Grad-CAM of the classifier on the original image): red marks the regions "
+                         "that most raised the 'severe' score, blue regions had little influence. It shows where "
+                         "the model looked, not a diagnosis.")
         else:
             heat_note = f"<b>Heatmaps unavailable:</b> {escape(maker.reason or '')}."
         story.append(Paragraph(
@@ -789,7 +835,7 @@ def _patient_report(so: ScreenOutput, p: dict, opts: _Options, maker: HeatmapMak
             if r.get("overlay"):
                 ovl, ovl_why = _read_rgb(so.out / r["overlay"], max_side)
             heat, heat_why = None, "not computed"
-            hpath = so.out / "heatmaps" / pid / f"{stem}.jpg"
+            hpath = so.out / "heatmaps" / _file_name(pid) / f"{_file_name(stem)}.jpg"
             if maker is not None and maker.available and orig is not None:
                 try:
                     heat = maker.overlay(orig)
@@ -813,7 +859,7 @@ def _patient_report(so: ScreenOutput, p: dict, opts: _Options, maker: HeatmapMak
         story.append(CondPageBreak(30 * mm))
         story.append(Paragraph(f"Images that could not be used ({len(failed)})", st["h2"]))
         story.append(_error_table(
-            [[r.get("image", ""), _short_error(r.get("error", ""), r.get("path"))] for r in failed],
+            [[r.get("image", ""), _short_error(r.get("error", ""), r.get("path"), r.get("image"))] for r in failed],
             ["Image", "Reason"], [width * 0.3, width * 0.7], st))
     sk = so.skipped_of(pid)
     if sk:
@@ -821,12 +867,11 @@ def _patient_report(so: ScreenOutput, p: dict, opts: _Options, maker: HeatmapMak
         story.append(_error_table([[r.get("file", ""), r.get("reason", "")] for r in sk], ["File", "Reason"],
                                   [width * 0.3, width * 0.7], st))
 
-    story.append(CondPageBreak(80 * mm))
     story.append(Spacer(1, 5 * mm))
     story.append(KeepTogether([Paragraph(escape(STATEMENT), st["statement"]), Spacer(1, 3 * mm),
                                _signature_box(st, width)]))
     footer = f"Patient {pid} · cervscan {__version__} · decision support, not a diagnosis"
-    return _build_pdf(so.out / "reports" / f"{pid}.pdf", story, page_size=opts.page_size,
+    return _build_pdf(so.out / "reports" / f"{_file_name(pid)}.pdf", story, page_size=opts.page_size,
                       title=f"Colposcopy screening report – {pid}", footer=footer, font=font,
                       author=opts.clinic or "")
 
@@ -861,10 +906,10 @@ def _summary_report(so: ScreenOutput, opts: _Options, font: str, st: dict) -> Pa
         story.append(Paragraph(escape(opts.clinic), st["clinic"]))
     story.append(Paragraph("Colposcopy screening – run summary", st["title"]))
     story.append(_info_table([
-        ("Screened", escape(str(run.get("finished") or "–"))),
+        ("Screened", escape(_when(run.get("finished")))),
         ("Report date", escape(opts.report_date)),
         ("Input", escape(", ".join(str(x) for x in run.get("inputs") or []) or "–")),
-        ("Software", f"cervscan {escape(str(run.get('cervscan_version') or __version__))}"),
+        ("Software", _software_line(run)),
         ("Segmentation model", _model_line(models.get("segmenter") or {})),
         ("Classifier", _model_line(models.get("classifier") or {})),
         ("Threshold", (f"{thr:.3f}. " if thr is not None else "") + _threshold_meaning(run, thr)),
@@ -921,7 +966,7 @@ def _summary_report(so: ScreenOutput, opts: _Options, font: str, st: dict) -> Pa
     if failed:
         story.append(Paragraph(f"Images that could not be used ({len(failed)})", st["h2"]))
         story.append(_error_table(
-            [[r.get("patient_id", ""), r.get("image", ""), _short_error(r.get("error", ""), r.get("path"))]
+            [[r.get("patient_id", ""), r.get("image", ""), _short_error(r.get("error", ""), r.get("path"), r.get("image"))]
              for r in failed], ["Patient", "Image", "Reason"], [width * 0.25, width * 0.2, width * 0.55], st))
     story.append(Spacer(1, 6 * mm))
     story.append(Paragraph(escape(STATEMENT), st["statement"]))

@@ -219,6 +219,15 @@ def train_seg(cfg: SegTrainConfig, progress: Callable[[dict], None] | None = Non
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
         start_epoch, best, history = st["epoch"], st["best"], list(st["history"])
+        if sched.T_max != max(1, cfg.epochs):
+            # --epochs changed since the state was saved: the loaded schedule would reach lr 0 at the old
+            # end and train the added epochs with no learning rate; stretch the cosine to the new end
+            sched.T_max = max(1, cfg.epochs)
+            lrs = [sched.eta_min + (b - sched.eta_min) * (1 + math.cos(math.pi * sched.last_epoch / sched.T_max)) / 2
+                   for b in sched.base_lrs]
+            for grp, lr in zip(opt.param_groups, lrs):
+                grp["lr"] = lr
+            sched._last_lr = lrs
         torch.set_rng_state(st["rng"])
         g.set_state(st["gen"])
         log.info("resumed at epoch %d", start_epoch)

@@ -172,7 +172,7 @@ def resolve(role: str, explicit: str | Path | None = None) -> ResolvedModel:
     cur = installed_current().get(role)
     if cur:
         folder = user_dir() / "models" / cur
-        r = _from_folder(folder, role, "installed")
+        r = _from_folder(folder, role, "installed") if (folder / MANIFEST).is_file() else None
         if r:
             return r
         raise ModelNotFoundError(f"installed {role} '{cur}' is missing from {folder}; run 'cervscan models rollback'")
@@ -243,6 +243,8 @@ def rollback(role: str | None = None) -> dict:
     """Forget the installed default(s): ``screen`` goes back to the shipped models."""
     from .io import atomic_write_json
 
+    if role is not None and role not in ROLES:
+        raise CervscanError(f"unknown role '{role}': use {' or '.join(ROLES)}")
     cur = installed_current()
     for r in (ROLES if role is None else (role,)):
         cur.pop(r, None)
@@ -253,7 +255,11 @@ def rollback(role: str | None = None) -> dict:
 def use(role: str, tag: str) -> dict:
     from .io import atomic_write_json
 
+    if role not in ROLES:
+        raise CervscanError(f"unknown role '{role}': use {' or '.join(ROLES)}")
     folder = user_dir() / "models" / tag
+    if not (folder / MANIFEST).is_file():
+        raise ModelNotFoundError(f"no installed model '{tag}' in {folder.parent}; see 'cervscan models list'")
     if _from_folder(folder, role, "installed") is None:
         raise ModelNotFoundError(f"{folder}: no installed {role}")
     cur = installed_current()

@@ -1,0 +1,109 @@
+"""Package trained runs as the shipped default weights (weights/ + manifest.json).
+
+    python scripts/package_weights.py --seg runs/seg-lite0 --cls runs/cls-lite0 \
+        [--seg-compare runs/seg-scratch] [--cls-compare runs/cls-repvgg-cv] [--fp16]
+
+Copies each run's model.pt (optionally stored in float16; the script checks that
+screen scores on the example visits stay within 1e-3 of float32), and writes
+weights/manifest.json with sha256, architecture, input size, training data,
+cross-validated metrics (95 % CI, per source), operating point, licence and
+attribution.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+ATTRIBUTION = ("Trained on AnnoCerv (Minciuna et al., github.com/iclx/AnnoCerv, CC BY 4.0) and the IARC Colposcopy "
+               "Image Bank (International Agency for Research on Cancer, screening.iarc.fr, published for education "
+               "and research).")
+
+
+def main() -> None:
+    import torch
+
+    from cervscan.models import read_checkpoint, save_checkpoint
+    from cervscan.weights import sha256_file
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seg", type=Path, required=True)
+    ap.add_argument("--cls", type=Path, required=True)
+    ap.add_argument("--seg-compare", type=Path)
+    ap.add_argument("--cls-compare", type=Path, action="append", default=[])
+    ap.add_argument("--fp16", action="store_true")
+    ap.add_argument("--version", default="1.0.0")
+    ap.add_argument("--out", type=Path, default=ROOT / "weights")
+    a = ap.parse_args()
+
+    out = a.out
+    out.mkdir(exist_ok=True)
+    entries = []
+    for role, run, fname in (("segmenter", a.seg, "segmenter.pt"), ("classifier", a.cls, "classifier.pt")):
+        ck = read_checkpoint(run / "model.pt")
+        ck["version"] = a.version
+        if a.fp16:
+            ck["state_dict"] = {k: (v.half() if v.is_floating_point() else v) for k, v in ck["state_dict"].items()}
+            ck["dtype"] = "float16"
+        save_checkpoint(ck, out / fname)
+        metrics = json.loads((run / "metrics.json").read_text())
+        e = {"role": role, "file": fname, "name": ck["name"], "version": a.version, "sha256": sha256_file(out / fname),
+             "arch": ck["arch"], "arch_kwargs": ck["arch_kwargs"], "form": ck["form"], "dtype": ck.get("dtype"),
+             "input_size": ck["input_size"], "mean": ck["mean"], "std": ck["std"], "classes": ck["classes"],
+             "license": "Apache-2.0 (weights); training data: see attribution", "attribution": ATTRIBUTION,
+             "train_summary": ck.get("train_summary")}
+        if role == "segmenter":
+            e["training_data"] = "../shared/data/annocerv-seg: AnnoCerv acetowhite masks, 213 train / 43 val images (split by patient)"
+            e["metrics"] = {k: metrics.get(k) for k in ("val_mean_iou", "val_mean_dice", "val_mean_iou_lesion_images",
+                                                        "val_iou_pooled", "val_iou_quartiles", "best_epoch", "selection", "init")}
+            if a.seg_compare:
+                mc = json.loads((a.seg_compare / "metrics.json").read_text())
+                e["metrics"]["comparison_" + a.seg_compare.name] = {k: mc.get(k) for k in (
+                    "val_mean_iou", "val_mean_dice", "val_mean_iou_lesion_images", "val_iou_pooled", "init")}
+        else:
+            e["training_data"] = ("../shared/data/visits: 203 patients / 798 images (IARC Colposcopy Image Bank 118, "
+                                  "AnnoCerv 85), labels.csv")
+            e["threshold"] = ck.get("threshold")
+            e["operating_point"] = ck.get("operating_point")
+            e["temperature"] = ck.get("temperature")
+            e["voting"] = ck.get("voting")
+            e["cross_validation"] = {"evaluation": metrics.get("evaluation"), "held_out": metrics.get("held_out"),
+                                     "fold_summary": metrics.get("fold_summary"), "folds": metrics.get("folds"),
+                                     "study_setting": metrics.get("study_setting"),
+                                     "auc_original_only": metrics.get("auc_original_only"),
+                                     "seconds": metrics.get("seconds")}
+            e["alternatives"] = {}
+            for c in a.cls_compare:
+                mc = json.loads((c / "metrics.json").read_text())
+                e["alternatives"][c.name] = {"summary": mc.get("summary"), "fold_summary": mc.get("fold_summary"),
+                                             "held_out_auc": mc.get("held_out", {}).get("auc"),
+                                             "held_out_ci95": mc.get("held_out", {}).get("ci95"),
+                                             "by_source": {k: {kk: v.get(kk) for kk in ("auc", "sensitivity", "specificity", "ci95")}
+                                                           for k, v in (mc.get("held_out", {}).get("by_source") or {}).items()}}
+        entries.append(e)
+    (out / "manifest.json").write_text(json.dumps({"format": 1, "version": a.version, "models": entries}, indent=2) + "\n")
+    print(f"wrote {out}/manifest.json")
+
+    if a.fp16:  # check fp16 storage against fp32 on the example visits
+        from cervscan import api
+
+        with tempfile.TemporaryDirectory() as td:
+            r16 = api.screen([ROOT / "examples" / "visits"], Path(td) / "a", device="cpu",
+                             seg_model=str(out / "segmenter.pt"), cls_model=str(out / "classifier.pt"))
+            r32 = api.screen([ROOT / "examples" / "visits"], Path(td) / "b", device="cpu",
+                             seg_model=str(a.seg / "model.pt"), cls_model=str(a.cls / "model.pt"))
+            d = max(abs(x["score"] - y["score"]) for x, y in zip(r16.images, r32.images) if x["status"] == "ok")
+            print(f"fp16 vs fp32 max image score difference on examples: {d:.2e}")
+            if d > 1e-3:
+                sys.exit("fp16 storage changes scores by more than 1e-3: package without --fp16")
+
+
+if __name__ == "__main__":
+    main()

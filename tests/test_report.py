@@ -1,0 +1,367 @@
+"""PDF reports and Grad-CAM: built from synthetic and real screen outputs with tiny models (CPU, fast)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import unicodedata
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cervscan.errors import CervscanError
+
+torch.set_num_threads(1)
+
+NON_ASCII_ID = "Zoë-Ødegård"
+CLINIC = "Clinique Saint-Éloi"
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Reddish 'cervix' with a whitish ellipse."""
+    import cv2
+
+    img = np.clip(np.array([170, 80, 90], np.float32) + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
+    cv2.ellipse(img, (w // 2, h // 2), (w // 5, h // 6), 20, 0, 360, (235, 225, 225), -1)
+    return img
+
+
+def _write(path: Path, rgb: np.ndarray) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgb).save(path)
+    return path
+
+
+def _text(pdf: Path) -> str:
+    from pypdf import PdfReader
+
+    txt = "\n".join(p.extract_text() or "" for p in PdfReader(pdf).pages)
+    return unicodedata.normalize("NFC", txt)
+
+
+def _flat(s: str) -> str:
+    return " ".join(s.split())
+
+
+def _pages(pdf: Path):
+    from pypdf import PdfReader
+
+    return PdfReader(pdf).pages
+
+
+def _screen(visits: list[Path], out: Path, models: dict):
+    from cervscan import api
+
+    return api.screen(visits, out, seg_model=str(models["seg"]), cls_model=str(models["cls"]), device="cpu",
+                      num_workers=0, threads=1)
+
+
+# --------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def synth(tiny_models, tmp_path_factory) -> dict:
+    """Screen + reports of 4 synthetic visits: a non-ASCII id with a 0-byte image, a portrait image
+    plus a non-image file, a landscape visit, and an empty visit (error)."""
+    from cervscan.report import write_reports
+
+    root = tmp_path_factory.mktemp("synth")
+    visits = root / "visits"
+    rng = np.random.default_rng(0)
+    _write(visits / NON_ASCII_ID / "a1.jpg", _image(rng, 96, 128))
+    _write(visits / NON_ASCII_ID / "a2.png", _image(rng, 90, 120))
+    (visits / NON_ASCII_ID / "broken.jpg").write_bytes(b"")
+    _write(visits / "P002" / "portrait.jpg", _image(rng, 140, 90))
+    (visits / "P002" / "notes.txt").write_text("not an image")
+    _write(visits / "P003" / "x.jpg", _image(rng, 80, 110))
+    (visits / "P004-empty").mkdir()
+    out = root / "out"
+    res = _screen([visits], out, tiny_models)
+    paths = write_reports(out, clinic=CLINIC)
+    return {"out": out, "res": res, "paths": paths, "visits": visits}
+
+
+@pytest.fixture(scope="module")
+def real(tiny_models, tmp_path_factory) -> dict:
+    """Screen + reports of 3 real colposcopy images (2 patients) copied from ../shared/data."""
+    from cervscan.report import write_reports
+
+    data = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "visits"
+    picks = {"iarc-AAAW": ["AAAW1.jpg", "AAAW4.jpg"], "annocerv-C1": ["C1Aceto_1.jpg"]}
+    if not all((data / pid / n).is_file() for pid, ns in picks.items() for n in ns):
+        pytest.skip(f"real data not available at {data}")
+    root = tmp_path_factory.mktemp("real")
+    for pid, names in picks.items():
+        (root / "visits" / pid).mkdir(parents=True)
+        for n in names:
+            shutil.copy(data / pid / n, root / "visits" / pid / n)
+    out = root / "out"
+    res = _screen([root / "visits"], out, tiny_models)
+    return {"out": out, "res": res, "paths": write_reports(out)}
+
+
+def _patient(res, pid: str) -> dict:
+    return next(p for p in res.patients if p["patient_id"] == pid)
+
+
+# --------------------------------------------------------------------------- synthetic run
+
+def test_all_reports_written_atomically(synth):
+    out = synth["out"]
+    names = sorted(p.name for p in synth["paths"])
+    assert names == sorted([f"{NON_ASCII_ID}.pdf", "P002.pdf", "P003.pdf", "P004-empty.pdf", "summary.pdf"])
+    assert synth["paths"][-1] == out / "reports" / "summary.pdf"
+    for p in synth["paths"]:
+        assert p.parent == out / "reports"
+        assert p.read_bytes()[:5] == b"%PDF-"
+    left = [p.name for p in (out / "reports").iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
+    assert not left
+
+
+def test_patient_report_states_id_decision_score(synth):
+    res = synth["res"]
+    for pid in ("P002", "P003"):
+        p = _patient(res, pid)
+        txt = _flat(_text(synth["out"] / "reports" / f"{pid}.pdf"))
+        assert pid in txt
+        assert {"severe": "SEVERE", "mildly_normal": "MILDLY NORMAL"}[p["decision"]] in txt
+        assert f"Score {p['score']:.3f}" in txt
+        assert f"threshold {p['threshold']:.3f}" in txt
+        assert "sensitivity 90%" in txt and "specificity 50%" in txt  # the tiny classifier's operating point
+        assert "Recommended next step" in txt
+        assert CLINIC in txt
+        assert "does not replace the clinician's judgement" in txt
+        assert "Signature" in txt and "notes" in txt
+
+
+def test_non_ascii_patient_id_renders_and_is_extractable(synth):
+    pdf = synth["out"] / "reports" / f"{NON_ASCII_ID}.pdf"
+    assert pdf.is_file()
+    txt = _text(pdf)
+    assert NON_ASCII_ID in txt
+    assert CLINIC in txt
+    fonts = set()
+    for page in _pages(pdf):
+        for f in (page["/Resources"].get("/Font") or {}).values():
+            fonts.add(str(f.get_object()["/BaseFont"]))
+    assert any("DejaVu" in f or "Vera" in f for f in fonts), fonts  # an embedded TTF, not a base-14 font
+
+
+def test_failed_images_are_listed(synth):
+    txt = _flat(_text(synth["out"] / "reports" / f"{NON_ASCII_ID}.pdf"))
+    assert "1 image(s) could not be used" in txt
+    assert "Images that could not be used (1)" in txt
+    assert "broken.jpg" in txt and "empty file" in txt
+    assert "2 of 3 image(s) used" in txt
+    # the non-image file of P002 is listed as not screened
+    txt2 = _flat(_text(synth["out"] / "reports" / "P002.pdf"))
+    assert "notes.txt" in txt2 and "not an image file" in txt2
+
+
+def test_error_patient_report(synth):
+    txt = _flat(_text(synth["out"] / "reports" / "P004-empty.pdf"))
+    assert "NO RESULT" in txt
+    assert "no image files in visit folder" in txt
+    assert "No score" in txt
+
+
+def test_images_pages_and_heatmaps(synth):
+    out = synth["out"]
+    for pid, n_ok in ((NON_ASCII_ID, 2), ("P002", 1), ("P003", 1), ("P004-empty", 0)):
+        pages = _pages(out / "reports" / f"{pid}.pdf")
+        n_pages = len(pages)
+        assert 1 <= n_pages <= 3
+        assert f"Page {n_pages} of {n_pages}" in (pages[-1].extract_text() or "")
+        # original + lesion overlay + Grad-CAM heatmap per usable image
+        assert sum(len(p.images) for p in pages) == 3 * n_ok
+    rows = [r for r in synth["res"].images if r["status"] == "ok"]
+    for r in rows:
+        hm = out / "heatmaps" / r["patient_id"] / (Path(r["overlay"]).stem + ".jpg")
+        assert hm.is_file(), hm
+        from cervscan.io import read_image
+
+        assert read_image(hm).rgb.shape[:2] == (r["height"], r["width"])
+    txt = _text(out / "reports" / "P003.pdf")
+    assert "Grad-CAM" in txt and "unavailable" not in txt
+
+
+def test_write_heatmaps_hook(synth):
+    from cervscan.report import write_heatmaps
+
+    res = write_heatmaps(synth["out"], patients=[NON_ASCII_ID])
+    assert set(k[0] for k in res) == {NON_ASCII_ID}
+    assert isinstance(res[(NON_ASCII_ID, "a1.jpg")], Path) and res[(NON_ASCII_ID, "a1.jpg")].is_file()
+    assert res[(NON_ASCII_ID, "broken.jpg")] == "image could not be used"
+
+
+def test_summary_lists_all_patients_severe_first_with_errors(synth):
+    txt = _flat(_text(synth["out"] / "reports" / "summary.pdf"))
+    res = synth["res"]
+    for p in res.patients:
+        assert p["patient_id"] in txt
+    assert "4 patient(s)" in txt
+    assert "Patients without a result (1)" in txt and "no image files in visit folder" in txt
+    assert "Images that could not be used (1)" in txt and "broken.jpg" in txt
+    order = sorted((p for p in res.patients), key=lambda p: txt.index(p["patient_id"] + " "))
+    ranks = [{"severe": 0, "mildly_normal": 1, "error": 2}[p["decision"]] for p in order]
+    assert ranks == sorted(ranks), [(p["patient_id"], p["decision"]) for p in order]
+    for p in res.patients:
+        if p["score"] is not None:
+            assert f"{p['score']:.3f}" in txt
+
+
+def test_pdftoppm_renders(synth, tmp_path):
+    if shutil.which("pdftoppm") is None:
+        pytest.skip("pdftoppm (poppler-utils) not installed")
+    from PIL import Image
+
+    for name in (f"{NON_ASCII_ID}.pdf", "summary.pdf"):
+        prefix = tmp_path / Path(name).stem
+        subprocess.run(["pdftoppm", "-png", "-r", "30", str(synth["out"] / "reports" / name), str(prefix)],
+                       check=True, capture_output=True, timeout=60)
+        pngs = sorted(tmp_path.glob(f"{Path(name).stem}*.png"))
+        assert pngs
+        im = np.asarray(Image.open(pngs[0]).convert("L"))
+        assert im.std() > 5  # not a blank page
+
+
+# --------------------------------------------------------------------------- options and errors
+
+def test_subset_letter_config_and_exam_date(synth, tmp_path):
+    out = synth["out"]
+    cfg = tmp_path / "report.toml"
+    cfg.write_text('clinic = "Hôpital de Test"\n[next_step]\nsevere = "Call the colposcopy unit today."\n'
+                   'mildly_normal = "Re-screen in 3 years."\n', encoding="utf-8")
+    from cervscan.report import write_reports
+
+    paths = write_reports(out, patients=["P003"], page_size="letter", config_file=cfg, exam_date="2024-03-05")
+    assert [p.name for p in paths] == ["P003.pdf", "summary.pdf"]
+    page = _pages(paths[0])[0]
+    assert [round(float(v)) for v in page.mediabox[2:]] == [612, 792]
+    txt = _flat(_text(paths[0]))
+    assert "Hôpital de Test" in txt and "2024-03-05" in txt
+    step = {"severe": "Call the colposcopy unit today.", "mildly_normal": "Re-screen in 3 years."}
+    assert step[_patient(synth["res"], "P003")["decision"]] in txt
+    # the option wins over the config file
+    write_reports(out, patients=["P003"], clinic="Option Clinic", config_file=cfg)
+    assert "Option Clinic" in _text(paths[0])
+    # restore the A4 report with the default clinic for the other tests
+    write_reports(out, patients=["P003"], clinic=CLINIC)
+
+
+def test_errors_not_output_unknown_patient_bad_page(synth, tmp_path):
+    from cervscan.report import write_reports
+
+    with pytest.raises(CervscanError, match="not a cervscan screen output folder"):
+        write_reports(tmp_path)
+    with pytest.raises(CervscanError, match="not a folder"):
+        write_reports(tmp_path / "nope")
+    with pytest.raises(CervscanError, match="unknown patient.*nobody"):
+        write_reports(synth["out"], patients=["nobody"])
+    with pytest.raises(CervscanError, match="page size"):
+        write_reports(synth["out"], page_size="a3")
+
+
+def test_report_without_classifier_file(synth, tmp_path):
+    from cervscan.report import write_reports
+
+    out = tmp_path / "copy"
+    shutil.copytree(synth["out"], out, ignore=shutil.ignore_patterns("heatmaps", "reports"))
+    run = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    run["models"]["classifier"]["path"] = str(tmp_path / "gone.pt")
+    run["models"]["classifier"]["operating_point"] = None
+    (out / "run.json").write_text(json.dumps(run), encoding="utf-8")
+    paths = write_reports(out, patients=["P003"])
+    txt = _flat(_text(paths[0]))
+    assert "Heatmaps unavailable" in txt and "gone.pt" in txt
+    assert "not available" in txt  # sensitivity/specificity without an operating point
+    assert sum(len(p.images) for p in _pages(paths[0])) == 2  # original + overlay
+    assert not (out / "heatmaps").exists()
+
+
+# --------------------------------------------------------------------------- real images
+
+@pytest.mark.data
+def test_real_images_report(real):
+    out, res = real["out"], real["res"]
+    assert {p.name for p in real["paths"]} == {"iarc-AAAW.pdf", "annocerv-C1.pdf", "summary.pdf"}
+    for p in res.patients:
+        pdf = out / "reports" / f"{p['patient_id']}.pdf"
+        txt = _flat(_text(pdf))
+        assert p["patient_id"] in txt and f"Score {p['score']:.3f}" in txt
+        assert sum(len(pg.images) for pg in _pages(pdf)) == 3 * p["n_used"]
+    summary = _flat(_text(out / "reports" / "summary.pdf"))
+    assert "iarc-AAAW" in summary and "annocerv-C1" in summary and "2 patient(s)" in summary
+    assert (out / "heatmaps" / "iarc-AAAW" / "AAAW4.jpg").is_file()
+
+
+# --------------------------------------------------------------------------- Grad-CAM
+
+@pytest.fixture(scope="module")
+def repvgg():
+    from cervscan.models import build_classifier, to_deploy
+
+    torch.manual_seed(0)
+    train = build_classifier("repvgg_a0").eval()
+    return train, to_deploy(train)
+
+
+def test_grad_cam_shape_range_and_layer(repvgg):
+    from cervscan.gradcam import find_target_layer, grad_cam
+
+    x = torch.randn(1, 3, 64, 80)
+    for model in repvgg:
+        layer = find_target_layer(model, (64, 80))
+        feats = []
+        h = layer.register_forward_hook(lambda m, i, o: feats.append(o))
+        with torch.no_grad():
+            model(x)
+        h.remove()
+        assert feats[0].dim() == 4
+        with torch.inference_mode():  # must work from inside inference code
+            cam = grad_cam(model, x, class_idx=1)
+        assert cam.shape == (64, 80) and cam.dtype == np.float32
+        assert 0.0 <= cam.min() and cam.max() <= 1.0
+        assert all(p.grad is None and p.requires_grad for p in model.parameters())
+
+
+def test_grad_cam_matches_forward_features_split(repvgg):
+    """Hooking the found layer equals Grad-CAM on timm's forward_features output, for the deploy form."""
+    import torch.nn.functional as F
+
+    from cervscan.gradcam import grad_cam
+
+    model = repvgg[1]
+    x = torch.randn(1, 3, 64, 64)
+    cam = grad_cam(model, x, class_idx=1)
+    f = model.forward_features(x)
+    f.retain_grad()
+    model.forward_head(f)[0, 1].backward()
+    model.zero_grad(set_to_none=True)
+    ref = torch.relu((f.grad[0].mean((1, 2))[:, None, None] * f[0]).sum(0)).detach()
+    ref = F.interpolate(ref[None, None], size=(64, 64), mode="bilinear", align_corners=False)[0, 0].numpy()
+    ref = ref / ref.max() if ref.max() > 0 else ref
+    np.testing.assert_allclose(cam, ref, atol=1e-5)
+
+
+def test_heatmap_overlay_shape():
+    from cervscan.gradcam import heatmap_overlay
+
+    rgb = np.full((50, 70, 3), 128, np.uint8)
+    out = heatmap_overlay(rgb, np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64))
+    assert out.shape == rgb.shape and out.dtype == np.uint8
+    assert not np.array_equal(out[0, 0], out[-1, -1])
+
+
+def test_report_file_names_stay_inside_reports():
+    from cervscan.report import _file_name
+
+    assert _file_name(NON_ASCII_ID) == NON_ASCII_ID
+    assert "/" not in _file_name("../x") and not _file_name("../x").startswith(".")
+    assert _file_name("summary") != "summary"  # never overwrites the run summary
