@@ -527,6 +527,24 @@ def test_train_cls_samples_option(which, cls_data, tiny_models, tmp_path, fast_b
     assert read_checkpoint(tmp_path / "model.pt")["train_summary"]["samples"] == which
 
 
+def test_train_cls_interrupted_run_resumes_to_the_uninterrupted_result(cls_run, cls_data, tiny_models, tmp_path):
+    _, m, out = cls_run
+
+    def stop_in_epoch_2(ev):
+        if ev.get("fold") == "split" and ev["epoch"] == 2:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train_cls(cls_cfg(cls_data, tiny_models, tmp_path), progress=stop_in_epoch_2)
+    assert torch.load(tmp_path / "state_fold1.pt", weights_only=True)["epoch"] == 1
+    m2 = train_cls(cls_cfg(cls_data, tiny_models, tmp_path, resume=True))
+    assert (tmp_path / "predictions.csv").read_bytes() == (out / "predictions.csv").read_bytes()
+    assert m2["temperature"] == m["temperature"]
+    # more epochs than the saved one-cycle schedule: a clear error, not torch's ValueError mid-epoch
+    with pytest.raises(CervscanError, match="saved for 4 training steps, the options now give 6"):
+        train_cls(cls_cfg(cls_data, tiny_models, tmp_path, resume=True, epochs=3))
+
+
 def test_train_cls_rejects_a_bad_samples_option(cls_data, tiny_models, tmp_path):
     with pytest.raises(CervscanError, match="--samples must be both, original or segmented"):
         train_cls(cls_cfg(cls_data, tiny_models, tmp_path, samples="all"))
@@ -539,18 +557,29 @@ def test_train_cls_single_class_labels(cls_data, tiny_models, tmp_path):
         train_cls(cls_cfg(cls_data, tiny_models, tmp_path / "out", labels=str(labels)))
 
 
-def test_train_cls_tuned_votes_and_seed_repeatability(cls_data, tiny_models, tmp_path, fast_bootstrap):
+def test_train_cls_cross_validation_tuned_votes_and_seed_repeatability(cls_data, tiny_models, tmp_path,
+                                                                       fast_bootstrap):
     runs = []
     for name in ("a", "b"):
-        cfg = cls_cfg(cls_data, tiny_models, tmp_path / name, tune_votes=True, epochs=1, seed=3)
+        cfg = cls_cfg(cls_data, tiny_models, tmp_path / name, folds=2, full=True, tune_votes=True, epochs=1, seed=3)
         runs.append(train_cls(cfg))
     a, b = runs
+    assert a["evaluation"] == "cross-validation" and [r["fold"] for r in a["folds"]] == [1, 2]
+    assert sum(r["val_patients"] for r in a["folds"]) == 10 and "auc" in a["fold_summary"]
+    assert a["final_model"].startswith("trained on all 10 patients")
+    rows = read_csv(tmp_path / "a" / "predictions.csv")
+    assert sorted(r["patient_id"] for r in rows) == [f"P{i:02d}" for i in range(10)]  # every patient once
+    assert {r["fold"] for r in rows} == {"1", "2"}
     assert len(a["voting_weights"]) == 6 and sum(a["voting_weights"]) == pytest.approx(1.0)
     assert min(a["voting_weights"]) >= 0 and a["tuned_vote_auc"] is not None
     ck = read_checkpoint(tmp_path / "a" / "model.pt")
+    assert ck["form"] == "deploy" and ck["operating_point"]["evaluated_on"] == "cross-validation"
     assert ck["voting"]["weights"] == a["voting_weights"] and ck["voting"]["tuned"] is True
+    # the same seed: the same folds, scores, weights, temperature and final model
     assert (tmp_path / "a" / "predictions.csv").read_bytes() == (tmp_path / "b" / "predictions.csv").read_bytes()
     assert a["voting_weights"] == b["voting_weights"] and a["temperature"] == b["temperature"]
+    cb = read_checkpoint(tmp_path / "b" / "model.pt")
+    assert same_tensors(ck["state_dict"], cb["state_dict"])
 
 
 # --------------------------------------------------------------------------- models install
@@ -572,9 +601,12 @@ def test_models_install_of_a_training_run_is_used_by_screen_until_rollback(cls_r
     assert r.exit_code == 0, r.output
     out = " ".join(r.stdout.split())
     assert "classifier: installed" in out and "segmenter: shipped" in out
-    print(r.stdout)
-    installed_row = next(line for line in r.stdout.splitlines() if new_sha[:12] in line)
-    assert "yes" in installed_row
+    # the table is narrow under CliRunner: cells are cut to a few characters
+    rows = [line for line in r.stdout.splitlines() if line.startswith("│")]
+    installed = [line for line in rows if new_sha[:7] in line]
+    shipped_cls = [line for line in rows if before.sha256[:7] in line]
+    assert len(installed) == 1 and "yes" in installed[0]
+    assert len(shipped_cls) == 1 and "yes" not in shipped_cls[0]
 
     res = api.screen([cls_data[0]], tmp_path / "screen", device="cpu", num_workers=0)
     rows = read_csv(tmp_path / "screen" / "patients.csv")

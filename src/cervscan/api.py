@@ -37,10 +37,12 @@ class ScreenResult:
                          for p in self.patients], "exit_code": self.exit_code}
 
 
-def _voting_from(ckpt: dict, file_cfg: dict, overrides: dict) -> tuple[VotingConfig, float, dict]:
+def _voting_from(ckpt: dict, file_cfg: dict, overrides: dict, seg_ckpt: dict | None = None) -> tuple[VotingConfig, float, dict]:
     """Checkpoint defaults < config file < explicit options. Returns voting, threshold and provenance."""
     src: dict[str, str] = {}
     vals: dict[str, Any] = {}
+    if seg_ckpt and seg_ckpt.get("mask_threshold") is not None:
+        vals["mask_threshold"], src["mask_threshold"] = float(seg_ckpt["mask_threshold"]), "segmenter checkpoint"
     ck_vote = ckpt.get("voting") or {}
     for key in ("weights", "brightness", "brightness_from_flipped"):
         if key in ck_vote:
@@ -121,7 +123,7 @@ def screen(paths: list[str | Path], out: str | Path, *, seg_model: str | None = 
     t_load = time.time()
     models = load_models(seg_ref, cls_ref, dev)
     t_loaded = time.time()
-    voting, threshold, provenance = _voting_from(models.cls_ckpt, file_cfg, overrides)
+    voting, threshold, provenance = _voting_from(models.cls_ckpt, file_cfg, overrides, models.seg_ckpt)
     base = ScreenConfig()
     cfg = dataclasses.replace(
         base, voting=voting, threshold=threshold, device=str(dev),
@@ -233,7 +235,7 @@ def screen(paths: list[str | Path], out: str | Path, *, seg_model: str | None = 
 
 
 def evaluate(visits: list[str | Path], labels: str | Path, out: str | Path, *, n_bootstrap: int = 2000, seed: int = 0,
-             screen_out: str | Path | None = None, **screen_kwargs) -> dict:
+             screen_out: str | Path | None = None, cv_run: str | Path | None = None, **screen_kwargs) -> dict:
     """Screen labelled visits, then compare patient decisions and scores with the labels.
 
     Writes OUT/metrics.json, OUT/roc.png, OUT/confusion.png, OUT/predictions.csv
@@ -266,7 +268,36 @@ def evaluate(visits: list[str | Path], labels: str | Path, out: str | Path, *, n
             raise DataError(f"{lab_path}: patient {r['patient_id']}: label must be 0 or 1, got {v!r}")
         lab[r["patient_id"].strip()] = int(v)
         src[r["patient_id"].strip()] = (r.get("source") or "").strip()
-    res = screen(visits, Path(screen_out) if screen_out else out / "screen", **screen_kwargs)
+    screen_dir = Path(screen_out) if screen_out else out / "screen"
+    if cv_run:
+        # cross-validation reproduction: each patient is screened by the fold model that did not train on it
+        cv = Path(cv_run)
+        try:
+            with open(cv / "folds.csv", newline="", encoding="utf-8") as f:
+                fold_of = {r["patient_id"]: int(r["fold"]) for r in csv.DictReader(f)}
+        except OSError as e:
+            raise CervscanError(f"{cv}/folds.csv: cannot read ({e.strerror}); --cv-run needs a 'train-cls --folds K' run") from None
+        from .io import discover_visits
+
+        all_visits = discover_visits(visits)
+        patients_all, run0 = [], None
+        for k in sorted(set(fold_of.values())):
+            folders = [v.folder for v in all_visits if fold_of.get(v.patient_id) == k]
+            if not folders:
+                continue
+            r = screen(folders, screen_dir / f"fold{k}", **{**screen_kwargs, "cls_model": str(cv / f"fold{k}.pt")})
+            patients_all += r.patients
+            run0 = run0 or r.run
+        if run0 is None:
+            raise DataError(f"no visit folder matches a patient of {cv}/folds.csv")
+
+        class _Res:  # the parts of ScreenResult used below
+            patients = patients_all
+            run = run0
+
+        res = _Res()
+    else:
+        res = screen(visits, screen_dir, **screen_kwargs)
     thr = res.run["threshold"]
     preds, errors, not_labelled = [], [], []
     for p in res.patients:
@@ -293,6 +324,7 @@ def evaluate(visits: list[str | Path], labels: str | Path, out: str | Path, *, n
         "models": {k: {"label": v["label"], "sha256": v["sha256"], "path": v["path"]} for k, v in res.run["models"].items()},
         "operating_point": res.run["models"]["classifier"].get("operating_point"),
         "labels": str(lab_path), "visits": [str(v) for v in visits], "bootstrap": {"n": n_bootstrap, "seed": seed},
+        "cv_run": str(cv_run) if cv_run else None,
         "cervscan_version": __version__,
     })
     atomic_write_csv(out / "predictions.csv", preds, ["patient_id", "label", "source", "score", "decision", "correct",

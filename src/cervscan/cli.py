@@ -223,6 +223,7 @@ def evaluate(
     variants: VariantsOpt = None,
     config: ConfigOpt = None,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% CIs.")] = 2000,
+    cv_run: Annotated[Optional[Path], typer.Option("--cv-run", help="A 'train-cls --folds K' run: screen each patient with the fold model that did not see it (reproduces cross-validation).")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
@@ -233,7 +234,7 @@ def evaluate(
     try:
         ov = _overrides(threshold, weights, brightness, brightness_from_flipped, variants)
         m = api.evaluate(visits, labels, out, seg_model=seg_model, cls_model=cls_model, config_file=config,
-                         overrides=ov, device=device, n_bootstrap=bootstrap, seed=seed)
+                         overrides=ov, device=device, n_bootstrap=bootstrap, seed=seed, cv_run=cv_run)
     except CervscanError as e:
         _fail(e)
     if not quiet:

@@ -121,14 +121,14 @@ def prepare_samples(cfg: ClsTrainConfig, progress=None) -> tuple[list[Sample], d
     dev = resolve_device(cfg.device)
     from .inference import LoadedModels
     lm = LoadedModels(seg=model_from_checkpoint(seg_ck).to(dev), cls=None, seg_ckpt=seg_ck, cls_ckpt={}, device=dev)  # type: ignore[arg-type]
-    vcfg = VotingConfig()
+    vcfg = VotingConfig(mask_threshold=float(seg_ck.get("mask_threshold") or 0.5))
     S = cfg.input_size
     if cfg.cache_dir:
         cache = Path(cfg.cache_dir)
     else:
         from platformdirs import user_cache_dir
         cache = Path(user_cache_dir("cervscan", appauthor=False))
-    cache = cache / f"cls-{seg_ref.sha256[:16]}-{S}"
+    cache = cache / f"cls-{seg_ref.sha256[:16]}-{S}-t{vcfg.mask_threshold:g}"
     cache.mkdir(parents=True, exist_ok=True)
     samples: list[Sample] = []
     todo = [(pid, p) for pid in sorted(labels) if pid in visits for p in visits[pid].images]
@@ -277,6 +277,11 @@ def fit(cfg: ClsTrainConfig, train: list[Sample], dev, progress=None, tag: str =
     start = 0
     if cfg.resume and state_path is not None and state_path.exists():
         st = torch.load(state_path, map_location="cpu", weights_only=True)
+        if st["sched"].get("total_steps") != sched.total_steps:
+            # the one-cycle schedule cannot be continued past its end (torch raises ValueError mid-epoch)
+            raise CervscanError(f"{state_path}: saved for {st['sched'].get('total_steps')} training steps, the options "
+                                f"now give {sched.total_steps}; resume with the same --epochs, --batch-size and "
+                                f"patients, or train into a new run folder")
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
@@ -422,6 +427,7 @@ def train_cls(cfg: ClsTrainConfig, progress: Callable[[dict], None] | None = Non
     for tr, va in splits:
         assert not (tr & va), "a patient on both sides of a split"
 
+    fold_models: list[nn.Module] = []
     oof_logits = np.zeros((len(samples), 6, 2))
     oof_fold = np.full(len(samples), -1)
     fold_rows = []
@@ -454,6 +460,9 @@ def train_cls(cfg: ClsTrainConfig, progress: Callable[[dict], None] | None = Non
         log.info("%s: %s", tag, row)
         if len(splits) == 1:
             last_model = model
+        else:
+            fold_models.append(to_deploy(model.cpu().eval()))
+            model.to(dev)
     fold_seconds = time.time() - t_folds
 
     # ---- calibration and operating point on held-out (validation / out-of-fold) patients
@@ -542,8 +551,10 @@ def train_cls(cfg: ClsTrainConfig, progress: Callable[[dict], None] | None = Non
              title=f"{cfg.arch}: held-out patients ({metrics['evaluation']})")
     plot_confusion(rep["confusion"], out / "confusion.png", title=f"threshold {op['threshold']:.3f}")
 
-    if model is not None:
-        deploy = to_deploy(model.cpu().eval())
+    from .models import save_checkpoint
+
+    def write_ckpt(m: nn.Module, path: Path, note: str, already_deploy: bool = False) -> None:
+        deploy = m if already_deploy else to_deploy(m.cpu().eval())
         ck = make_checkpoint(deploy, kind="classifier", arch=cfg.arch, arch_kwargs={}, form="deploy",
                              input_size=(cfg.input_size, cfg.input_size), mean=default_norm(cfg.arch)[0],
                              std=default_norm(cfg.arch)[1], name=cfg.name, version=cfg.version, extra={
@@ -557,20 +568,28 @@ def train_cls(cfg: ClsTrainConfig, progress: Callable[[dict], None] | None = Non
                                  "voting": {"weights": list(weights), "brightness": cfg.brightness,
                                             "brightness_from_flipped": False,
                                             "tuned": bool(cfg.tune_votes)},
-                                 "train_summary": {"final_model": final_note, "samples": cfg.samples,
+                                 "train_summary": {"final_model": note, "samples": cfg.samples,
                                                    "epochs": cfg.epochs, "lr": cfg.lr, "batch_size": cfg.batch_size,
+                                                   "input_size": cfg.input_size, "arch": cfg.arch,
                                                    "pretrained": cfg.pretrained, "segmenter": seg_info,
                                                    "labels": str(cfg.labels), "patients": int(len(pids)),
                                                    "images": len(samples), "seed": cfg.seed}})
-        from .models import save_checkpoint
+        save_checkpoint(ck, path)
 
-        save_checkpoint(ck, out / "model.pt")
+    if model is not None:
+        write_ckpt(model, out / "model.pt", final_note)
         metrics["checkpoint"] = str(out / "model.pt")
+    if fold_models:
+        # each fold's model with the pooled calibration, and which patients it did not see:
+        # `cervscan evaluate --cv-run OUT` re-screens every patient with the model of its fold.
+        fold_rows_csv = []
+        for k, (fm, (_, va)) in enumerate(zip(fold_models, splits)):
+            write_ckpt(fm, out / f"fold{k + 1}.pt", f"fold {k + 1} of {len(splits)}: validation patients in folds.csv",
+                       already_deploy=True)
+            fold_rows_csv += [{"patient_id": q, "fold": k + 1, "label": y_by[q], "source": src_by[q]} for q in sorted(va)]
+        atomic_write_csv(out / "folds.csv", fold_rows_csv, ["patient_id", "fold", "label", "source"])
     atomic_write_json(out / "metrics.json", metrics)
     atomic_write_json(out / "run.json", {"command": "train-cls", "config": asdict(cfg), "cervscan_version": __version__,
                                          "torch": torch.__version__, "device": str(dev), "threads": torch.get_num_threads(),
                                          "segmenter": seg_info})
-    for f in out.glob("state_*.pt"):
-        if model is not None or cfg.folds:
-            pass
     return metrics

@@ -300,12 +300,49 @@ def train_seg(cfg: SegTrainConfig, progress: Callable[[dict], None] | None = Non
         nonempty = np.array([r["gt_area"] > 0 for r in best_rows])
         metrics["val_iou_nonempty_masks"] = float(ious[nonempty].mean()) if nonempty.any() else None
         metrics["val_iou_quartiles"] = [float(q) for q in np.percentile(ious, [25, 50, 75])]
+    if (out / "model.pt").exists():
+        metrics["mask_threshold"] = calibrate_mask_threshold(out, dl_va, mf)
     atomic_write_json(out / "metrics.json", metrics)
     atomic_write_json(out / "run.json", {"command": "train-seg", "config": asdict(cfg), "cervscan_version": __version__,
                                          "torch": torch.__version__, "threads": torch.get_num_threads()})
     if best_rows:
         plot_iou([(cfg.name if not cfg.init else "fine-tuned", best_rows)], out / "iou.png")
     return metrics
+
+
+THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7)
+
+
+@torch.inference_mode()
+def calibrate_mask_threshold(run_dir: Path, dl_va, mf=torch.contiguous_format) -> dict:
+    """Choose the probability threshold that maximises pooled validation IoU for the
+    saved best model, store it in the checkpoint (``mask_threshold``), return the sweep.
+
+    The same validation images also chose the epoch, so the IoU at the chosen
+    threshold is optimistic; both the 0.5 and the chosen value are reported."""
+    run_dir = Path(run_dir)
+    ck = read_checkpoint(run_dir / "model.pt")
+    model = model_from_checkpoint(ck).to(memory_format=mf)
+    probs, gts = [], []
+    for x, y in dl_va:
+        probs.append(model(x.to(memory_format=mf)).sigmoid())
+        gts.append(y > 0.5)
+    p, g = torch.cat(probs), torch.cat(gts)
+    sweep = {}
+    for t in THRESHOLDS:
+        pr = p > t
+        inter, union = float((pr & g).sum()), float((pr | g).sum())
+        per_img = []
+        for i in range(len(p)):
+            u = float((pr[i] | g[i]).sum())
+            per_img.append(float((pr[i] & g[i]).sum()) / u if u else 1.0)
+        sweep[str(t)] = {"pooled_iou": inter / union if union else 1.0, "mean_iou": float(np.mean(per_img))}
+    best_t = max(THRESHOLDS, key=lambda t: sweep[str(t)]["pooled_iou"])
+    ck["mask_threshold"] = float(best_t)
+    ck.setdefault("train_summary", {})["mask_threshold_sweep"] = sweep
+    save_checkpoint(ck, run_dir / "model.pt")
+    log.info("mask threshold %.2f: pooled IoU %.4f (0.5: %.4f)", best_t, sweep[str(best_t)]["pooled_iou"], sweep["0.5"]["pooled_iou"])
+    return {"chosen": float(best_t), "sweep": sweep}
 
 
 @torch.inference_mode()
