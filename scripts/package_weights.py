@@ -58,8 +58,10 @@ def main() -> None:
              "arch": ck["arch"], "arch_kwargs": ck["arch_kwargs"], "form": ck["form"], "dtype": ck.get("dtype"),
              "input_size": ck["input_size"], "mean": ck["mean"], "std": ck["std"], "classes": ck["classes"],
              "license": "Apache-2.0 (weights); training data: see attribution", "attribution": ATTRIBUTION,
-             "train_summary": ck.get("train_summary")}
+             "train_summary": ck.get("train_summary"),
+             "training": json.loads((run / "run.json").read_text()).get("config")}
         if role == "segmenter":
+            e["mask_threshold"] = ck.get("mask_threshold")
             e["training_data"] = "../shared/data/annocerv-seg: AnnoCerv acetowhite masks, 213 train / 43 val images (split by patient)"
             e["metrics"] = {k: metrics.get(k) for k in ("val_mean_iou", "val_mean_dice", "val_mean_iou_lesion_images",
                                                         "val_iou_pooled", "val_iou_quartiles", "best_epoch", "selection", "init")}

@@ -279,6 +279,7 @@ def train_seg_cmd(
     seed: Annotated[int, typer.Option()] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in OUT.")] = False,
     compare: Annotated[Optional[Path], typer.Option("--compare", help="Another train-seg run folder to draw in iou.png.")] = None,
+    stop_after: Annotated[int, typer.Option("--stop-after", help="Stop after this epoch (schedule still planned for --epochs); continue later with --resume.")] = 0,
     model_name: Annotated[str, typer.Option("--model-name", help="Name recorded in the checkpoint.")] = "cervscan-seg",
     model_version: Annotated[str, typer.Option("--model-version", help="Version recorded in the checkpoint.")] = "0.0.0-local",
     max_steps: Annotated[int, typer.Option(hidden=True)] = 0,
@@ -291,7 +292,8 @@ def train_seg_cmd(
     cfg = SegTrainConfig(data=str(data), out=str(out), encoder=encoder, pretrained=pretrained and init is None,
                          init=str(init) if init else None, epochs=epochs, batch_size=batch_size, lr=lr,
                          input_size=input_size, val_fraction=val_fraction, group_regex=group_regex, seed=seed,
-                         resume=resume, max_steps_per_epoch=max_steps, name=model_name, version=model_version)
+                         resume=resume, max_steps_per_epoch=max_steps, name=model_name, version=model_version,
+                         stop_after=stop_after)
     try:
         with _train_progress() as cb:
             m = train_seg(cfg, progress=cb)

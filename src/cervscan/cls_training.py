@@ -14,6 +14,7 @@ import hashlib
 import itertools
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -150,7 +151,7 @@ def prepare_samples(cfg: ClsTrainConfig, progress=None) -> tuple[list[Sample], d
             reg = segment_region(d.rgb, m, vcfg)
             orig, segm = resize_square(d.rgb, S), resize_square(reg.image, S)
             empty, frac = reg.empty, reg.lesion_fraction
-            tmp = cache / f".{key}.tmp.npz"
+            tmp = cache / f".{key}.{os.getpid()}.tmp.npz"
             np.savez(tmp, original=orig, segmented=segm, empty=empty, frac=frac)
             tmp.replace(f)
         lab = labels[pid]

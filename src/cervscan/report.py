@@ -37,9 +37,11 @@ log = logging.getLogger(__name__)
 
 #: What each decision means, in words: (headline, explanation).
 DECISION_WORDS: dict[str, tuple[str, str]] = {
-    "severe": ("SEVERE", "Features of a high-grade (severe) lesion were found."),
-    "mildly_normal": ("MILDLY NORMAL", "Normal or at most mildly abnormal: no features of a high-grade lesion "
-                                       "were found."),
+    "severe": ("SEVERE", "The model scored these images like those of patients who needed referral or "
+                         "treatment (high-grade lesion suspected)."),
+    "mildly_normal": ("MILDLY NORMAL", "The model scored these images like those of patients who needed no further "
+                                       "treatment (normal or at most mildly abnormal). A low score does not rule "
+                                       "out disease."),
     "inadequate": ("INADEQUATE", "The images are not adequate for an automated assessment."),
     "error": ("NO RESULT", "The screening could not be completed for this patient."),
 }

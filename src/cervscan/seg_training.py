@@ -45,6 +45,7 @@ class SegTrainConfig:
     threads: int = 0
     channels_last: bool = True
     max_steps_per_epoch: int = 0  # 0 = all; >0 for smoke tests
+    stop_after: int = 0  # stop after this epoch (learning-rate schedule still planned for `epochs`); resume later
     name: str = "cervscan-seg"
     version: str = "0.0.0-local"
     extra_notes: dict = field(default_factory=dict)
@@ -234,7 +235,8 @@ def train_seg(cfg: SegTrainConfig, progress: Callable[[dict], None] | None = Non
 
     t0 = time.time()
     best_rows = None
-    for epoch in range(start_epoch, cfg.epochs):
+    last_epoch = min(cfg.epochs, cfg.stop_after) if cfg.stop_after else cfg.epochs
+    for epoch in range(start_epoch, last_epoch):
         model.train()
         losses = []
         te = time.time()

@@ -1,0 +1,165 @@
+"""Render weights/README.md (the model card) from weights/manifest.json.
+
+    python scripts/model_card.py
+
+Every number in the card comes from the manifest, which package_weights.py
+filled from the training runs' metrics.json.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pct(x):
+    return "n/a" if x is None else f"{100 * x:.0f} %"
+
+
+def ci(c, scale=100, unit=" %"):
+    return "" if not c else f" ({scale * c[0]:.0f}–{scale * c[1]:.0f}{unit})"
+
+
+def ci_auc(c):
+    return "" if not c else f" ({c[0]:.2f}–{c[1]:.2f})"
+
+
+def main() -> None:
+    man = json.loads((ROOT / "weights" / "manifest.json").read_text())
+    seg = next(m for m in man["models"] if m["role"] == "segmenter")
+    cls = next(m for m in man["models"] if m["role"] == "classifier")
+    cv = cls["cross_validation"]
+    ho = cv["held_out"]
+    op = cls["operating_point"]
+    sm = seg["metrics"]
+    lines = [
+        f"# Model card: cervscan shipped weights {man['version']}",
+        "",
+        "**Intended use.** Decision support for colposcopy screening: the models flag visits whose images look like",
+        "those of patients who needed referral or treatment (\"severe\"), and show where the segmenter found",
+        "acetowhite lesion area. They do not diagnose. A clinician decides; a low score does not rule out disease.",
+        "",
+        "## Files",
+        "",
+        "| role | file | name | architecture | input | storage | sha256 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m in (seg, cls):
+        lines.append(f"| {m['role']} | `{m['file']}` | {m['name']} {m['version']} | {m['arch']} ({m['form']}) | "
+                     f"{m['input_size'][0]} px | {m['dtype']} | `{m['sha256'][:16]}…` |")
+    lines += [
+        "",
+        "`manifest.json` holds the full sha256, normalisation, training summary and every metric below;",
+        "`cervscan models verify` checks the hashes.",
+        "",
+        "## Training data",
+        "",
+        f"- Segmenter: {seg['training_data']}.",
+        f"- Classifier: {cls['training_data']}.",
+        f"- {cls['attribution']}",
+        "",
+        "## Segmenter (U-Net++)",
+        "",
+        f"Encoder initialised {sm.get('init')}. Trained with Dice + BCE, Adam (lr {seg['training']['lr']}, cosine schedule planned for",
+        f"{seg['training']['epochs']} epochs, stopped after epoch {seg['training'].get('stop_after') or seg['training']['epochs']}), "
+        f"{seg['input_size'][0]} px, batch {seg['training']['batch_size']}; "
+        f"{sm.get('selection')}: epoch {sm.get('best_epoch')}; mask threshold {seg.get('mask_threshold')}.",
+        "",
+        "| validation (43 AnnoCerv images, 13 of them without a marked lesion) | value |",
+        "|---|---|",
+        f"| mean per-image IoU (an empty prediction on an empty mask counts 1) | {sm['val_mean_iou']:.3f} |",
+        f"| mean per-image Dice | {sm['val_mean_dice']:.3f} |",
+        f"| mean IoU over images with a marked lesion | {sm['val_mean_iou_lesion_images']:.3f} |",
+        f"| pooled IoU (all pixels of all images) | {sm['val_iou_pooled']:.3f} |",
+    ]
+    for k, v in sm.items():
+        if k.startswith("comparison_") and v:
+            lines.append(f"| same model from scratch (`{k[11:]}`): mean IoU / Dice / pooled IoU | "
+                         f"{v['val_mean_iou']:.3f} / {v['val_mean_dice']:.3f} / {v['val_iou_pooled']:.3f} |")
+    lines += [
+        "",
+        "The marked acetowhite areas are small (about 1.2 % of the image on average) and the segmenter finds them",
+        "poorly: treat the overlays as a pointer, not as a delineation.",
+        "",
+        "## Classifier",
+        "",
+        f"{cls['arch']}, trained on original and segmented images of every patient "
+        f"({cls['train_summary'].get('samples')} samples), {cls['train_summary'].get('epochs')} epochs, "
+        f"lr {cls['train_summary'].get('lr')}, input {cls['input_size'][0]} px, ImageNet-pretrained: "
+        f"{cls['train_summary'].get('pretrained')}. Final model: {cls['train_summary'].get('final_model')}.",
+        "",
+        f"Six-variant voting weights {cls['voting']['weights']}, brightness x{cls['voting']['brightness']} "
+        f"(from the unflipped images), temperature {cls['temperature']:.3f}.",
+        "",
+        f"### Cross-validated performance ({cv['evaluation']}, 5 folds split by patient, stratified by label and source)",
+        "",
+        f"Operating point: threshold **{op['threshold']:.3f}** on the patient score, chosen on the out-of-fold",
+        f"scores for a target sensitivity of {pct(op['target_sensitivity'])}.",
+        "",
+        "| patients | n | severe | AUC (95 % CI) | sensitivity (95 % CI) | specificity (95 % CI) |",
+        "|---|---|---|---|---|---|",
+        f"| all | {ho['patients']} | {ho['severe']} | {ho['auc']:.3f}{ci_auc(ho['ci95']['auc'])} | "
+        f"{pct(ho['sensitivity'])}{ci(ho['ci95']['sensitivity'])} | {pct(ho['specificity'])}{ci(ho['ci95']['specificity'])} |",
+    ]
+    for s, d in (ho.get("by_source") or {}).items():
+        if "auc" in d:
+            lines.append(f"| {s} | {d['patients']} | {d['severe']} | {d['auc']:.3f}{ci_auc(d['ci95']['auc'])} | "
+                         f"{pct(d['sensitivity'])}{ci(d['ci95']['sensitivity'])} | {pct(d['specificity'])}{ci(d['ci95']['specificity'])} |")
+    fs = cv.get("fold_summary") or {}
+    if "auc" in fs:
+        lines += ["", f"AUC per fold: mean {fs['auc']['mean']:.3f}, standard deviation {fs['auc']['std']:.3f} "
+                  f"({', '.join(format(r['auc'], '.3f') for r in cv['folds'] if r.get('auc') is not None)})."]
+    st = cv.get("study_setting")
+    if st:
+        lines += [f"The study's own setting (no temperature, threshold 0.5): accuracy {pct(st['accuracy'])}, "
+                  f"sensitivity {pct(st['sensitivity'])}, specificity {pct(st['specificity'])}. "
+                  f"Original image only, no voting: AUC {cv.get('auc_original_only', float('nan')):.3f}."]
+    if cls.get("alternatives"):
+        lines += ["", "### Architectures compared (same folds, same data)", "",
+                  "| run | architecture | pretrained | AUC (95 % CI) | AUC per source | minutes |", "|---|---|---|---|---|---|",
+                  f"| shipped | {cls['arch']} | {cls['train_summary'].get('pretrained')} | {ho['auc']:.3f}{ci_auc(ho['ci95']['auc'])} | "
+                  + ", ".join(f"{s} {d.get('auc', float('nan')):.3f}" for s, d in (ho.get('by_source') or {}).items())
+                  + f" | {cv['seconds']['folds'] / 60:.0f} (CV) |"]
+        for name, alt in cls["alternatives"].items():
+            su = alt["summary"]
+            lines.append(f"| `{name}` | {su['arch']} | {su['pretrained']} | {alt['held_out_auc']:.3f}"
+                         f"{ci_auc((alt.get('held_out_ci95') or {}).get('auc'))} | "
+                         + ", ".join(f"{s} {d.get('auc') if d.get('auc') is None else round(d['auc'], 3)}" for s, d in alt["by_source"].items())
+                         + f" | {su['minutes']:.0f} |")
+    lines += [
+        "",
+        "Reproduce the cross-validated numbers with the fold models (each patient screened by the model that did",
+        "not train on it), from a checkout with the training runs:",
+        "",
+        "```bash",
+        "cervscan evaluate ../shared/data/visits --labels ../shared/data/visits/labels.csv \\",
+        "    --seg-model runs/seg-lite0/model.pt --cv-run runs/cls-lite0 -o runs/eval-cv",
+        "```",
+        "",
+        "and retrain everything with `scripts/train_shipped.sh`.",
+        "",
+        "## Known limits",
+        "",
+        "- Small training set: 203 patients from two public sources; confidence intervals are wide.",
+        "- AnnoCerv labels come from the Swede score (a colposcopic impression), IARC labels from histopathology where",
+        "  done, else the colposcopic impression. Both sources are represented in unequal proportions and differ in",
+        "  camera, size and aspect ratio; performance differs by source (table above).",
+        "- Images from other devices, clinics and populations were not seen in training; expect lower performance",
+        "  and check locally with `cervscan evaluate` before use.",
+        "- Image quality is measured and reported but does not gate the decision in this version.",
+        "- The study this method comes from reported 83 % patient accuracy on private data; these numbers are not",
+        "  comparable to it.",
+        "",
+        "## Licence and attribution",
+        "",
+        f"Weights: {cls['license']}. {cls['attribution']}",
+        "",
+    ]
+    (ROOT / "weights" / "README.md").write_text("\n".join(lines))
+    print("wrote weights/README.md")
+
+
+if __name__ == "__main__":
+    main()
