@@ -1,8 +1,8 @@
 """Throughput and peak memory of ``cervscan screen``: optimised path vs a naive path.
 
 Optimised: the library's ``api.screen`` (re-parameterised RepVGG, all variants of
-several images in one batched forward pass, channels_last U-Net++, DataLoader
-decoding worker). Naive: the same steps image by image, training-form RepVGG,
+several images in one batched forward pass, channels_last U-Net++, decoding in a
+background thread). Naive: the same steps image by image, training-form RepVGG,
 the six variants one forward pass each, decoding in the main process.
 
 Both use the reference sizes (U-Net++ tu-tf_efficientnet_lite0 at 256 px,
@@ -79,7 +79,7 @@ def run_optimised(visits: Path, seg: Path, cls: Path, out: Path, threads: int) -
     from cervscan import api
 
     t = time.time()
-    res = api.screen([visits], out, seg_model=str(seg), cls_model=str(cls), device="cpu", num_workers=1)
+    res = api.screen([visits], out, seg_model=str(seg), cls_model=str(cls), device="cpu")
     wall = time.time() - t
     return {"images": res.run["counts"]["images"], "screen_s": res.run["timings"]["screen_s"], "wall_s": wall}
 
@@ -180,7 +180,7 @@ torch {res['machine']['torch']}, no GPU; U-Net++ tu-tf_efficientnet_lite0 at 256
 all six variants, masks and overlays written; {n} real images (half IARC 800x600, half AnnoCerv 384x384).
 Load average before the run: {', '.join(f'{x:.1f}' for x in res['machine']['load_avg_before'])}.
 
-| path | images/s | peak RSS main (MB) | peak RSS worker (MB) |
+| path | images/s | peak RSS main process (MB) | peak RSS of its child processes (MB) |
 |---|---|---|---|
 | naive (training-form RepVGG, variants one at a time, no worker) | {nv['images_per_s']:.2f} | {nv['peak_rss_mb']:.0f} | {nv['peak_rss_children_mb']:.0f} |
 | optimised (`cervscan screen`) | {o['images_per_s']:.2f} | {o['peak_rss_mb']:.0f} | {o['peak_rss_children_mb']:.0f} |

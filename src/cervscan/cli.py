@@ -129,7 +129,7 @@ def screen(
     brightness_from_flipped: BrightFlipOpt = None,
     variants: VariantsOpt = None,
     config: ConfigOpt = None,
-    workers: Annotated[Optional[int], typer.Option("--workers", help="Image-decoding worker processes.")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Image-decoding worker processes (default 0: one decoding thread, no extra process).")] = None,
     no_masks: Annotated[bool, typer.Option("--no-masks", help="Do not write masks/ and overlays/.")] = False,
     report: Annotated[bool, typer.Option("--report", help="Also write PDF reports (cervscan report).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors.")] = False,
@@ -188,8 +188,10 @@ def _print_summary(res) -> None:
     from rich.table import Table
 
     t = Table(title=f"cervscan screen -> {res.out}", caption=DISCLAIMER)
-    for c in ("patient", "decision", "score", "threshold", "images used", "failed", "quality", "note"):
-        t.add_column(c)
+    t.add_column("patient", no_wrap=True, min_width=8)
+    t.add_column("decision", no_wrap=True)
+    for c in ("score", "threshold", "images used", "failed", "quality", "note"):
+        t.add_column(c, overflow="fold")
     style = {"severe": "bold red", "mildly_normal": "green", "error": "yellow"}
     for p in sorted(res.patients, key=lambda p: ({"severe": 0, "error": 1}.get(p["decision"], 2), p["patient_id"])):
         t.add_row(p["patient_id"], f"[{style.get(p['decision'], '')}]{p['decision']}[/]",

@@ -83,7 +83,8 @@ class ScreenConfig:
     threshold: float = DEFAULT_THRESHOLD
     device: str = "auto"
     batch_images: int = 4
-    num_workers: int = 1
+    #: 0 = decode in a background thread; N > 0 = DataLoader with N worker processes.
+    num_workers: int = 0
     #: Longest side an image is decoded to (bigger images are scaled down on read).
     max_side: int = 2048
     #: Decompression-bomb guard: images with more pixels are refused.

@@ -95,14 +95,36 @@ def _collate(batch):
 
 
 def iter_decoded(items, cfg: ScreenConfig) -> Iterable[dict]:
+    """Decoded images in order, decoding ahead of the models.
+
+    ``num_workers == 0`` (default): one background thread decodes up to 8
+    images ahead (PIL and OpenCV release the GIL while decoding), with no extra
+    process and no second copy of torch in memory. ``num_workers > 0``: a
+    ``torch.utils.data.DataLoader`` with that many worker processes (useful
+    when a GPU makes the models faster than one decoding thread).
+    """
     ds = ImageDataset(items, cfg)
     if not items:
-        return []
-    workers = cfg.num_workers if len(items) > 1 else 0
-    dl = torch.utils.data.DataLoader(ds, batch_size=1, shuffle=False, num_workers=workers,
-                                     collate_fn=_collate, prefetch_factor=4 if workers else None,
-                                     persistent_workers=False)
-    return (b[0] for b in dl)
+        return iter(())
+    if cfg.num_workers > 0 and len(items) > 1:
+        dl = torch.utils.data.DataLoader(ds, batch_size=1, shuffle=False, num_workers=cfg.num_workers,
+                                         collate_fn=_collate, prefetch_factor=4, persistent_workers=False)
+        return (b[0] for b in dl)
+    return _threaded(ds, lookahead=8)
+
+
+def _threaded(ds: "ImageDataset", lookahead: int) -> Iterable[dict]:
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cervscan-decode") as ex:
+        pending: deque = deque()
+        nxt = 0
+        while nxt < len(ds) or pending:
+            while nxt < len(ds) and len(pending) < lookahead:
+                pending.append(ex.submit(ds.__getitem__, nxt))
+                nxt += 1
+            yield pending.popleft().result()
 
 
 # --------------------------------------------------------------------------- model steps
