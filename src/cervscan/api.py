@@ -251,23 +251,11 @@ def evaluate(visits: list[str | Path], labels: str | Path, out: str | Path, *, n
 
     out = Path(out)
     lab_path = Path(labels)
-    try:
-        with open(lab_path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
-    except OSError as e:
-        raise CervscanError(f"{lab_path}: cannot read labels ({e.strerror})") from None
-    if not rows or "patient_id" not in rows[0] or "label" not in rows[0]:
-        raise DataError(f"{lab_path}: needs columns patient_id,label[,source]")
-    lab, src, unlabelled = {}, {}, 0
-    for r in rows:
-        v = (r.get("label") or "").strip()
-        if v == "":
-            unlabelled += 1
-            continue
-        if v not in ("0", "1"):
-            raise DataError(f"{lab_path}: patient {r['patient_id']}: label must be 0 or 1, got {v!r}")
-        lab[r["patient_id"].strip()] = int(v)
-        src[r["patient_id"].strip()] = (r.get("source") or "").strip()
+    from .io import read_labels
+
+    rows, unlabelled = read_labels(lab_path)
+    lab = {r["patient_id"]: r["label"] for r in rows}
+    src = {r["patient_id"]: r["source"] for r in rows}
     screen_dir = Path(screen_out) if screen_out else out / "screen"
     if cv_run:
         # cross-validation reproduction: each patient is screened by the fold model that did not train on it

@@ -71,23 +71,11 @@ class ClsTrainConfig:
 # --------------------------------------------------------------------------- data
 
 def read_labels(path: str | Path) -> list[dict]:
-    p = Path(path)
-    try:
-        with open(p, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
-    except OSError as e:
-        raise DataError(f"{p}: cannot read labels ({e.strerror})") from None
-    if not rows or "patient_id" not in rows[0] or "label" not in rows[0]:
-        raise DataError(f"{p}: needs columns patient_id,label")
-    out = []
-    for r in rows:
-        lab = (r.get("label") or "").strip()
-        if lab == "":
-            continue
-        if lab not in ("0", "1"):
-            raise DataError(f"{p}: patient {r['patient_id']}: label must be 0 or 1, got {lab!r}")
-        out.append({"patient_id": r["patient_id"].strip(), "label": int(lab), "source": (r.get("source") or "").strip() or "all"})
-    return out
+    """Labelled rows of ``labels.csv``; a missing source becomes ``all``."""
+    from .io import read_labels as _read
+
+    rows, _ = _read(path)
+    return [{**r, "source": r["source"] or "all"} for r in rows]
 
 
 @dataclass

@@ -111,6 +111,33 @@ def atomic_write_image(path: Path, image_rgb: np.ndarray, quality: int = 90) -> 
     return atomic_write_bytes(Path(path), enc.tobytes())
 
 
+# --------------------------------------------------------------------------- labels
+
+def read_labels(path: str | Path) -> tuple[list[dict], int]:
+    """Read ``patient_id,label[,source]``: rows with label 0/1 (source as given, may be
+    empty) and the number of rows with an empty label, which are skipped."""
+    from .errors import DataError
+
+    p = Path(path)
+    try:
+        with open(p, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise DataError(f"{p}: cannot read labels ({e.strerror})") from None
+    if not rows or "patient_id" not in rows[0] or "label" not in rows[0]:
+        raise DataError(f"{p}: needs columns patient_id,label[,source]")
+    out, unlabelled = [], 0
+    for r in rows:
+        lab = (r.get("label") or "").strip()
+        if lab == "":
+            unlabelled += 1
+            continue
+        if lab not in ("0", "1"):
+            raise DataError(f"{p}: patient {r['patient_id']}: label must be 0 or 1, got {lab!r}")
+        out.append({"patient_id": r["patient_id"].strip(), "label": int(lab), "source": (r.get("source") or "").strip()})
+    return out, unlabelled
+
+
 # --------------------------------------------------------------------------- discovery
 
 @dataclass
