@@ -380,15 +380,21 @@ def plot_iou(runs: list[tuple[str, list[dict]]], path: Path) -> Path:
     n = len(names)
     fig, ax = plt.subplots(figsize=(max(8, n * 0.25), 4))
     width = 0.8 / len(runs)
+    empty = {r["image"] for r in runs[0][1] if float(r.get("gt_area", 1)) == 0}
     for i, (label, rows) in enumerate(runs):
         by = {r["image"]: r["iou"] for r in rows}
         vals = [by.get(nm, np.nan) for nm in names]
-        ax.bar(np.arange(n) + i * width, vals, width, label=f"{label} (mean {np.nanmean(vals):.3f})")
+        lesion = [v for nm, v in zip(names, vals) if nm not in empty]
+        ax.bar(np.arange(n) + i * width, vals, width,
+               label=f"{label} (mean {np.nanmean(vals):.3f}; images with a marked lesion {np.nanmean(lesion):.3f})")
     ax.set_xticks(np.arange(n) + width * (len(runs) - 1) / 2)
     ax.set_xticklabels(names, rotation=90, fontsize=6)
+    for t in ax.get_xticklabels():
+        if t.get_text() in empty:
+            t.set_color("grey")
     ax.set_ylabel("IoU")
     ax.set_ylim(0, 1)
-    ax.set_title("Per-image validation IoU")
+    ax.set_title("Per-image validation IoU (grey names: no lesion marked; IoU 1 there means nothing was predicted)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
