@@ -72,14 +72,14 @@ def pick_images(n: int, dest: Path) -> Path:
     return dest
 
 
-def run_optimised(visits: Path, seg: Path, cls: Path, out: Path, threads: int) -> dict:
+def run_optimised(visits: Path, seg: Path, cls: Path, out: Path, threads: int, workers: int = 0) -> dict:
     import torch
 
     torch.set_num_threads(threads)
     from cervscan import api
 
     t = time.time()
-    res = api.screen([visits], out, seg_model=str(seg), cls_model=str(cls), device="cpu")
+    res = api.screen([visits], out, seg_model=str(seg), cls_model=str(cls), device="cpu", num_workers=workers)
     wall = time.time() - t
     return {"images": res.run["counts"]["images"], "screen_s": res.run["timings"]["screen_s"], "wall_s": wall}
 
@@ -122,9 +122,11 @@ def run_naive(visits: Path, seg: Path, cls: Path, out: Path, threads: int) -> di
     return {"images": len(items), "screen_s": time.time() - t}
 
 
-def child(mode: str, visits: str, seg: str, cls: str, out: str, threads: int) -> None:
-    fn = run_optimised if mode == "optimised" else run_naive
-    r = fn(Path(visits), Path(seg), Path(cls), Path(out), threads)
+def child(mode: str, visits: str, seg: str, cls: str, out: str, threads: int, workers: int = 0) -> None:
+    if mode == "optimised":
+        r = run_optimised(Path(visits), Path(seg), Path(cls), Path(out), threads, workers)
+    else:
+        r = run_naive(Path(visits), Path(seg), Path(cls), Path(out), threads)
     r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     r["peak_rss_children_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print("RESULT " + json.dumps(r))
@@ -136,24 +138,30 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--child", nargs=5)
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="also measure the optimised path with a DataLoader of this many worker processes")
     a = ap.parse_args()
     if a.child:
-        child(a.child[0], *a.child[1:], threads=a.threads)
+        child(a.child[0], *a.child[1:], threads=a.threads, workers=a.workers)
         return
     tmp = Path(tempfile.mkdtemp(prefix="cervscan-bench-"))
     seg, cls_train, cls_deploy = make_models(tmp)
     visits = pick_images(a.images, tmp / "visits")
     res = {}
-    for mode, cls in (("naive", cls_train), ("optimised", cls_deploy)):
-        env = dict(os.environ)
-        p = subprocess.run([sys.executable, __file__, "--threads", str(a.threads), "--child", mode, str(visits), str(seg),
-                            str(cls), str(tmp / f"out-{mode}")], capture_output=True, text=True, env=env)
+    runs = [("naive", cls_train, 0), ("optimised", cls_deploy, 0)]
+    if a.workers:
+        runs.append((f"optimised_workers{a.workers}", cls_deploy, a.workers))
+    for name, cls, workers in runs:
+        mode = "naive" if name == "naive" else "optimised"
+        p = subprocess.run([sys.executable, __file__, "--threads", str(a.threads), "--workers", str(workers),
+                            "--child", mode, str(visits), str(seg), str(cls), str(tmp / f"out-{name}")],
+                           capture_output=True, text=True)
         line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
         if not line:
             sys.exit(f"{mode} failed:\n{p.stderr[-3000:]}")
         r = json.loads(line[0][7:])
         r["images_per_s"] = r["images"] / r["screen_s"]
-        res[mode] = r
+        res[name] = r
     res["speedup"] = res["optimised"]["images_per_s"] / res["naive"]["images_per_s"]
     import torch
 
@@ -172,8 +180,12 @@ def write_results(res: dict, n: int) -> None:
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     start, end = "<!-- screen_speed:start -->", "<!-- screen_speed:end -->"
     o, nv = res["optimised"], res["naive"]
+    extra = "".join(f"| optimised with `--workers {k.rsplit('workers', 1)[1]}` (DataLoader worker processes) | "
+                    f"{v['images_per_s']:.2f} | {v['peak_rss_mb']:.0f} | {v['peak_rss_children_mb']:.0f} |\n"
+                    for k, v in res.items() if k.startswith("optimised_workers"))
+    cmd_extra = "".join(f" --workers {k.rsplit('workers', 1)[1]}" for k in res if k.startswith("optimised_workers"))
     block = f"""{start}
-## screen speed (`python benchmarks/screen_speed.py --images {n}`)
+## screen speed (`python benchmarks/screen_speed.py --images {n}{cmd_extra}`)
 
 Measured {res['date']} on {res['machine']['cpu_count']} CPU cores, {res['machine']['threads']} torch threads,
 torch {res['machine']['torch']}, no GPU; U-Net++ tu-tf_efficientnet_lite0 at 256 px, RepVGG-A0 at 224 px,
@@ -184,7 +196,7 @@ Load average before the run: {', '.join(f'{x:.1f}' for x in res['machine']['load
 |---|---|---|---|
 | naive (training-form RepVGG, variants one at a time, no worker) | {nv['images_per_s']:.2f} | {nv['peak_rss_mb']:.0f} | {nv['peak_rss_children_mb']:.0f} |
 | optimised (`cervscan screen`) | {o['images_per_s']:.2f} | {o['peak_rss_mb']:.0f} | {o['peak_rss_children_mb']:.0f} |
-
+{extra}
 Speed-up (ratio, comparable across machines): **{res['speedup']:.2f}x**. Targets on a 2-core CPU:
 >= 5 images/s, >= 3x the naive path, peak RSS <= 1 GB.
 {end}"""

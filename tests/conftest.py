@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import make_tiny_models
+from helpers import calibrated_repvgg, make_tiny_models
 
 torch.set_num_threads(1)
 try:
@@ -75,23 +75,9 @@ def make_varied_classifier(path: Path, *, seed: int = 1, input_size: int = 64) -
     input, which would make voting checks vacuous. Here the BatchNorm statistics
     are calibrated on random images and the head is re-drawn.
     """
-    from cervscan.models import IMAGENET_MEAN, IMAGENET_STD, build_classifier, make_checkpoint, save_checkpoint, to_deploy
+    from cervscan.models import IMAGENET_MEAN, IMAGENET_STD, make_checkpoint, save_checkpoint, to_deploy
 
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    m = build_classifier("repvgg_a0")
-    for mod in m.modules():
-        if isinstance(mod, torch.nn.BatchNorm2d):
-            n = mod.num_features
-            mod.weight.data.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
-            mod.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
-            mod.momentum = None  # cumulative average over the calibration batches
-    m.train()
-    with torch.no_grad():
-        for k in range(3):
-            m(_calibration_batch(100 + k, input_size))
-    m.eval()
-    torch.nn.init.normal_(m.head.fc.weight, std=0.05, generator=g)
+    m = calibrated_repvgg(seed, [_calibration_batch(100 + k, input_size) for k in range(3)])
     ck = make_checkpoint(to_deploy(m), kind="classifier", arch="repvgg_a0", arch_kwargs={}, form="deploy",
                          input_size=(input_size, input_size), mean=IMAGENET_MEAN, std=IMAGENET_STD,
                          name="varied-cls", version="test",

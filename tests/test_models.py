@@ -8,35 +8,17 @@ import pytest
 import torch
 
 from cervscan import weights as W
+from helpers import calibrated_repvgg
 from cervscan.device import resolve_device
 from cervscan.errors import ChecksumError, CheckpointError, DeviceError
 from cervscan.models import (IMAGENET_MEAN, IMAGENET_STD, build_classifier, build_segmenter, lite0_key_map,
                              make_checkpoint, model_from_checkpoint, read_checkpoint, save_checkpoint, to_deploy)
 
 
-def _calibrated_repvgg(seed: int = 0) -> torch.nn.Module:
-    """RepVGG-A0 with non-trivial BatchNorm statistics, so that fusing the BN into the convs matters."""
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    m = build_classifier("repvgg_a0")
-    for mod in m.modules():
-        if isinstance(mod, torch.nn.BatchNorm2d):
-            n = mod.num_features
-            mod.weight.data.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
-            mod.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
-            mod.momentum = None
-    m.train()
-    with torch.no_grad():
-        for _ in range(2):
-            m(torch.rand(4, 3, 64, 64, generator=g))
-    torch.nn.init.normal_(m.head.fc.weight, std=0.05, generator=g)
-    return m.eval()
-
-
 # --------------------------------------------------------------------------- RepVGG deploy form
 
 def test_repvgg_deploy_form_equals_training_form():
-    m = _calibrated_repvgg()
+    m = calibrated_repvgg()
     d = to_deploy(m)
     # the deploy form really is re-parameterised (one conv per block) and the original is untouched
     blocks = [b for b in d.modules() if type(b).__name__ == "RepVggBlock"]
@@ -55,7 +37,7 @@ def test_repvgg_deploy_form_equals_training_form():
     assert (fa - fb).abs().max() <= 1e-4 * max(1.0, fa.abs().max().item())
     # ... and the check can fail: a differently calibrated network gives other logits
     with torch.no_grad():
-        assert not torch.allclose(_calibrated_repvgg(seed=1)(x), a, atol=1e-4)
+        assert not torch.allclose(calibrated_repvgg(seed=1)(x), a, atol=1e-4)
 
 
 # --------------------------------------------------------------------------- segmenter
@@ -78,7 +60,7 @@ def test_segmenter_forward_backward_64():
 # --------------------------------------------------------------------------- checkpoints
 
 def test_checkpoint_round_trip_classifier(tmp_path):
-    m = _calibrated_repvgg()
+    m = calibrated_repvgg()
     ck = make_checkpoint(m, kind="classifier", arch="repvgg_a0", arch_kwargs={}, form="train", input_size=(64, 64),
                          mean=IMAGENET_MEAN, std=IMAGENET_STD, name="rt", version="1",
                          extra={"threshold": 0.37, "temperature": 1.5})

@@ -67,25 +67,6 @@ def _voting_from(ckpt: dict, file_cfg: dict, overrides: dict, seg_ckpt: dict | N
     return VotingConfig(**vals), thr, src
 
 
-def _unique_stems(names: list[str]) -> dict[str, str]:
-    """File-name stems for masks/overlays: the stem when unique in the visit, else
-    the name with dots replaced, then a numeric suffix until no two images share one."""
-    from collections import Counter
-
-    stems = Counter(Path(n).stem for n in names)
-    out: dict[str, str] = {}
-    used: set[str] = set()
-    for n in sorted(names):
-        cand = Path(n).stem if stems[Path(n).stem] == 1 else n.replace(".", "_")
-        base, k = cand, 1
-        while cand.lower() in used:
-            k += 1
-            cand = f"{base}-{k}"
-        used.add(cand.lower())
-        out[n] = cand
-    return out
-
-
 def screen(paths: list[str | Path], out: str | Path, *, seg_model: str | None = None, cls_model: str | None = None,
            config_file: str | None = None, overrides: dict | None = None, device: str | None = None,
            num_workers: int | None = None, batch_images: int | None = None, write_masks: bool = True,
@@ -96,7 +77,7 @@ def screen(paths: list[str | Path], out: str | Path, *, seg_model: str | None = 
 
     from .device import resolve_device
     from .inference import IMAGE_COLUMNS, load_models, screen_images
-    from .io import atomic_write_csv, atomic_write_image, atomic_write_json, discover_visits
+    from .io import atomic_write_csv, atomic_write_image, atomic_write_json, discover_visits, output_stems
     from .transforms import overlay
     from .variants import aggregate_patient
     from .weights import resolve
@@ -134,7 +115,7 @@ def screen(paths: list[str | Path], out: str | Path, *, seg_model: str | None = 
         write_masks=write_masks, write_overlays=write_overlays)
 
     items = [(v.patient_id, p) for v in visits for p in v.images]
-    names = {v.patient_id: _unique_stems([p.name for p in v.images]) for v in visits}
+    names = {v.patient_id: output_stems([p.name for p in v.images]) for v in visits}
 
     def on_image(rec: dict, arrays: dict | None) -> None:
         if arrays is None:
@@ -268,27 +249,22 @@ def evaluate(visits: list[str | Path], labels: str | Path, out: str | Path, *, n
         from .io import discover_visits
 
         all_visits = discover_visits(visits)
-        patients_all, run0 = [], None
+        screened, run = [], None
         for k in sorted(set(fold_of.values())):
             folders = [v.folder for v in all_visits if fold_of.get(v.patient_id) == k]
             if not folders:
                 continue
             r = screen(folders, screen_dir / f"fold{k}", **{**screen_kwargs, "cls_model": str(cv / f"fold{k}.pt")})
-            patients_all += r.patients
-            run0 = run0 or r.run
-        if run0 is None:
+            screened += r.patients
+            run = run or r.run
+        if run is None:
             raise DataError(f"no visit folder matches a patient of {cv}/folds.csv")
-
-        class _Res:  # the parts of ScreenResult used below
-            patients = patients_all
-            run = run0
-
-        res = _Res()
     else:
         res = screen(visits, screen_dir, **screen_kwargs)
-    thr = res.run["threshold"]
+        screened, run = res.patients, res.run
+    thr = run["threshold"]
     preds, errors, not_labelled = [], [], []
-    for p in res.patients:
+    for p in screened:
         pid = p["patient_id"]
         if pid not in lab:
             not_labelled.append(pid)
@@ -309,8 +285,8 @@ def evaluate(visits: list[str | Path], labels: str | Path, out: str | Path, *, n
     m.update({
         "skipped_unlabelled_rows": unlabelled, "screened_without_label": len(not_labelled),
         "patients_failed": len(errors), "failed": errors,
-        "models": {k: {"label": v["label"], "sha256": v["sha256"], "path": v["path"]} for k, v in res.run["models"].items()},
-        "operating_point": res.run["models"]["classifier"].get("operating_point"),
+        "models": {k: {"label": v["label"], "sha256": v["sha256"], "path": v["path"]} for k, v in run["models"].items()},
+        "operating_point": run["models"]["classifier"].get("operating_point"),
         "labels": str(lab_path), "visits": [str(v) for v in visits], "bootstrap": {"n": n_bootstrap, "seed": seed},
         "cv_run": str(cv_run) if cv_run else None,
         "cervscan_version": __version__,

@@ -65,8 +65,8 @@ def _fail(e: Exception) -> None:
 
 
 def _fast_malloc_reexec() -> None:
-    """Training runs ~2x faster on CPU when glibc keeps large buffers mapped; the
-    setting must be in the environment before the process starts, so re-exec once."""
+    """Keep glibc from unmapping and re-mapping large activation buffers every training
+    step; the setting must be in the environment before the process starts, so re-exec once."""
     if sys.platform.startswith("linux") and "GLIBC_TUNABLES" not in os.environ and not os.environ.get("CERVSCAN_NO_REEXEC"):
         env = dict(os.environ, GLIBC_TUNABLES=GLIBC_TUNE, CERVSCAN_NO_REEXEC="1")
         try:

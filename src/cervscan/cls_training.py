@@ -92,9 +92,10 @@ class Sample:
 
 def prepare_samples(cfg: ClsTrainConfig, progress=None) -> tuple[list[Sample], dict]:
     """Decode, segment and cache every labelled image. Returns samples and the segmenter info."""
-    from .inference import load_models, segment
-    from .weights import resolve
     from .device import resolve_device
+    from .inference import LoadedModels, segment
+    from .models import model_from_checkpoint, read_checkpoint
+    from .weights import resolve
 
     labels = {r["patient_id"]: r for r in read_labels(cfg.labels)}
     visits = {v.patient_id: v for v in discover_visits([cfg.visits])}
@@ -103,12 +104,10 @@ def prepare_samples(cfg: ClsTrainConfig, progress=None) -> tuple[list[Sample], d
         log.warning("%d labelled patients have no visit folder (e.g. %s); skipped", len(missing), missing[:3])
     seg_ref = resolve("segmenter", cfg.seg_model)
     # a classifier is not needed to segment; load the segmenter only
-    from .models import model_from_checkpoint, read_checkpoint
     seg_ck = read_checkpoint(seg_ref.path)
     if seg_ck["kind"] != "segmenter":
         raise CervscanError(f"{seg_ref.path}: not a segmenter checkpoint")
     dev = resolve_device(cfg.device)
-    from .inference import LoadedModels
     lm = LoadedModels(seg=model_from_checkpoint(seg_ck).to(dev), cls=None, seg_ckpt=seg_ck, cls_ckpt={}, device=dev)  # type: ignore[arg-type]
     vcfg = VotingConfig(mask_threshold=float(seg_ck.get("mask_threshold") or 0.5))
     S = cfg.input_size
@@ -337,11 +336,16 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(min(max(t, 0.05), 20.0))
 
 
+def p_severe(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """Softmax probability of class 1 (severe) of temperature-scaled logits (..., 2)."""
+    z = logits / temperature
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return (e / e.sum(-1, keepdims=True))[..., 1]
+
+
 def patient_scores(samples: list[Sample], logits: np.ndarray, temperature: float, weights) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Per-image weighted score (temperature-scaled), then the mean per patient."""
-    z = logits / temperature
-    p = np.exp(z - z.max(-1, keepdims=True))
-    p = (p / p.sum(-1, keepdims=True))[..., 1]  # N x 6
+    p = p_severe(logits, temperature)  # N x 6
     w = np.asarray(weights, float)
     w = w / w.sum()
     img_scores = p @ w
@@ -356,9 +360,7 @@ def tune_vote_weights(samples, logits, temperature, y_by_pid: dict, step: float 
     """Simplex grid over the six weights (step ``step``) maximising patient AUC; ties keep the study's order."""
     from sklearn.metrics import roc_auc_score
 
-    z = logits / temperature
-    p = np.exp(z - z.max(-1, keepdims=True))
-    p = (p / p.sum(-1, keepdims=True))[..., 1]
+    p = p_severe(logits, temperature)
     pids = sorted({s.patient_id for s in samples})
     idx = {q: i for i, q in enumerate(pids)}
     A = np.zeros((len(pids), len(samples)))
@@ -528,7 +530,7 @@ def train_cls(cfg: ClsTrainConfig, progress: Callable[[dict], None] | None = Non
                     "fold_auc": fold_summary.get("auc"), "minutes": (time.time() - t0) / 60},
     }
     # per-patient predictions (held-out)
-    rows = [{"patient_id": q, "label": int(yy), "source": s_, "score": float(sc), "fold": int(oof_fold[[i for i, s in enumerate(samples) if s.patient_id == q][0]]) + 1,
+    rows = [{"patient_id": q, "label": int(yy), "source": s_, "score": float(sc), "fold": fold_of_pid[q] + 1,
              "decision": "severe" if sc > op["threshold"] else "mildly_normal"} for q, yy, s_, sc in zip(hp, hy, hsrc, hs)]
     atomic_write_csv(out / "predictions.csv", rows, ["patient_id", "label", "source", "fold", "score", "decision"])
     img_rows = [{"patient_id": s.patient_id, "image": s.image, "label": s.label, "score": float(sc),

@@ -153,22 +153,15 @@ def _check_types(p: Path, data: dict[str, Any]) -> dict[str, Any]:
         elif k == "device":
             if not isinstance(v, str):
                 raise CervscanError(f"{p}: 'device' must be a string such as \"cpu\", got {v!r}")
-        elif k == "variants":
-            if isinstance(v, str):
+        elif k in _LIST_KEYS:
+            parse, item_ok, what = _LIST_KEYS[k]
+            if isinstance(v, str):  # written as on the command line
                 try:
-                    out[k] = parse_variants(v)
+                    out[k] = parse(v)
                 except CervscanError as e:
-                    raise CervscanError(f"{p}: 'variants': {e}") from None
-            elif not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
-                raise CervscanError(f"{p}: 'variants' must be a list of variant names, got {v!r}")
-        elif k == "weights":
-            if isinstance(v, str):
-                try:
-                    out[k] = parse_weights(v)
-                except CervscanError as e:
-                    raise CervscanError(f"{p}: 'weights': {e}") from None
-            elif not (isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)):
-                raise CervscanError(f"{p}: 'weights' must be a list of 6 numbers, got {v!r}")
+                    raise CervscanError(f"{p}: '{k}': {e}") from None
+            elif not (isinstance(v, list) and all(item_ok(x) for x in v)):
+                raise CervscanError(f"{p}: '{k}' must be {what}, got {v!r}")
     return out
 
 
@@ -194,3 +187,10 @@ def parse_weights(spec: str) -> tuple[float, ...]:
     if len(w) != 6:
         raise CervscanError(f"--weights: expected 6 numbers, got {len(w)}")
     return w
+
+
+#: List-valued config keys: (parser for the command-line string form, item check, description).
+_LIST_KEYS = {
+    "variants": (parse_variants, lambda x: isinstance(x, str), "a list of variant names"),
+    "weights": (parse_weights, lambda x: isinstance(x, (int, float)) and not isinstance(x, bool), "a list of 6 numbers"),
+}

@@ -111,6 +111,28 @@ def atomic_write_image(path: Path, image_rgb: np.ndarray, quality: int = 90) -> 
     return atomic_write_bytes(Path(path), enc.tobytes())
 
 
+# --------------------------------------------------------------------------- output names
+
+def output_stems(names: list[str]) -> dict[str, str]:
+    """File stems for one visit's masks, overlays and heatmaps: the image's stem when
+    unique in the visit, else its name with dots replaced, then a numeric suffix
+    until no two images share one (case-insensitively)."""
+    from collections import Counter
+
+    stems = Counter(Path(n).stem for n in names)
+    out: dict[str, str] = {}
+    used: set[str] = set()
+    for n in sorted(names):
+        cand = Path(n).stem if stems[Path(n).stem] == 1 else n.replace(".", "_")
+        base, k = cand, 1
+        while cand.lower() in used:
+            k += 1
+            cand = f"{base}-{k}"
+        used.add(cand.lower())
+        out[n] = cand
+    return out
+
+
 # --------------------------------------------------------------------------- labels
 
 def read_labels(path: str | Path) -> tuple[list[dict], int]:

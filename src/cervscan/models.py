@@ -62,11 +62,13 @@ def build_classifier(arch: str = DEFAULT_CLS_ARCH, num_classes: int = 2, **kwarg
         raise CheckpointError(f"unknown classifier architecture '{arch}': {e}") from None
 
 
-def to_deploy(model: nn.Module) -> nn.Module:
-    """Re-parameterised inference form (RepVGG branches fused); identity for plain nets."""
+def to_deploy(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Re-parameterised inference form (RepVGG branches fused); identity for plain nets.
+
+    ``inplace=True`` fuses the given model instead of a copy (for a model built only to be fused)."""
     from timm.utils.model import reparameterize_model
 
-    return reparameterize_model(model.eval(), inplace=False)
+    return reparameterize_model(model.eval(), inplace=inplace)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -135,12 +137,12 @@ def model_from_checkpoint(ckpt: dict, *, deploy: bool = True) -> nn.Module:
         raise CheckpointError(f"unknown checkpoint kind '{kind}'")
     model = build_classifier(ckpt["arch"], **ckpt["arch_kwargs"])
     if ckpt["form"] == "deploy":
-        model = to_deploy(model)
+        model = to_deploy(model, inplace=True)  # the fused structure, then the saved fused weights
         model.load_state_dict(sd)
     else:
         model.load_state_dict(sd)
         if deploy:
-            model = to_deploy(model)
+            model = to_deploy(model, inplace=True)
     return model.eval()
 
 

@@ -174,46 +174,27 @@ def _short_error(err: str, path: str | None, name: str | None = None) -> str:
 # --------------------------------------------------------------------------- original images
 
 class _Originals:
-    """Finds each screened image on disk: the ``path`` column, else re-discovery of the run's inputs."""
+    """Finds each screened image on disk from the ``path`` column of images.csv."""
 
     def __init__(self, so: ScreenOutput):
         self.so = so
-        self._found: dict[tuple[str, str], Path] | None = None
 
-    def _discover(self) -> dict[tuple[str, str], Path]:
-        if self._found is None:
-            from .io import discover_visits
-
-            self._found = {}
-            for inp in self.so.run.get("inputs") or []:
-                try:
-                    visits = discover_visits([inp])
-                except Exception as e:  # noqa: BLE001 - the inputs may have moved since the screen
-                    log.debug("cannot re-discover %s: %s", inp, e)
-                    continue
-                for v in visits:
-                    for p in v.images:
-                        self._found.setdefault((v.patient_id, p.name), p)
-        return self._found
-
-    def path(self, row: dict) -> Path | None:
+    @staticmethod
+    def path(row: dict) -> Path | None:
         p = (row.get("path") or "").strip()
-        if p and Path(p).is_file():
-            return Path(p)
-        return self._discover().get((row.get("patient_id", ""), row.get("image", "")))
+        return Path(p) if p and Path(p).is_file() else None
 
 
 def _stems(rows: list[dict]) -> dict[str, str]:
-    """File stem used for masks/overlays/heatmaps (as ``screen`` names them)."""
-    from collections import Counter
+    """File stem of each image's mask/overlay/heatmap: the one ``screen`` wrote, else
+    the same naming rule (``cervscan.io.output_stems``) when masks were not written."""
+    from .io import output_stems
 
-    names = [r.get("image", "") for r in rows]
-    counts = Counter(Path(n).stem for n in names)
+    fallback = output_stems([r.get("image", "") for r in rows])
     out = {}
     for r in rows:
-        n = r.get("image", "")
         rel = r.get("overlay") or r.get("mask")
-        out[n] = Path(rel).stem if rel else (Path(n).stem if counts[Path(n).stem] == 1 else n.replace(".", "_"))
+        out[r.get("image", "")] = Path(rel).stem if rel else fallback[r.get("image", "")]
     return out
 
 

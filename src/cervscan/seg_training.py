@@ -78,12 +78,9 @@ def split_pairs(data: Path, val_fraction: float, group_regex: str, seed: int):
     if (data / "train").is_dir() and (data / "val").is_dir():
         return _pairs(data / "train"), _pairs(data / "val"), "given train/ and val/"
     pairs = _pairs(data)
-    rx = re.compile(group_regex)
     groups: dict[str, list] = {}
     for ip, mp in pairs:
-        m = rx.search(ip.stem)
-        g = m.group(1) if m and m.groups() else (m.group(0) if m else ip.stem)
-        groups.setdefault(g, []).append((ip, mp))
+        groups.setdefault(group_of(ip.stem, group_regex), []).append((ip, mp))
     keys = sorted(groups)
     rng = random.Random(seed)
     rng.shuffle(keys)
