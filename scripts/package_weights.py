@@ -39,7 +39,8 @@ def main() -> None:
     ap.add_argument("--seg-compare", type=Path)
     ap.add_argument("--cls-compare", type=Path, action="append", default=[])
     ap.add_argument("--fp16", action="store_true")
-    ap.add_argument("--version", default="1.0.0")
+    ap.add_argument("--version", required=True, help="Version of the shipped weights, e.g. 1.1.0.")
+    ap.add_argument("--why", help="Why the classifier is the default (one paragraph, for the model card).")
     ap.add_argument("--out", type=Path, default=ROOT / "weights")
     a = ap.parse_args()
 
@@ -80,17 +81,27 @@ def main() -> None:
                                      "fold_summary": metrics.get("fold_summary"), "folds": metrics.get("folds"),
                                      "study_setting": metrics.get("study_setting"),
                                      "auc_original_only": metrics.get("auc_original_only"),
+                                     "epoch_curve": metrics.get("epoch_curve"), "run": run.name,
                                      "seconds": metrics.get("seconds")}
             e["alternatives"] = {}
             for c in a.cls_compare:
                 mc = json.loads((c / "metrics.json").read_text())
+                tc = json.loads((c / "run.json").read_text()).get("config", {})
                 e["alternatives"][c.name] = {"summary": mc.get("summary"), "fold_summary": mc.get("fold_summary"),
+                                             "config": {k: tc.get(k) for k in ("arch", "pretrained", "input_size", "epochs",
+                                                                               "lr", "batch_size", "samples", "seed")},
+                                             "operating_point": mc.get("operating_point"),
+                                             "epoch_curve": mc.get("epoch_curve"),
+                                             "seconds": mc.get("seconds"),
                                              "held_out_auc": mc.get("held_out", {}).get("auc"),
                                              "held_out_ci95": mc.get("held_out", {}).get("ci95"),
                                              "by_source": {k: {kk: v.get(kk) for kk in ("auc", "sensitivity", "specificity", "ci95")}
                                                            for k, v in (mc.get("held_out", {}).get("by_source") or {}).items()}}
         entries.append(e)
-    (out / "manifest.json").write_text(json.dumps({"format": 1, "version": a.version, "models": entries}, indent=2) + "\n")
+    man = {"format": 1, "version": a.version, "models": entries}
+    if a.why:
+        man["why"] = a.why.strip()
+    (out / "manifest.json").write_text(json.dumps(man, indent=2) + "\n")
     print(f"wrote {out}/manifest.json")
 
     if a.fp16:  # check fp16 storage against fp32 on the example visits

@@ -618,3 +618,19 @@ def test_models_install_of_a_training_run_is_used_by_screen_until_rollback(cls_r
     assert r.exit_code == 0, r.output
     after = W.resolve("classifier")
     assert (after.source, after.path, after.sha256) == (before.source, before.path, before.sha256)
+
+
+def test_train_cls_learning_curve_scores_without_changing_training(cls_run, cls_data, tiny_models, tmp_path):
+    _, m, out = cls_run
+    m2 = train_cls(cls_cfg(cls_data, tiny_models, tmp_path, eval_epochs=(1,)))
+    # scoring the held-out patients after epoch 1 does not disturb the training that follows
+    assert (tmp_path / "predictions.csv").read_bytes() == (out / "predictions.csv").read_bytes()
+    curve = m2["epoch_curve"]
+    assert [r["epoch"] for r in curve] == [1, 2]
+    # the last point is the run's own held-out result
+    assert curve[-1]["auc"] == pytest.approx(m2["held_out"]["auc"])
+    assert curve[-1]["temperature"] == pytest.approx(m2["temperature"])
+    assert set(curve[0]) >= {"auc", "auc[A]", "auc[B]", "specificity_at_op", "sensitivity_at_op"}
+    assert m["epoch_curve"] is None
+    with np.load(tmp_path / "curve_fold1.npz") as z:
+        assert z.files == ["e1"] and z["e1"].shape == (8, 6, 2)  # 4 held-out patients x 2 images

@@ -66,6 +66,7 @@ class ClsTrainConfig:
     name: str = "cervscan-cls"
     version: str = "0.0.0-local"
     brightness: float = DEFAULT_BRIGHTNESS
+    eval_epochs: tuple[int, ...] = ()  # also score the held-out patients after these epochs (learning curve)
 
 
 # --------------------------------------------------------------------------- data
@@ -247,7 +248,9 @@ def _build(cfg: ClsTrainConfig) -> tuple[nn.Module, tuple, tuple]:
     return model, mean, std
 
 
-def fit(cfg: ClsTrainConfig, train: list[Sample], dev, progress=None, tag: str = "", state_path: Path | None = None) -> nn.Module:
+def fit(cfg: ClsTrainConfig, train: list[Sample], dev, progress=None, tag: str = "", state_path: Path | None = None,
+        on_epoch: Callable[[int, nn.Module], None] | None = None) -> nn.Module:
+    """Train one classifier. ``on_epoch(epoch, model)`` runs after each epoch (1-based), before the state is saved."""
     seed_everything(cfg.seed)
     model, mean, std = _build(cfg)
     model = model.to(dev)
@@ -294,12 +297,43 @@ def fit(cfg: ClsTrainConfig, train: list[Sample], dev, progress=None, tag: str =
                 progress({"phase": "train", "epoch": epoch + 1, "epochs": cfg.epochs, "step": step + 1,
                           "steps": len(dl), "loss": losses[-1], "fold": tag})
         log.info("%s epoch %d/%d loss %.4f", tag, epoch + 1, cfg.epochs, float(np.mean(losses)))
+        if on_epoch is not None:
+            on_epoch(epoch + 1, model)
+            model.train()
         if state_path is not None:
             tmp = state_path.with_suffix(".tmp")
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                         "epoch": epoch + 1, "rng": torch.get_rng_state(), "gen": g.get_state()}, tmp)
             tmp.replace(state_path)
     return model.eval()
+
+
+def learning_curve(samples: list[Sample], curve_logits: dict[int, np.ndarray], y_by: dict, src_by: dict,
+                   cfg: ClsTrainConfig) -> list[dict]:
+    """Held-out patient AUC (overall and per source) after each scored epoch, each epoch calibrated on its own
+    out-of-fold logits. Epochs that are missing for some fold (e.g. after a resume) are left out."""
+    rows = []
+    for e in sorted(curve_logits):
+        lg = curve_logits[e]
+        ok = ~np.isnan(lg).any(axis=(1, 2))
+        if not ok.all():
+            log.warning("epoch %d was not scored in every fold; left out of the learning curve", e)
+            continue
+        T = fit_temperature(lg, np.repeat([s.label for s in samples], 6))
+        hp, hs, _ = patient_scores(samples, lg, T, STUDY_WEIGHTS)
+        hy = np.array([y_by[q] for q in hp])
+        hsrc = np.array([src_by[q] for q in hp], dtype=object)
+        op = threshold_for_sensitivity(hy, hs, cfg.target_sensitivity)
+        row = {"epoch": e, "auc": binary_metrics(hy, hs, 0.5)["auc"], "temperature": T,
+               "specificity_at_op": op["specificity"], "sensitivity_at_op": op["sensitivity"]}
+        for sname in sorted(set(hsrc.tolist())):
+            sel = hsrc == sname
+            try:
+                row[f"auc[{sname}]"] = binary_metrics(hy[sel], hs[sel], 0.5)["auc"]
+            except DataError:
+                row[f"auc[{sname}]"] = None
+        rows.append(row)
+    return rows
 
 
 @torch.inference_mode()
@@ -422,13 +456,34 @@ def train_cls(cfg: ClsTrainConfig, progress: Callable[[dict], None] | None = Non
     oof_logits = np.zeros((len(samples), 6, 2))
     oof_fold = np.full(len(samples), -1)
     fold_rows = []
+    curve_logits: dict[int, np.ndarray] = {}
     t_folds = time.time()
     for k, (tr, va) in enumerate(splits):
         tag = f"fold {k + 1}/{len(splits)}" if len(splits) > 1 else "split"
         tr_s = [s for s in samples if s.patient_id in tr]
         va_i = [i for i, s in enumerate(samples) if s.patient_id in va]
-        model = fit(cfg, tr_s, dev, progress, tag, state_path=out / f"state_fold{k + 1}.pt")
-        lg = variant_logits(model, [samples[i] for i in va_i], cfg, dev)
+        va_s = [samples[i] for i in va_i]
+        curve_path = out / f"curve_fold{k + 1}.npz"
+
+        def on_epoch(epoch: int, m: nn.Module, va_i=va_i, va_s=va_s, curve_path=curve_path) -> None:
+            if epoch not in cfg.eval_epochs or epoch == cfg.epochs:
+                return
+            m.eval()
+            saved = dict(np.load(curve_path)) if curve_path.exists() else {}
+            saved[f"e{epoch}"] = variant_logits(m, va_s, cfg, dev)
+            tmp = curve_path.with_name(f".{curve_path.stem}.tmp.npz")
+            np.savez(tmp, **saved)
+            tmp.replace(curve_path)
+
+        model = fit(cfg, tr_s, dev, progress, tag, state_path=out / f"state_fold{k + 1}.pt", on_epoch=on_epoch)
+        lg = variant_logits(model, va_s, cfg, dev)
+        if cfg.eval_epochs:
+            if curve_path.exists():
+                z = np.load(curve_path)
+                for e in cfg.eval_epochs:
+                    if f"e{e}" in z.files:
+                        curve_logits.setdefault(e, np.full((len(samples), 6, 2), np.nan))[va_i] = z[f"e{e}"]
+            curve_logits.setdefault(cfg.epochs, np.full((len(samples), 6, 2), np.nan))[va_i] = lg
         oof_logits[va_i] = lg
         oof_fold[va_i] = k
         vp, vs, _ = patient_scores([samples[i] for i in va_i], lg, 1.0, STUDY_WEIGHTS)
@@ -489,6 +544,9 @@ def train_cls(cfg: ClsTrainConfig, progress: Callable[[dict], None] | None = Non
     _, hs_orig, _ = patient_scores(held_samples, held_logits, 1.0, (1, 0, 0, 0, 0, 0))
     auc_no_vote = binary_metrics(hy, hs_orig, 0.5)["auc"]
 
+    epoch_curve = (learning_curve(held_samples, {e: lg[held] for e, lg in curve_logits.items()}, y_by, src_by, cfg)
+                   if cfg.eval_epochs else None)
+
     fold_summary = {}
     for key in ("auc", "sensitivity_at_0_5", "specificity_at_0_5", "accuracy_at_0_5", "sensitivity_at_op", "specificity_at_op",
                 *[f"{m}_at_op[{sn}]" for sn in sorted(set(src.tolist())) for m in ("sensitivity", "specificity")]):
@@ -517,7 +575,7 @@ def train_cls(cfg: ClsTrainConfig, progress: Callable[[dict], None] | None = Non
     metrics = {
         "patients": int(len(pids)), "images": len(samples), "severe": int(y.sum()),
         "evaluation": "cross-validation" if len(splits) > 1 else "validation split",
-        "folds": fold_rows, "fold_summary": fold_summary,
+        "folds": fold_rows, "fold_summary": fold_summary, "epoch_curve": epoch_curve,
         "held_out": rep, "held_out_at_0_5": rep05, "study_setting": rep_study,
         "auc_original_only": auc_no_vote,
         "temperature": T, "operating_point": op, "voting_weights": list(weights), "tuned_vote_auc": tuned_auc,
