@@ -357,3 +357,15 @@ def test_explicit_device_overrides_the_config_file(tiny_models, synthetic_batch,
     cfg.write_text('{"device": "cuda:7"}')
     res = run_screen(tiny_models, [synthetic_batch], tmp_path / "o", config_file=str(cfg), device="cpu")
     assert res.run["device"] == "cpu"
+
+
+def test_files_beside_the_visit_folders_are_listed_as_skipped(tiny_models, make_visit, tmp_path):
+    batch = tmp_path / "batch"
+    make_visit(batch / "P1", n=1)
+    (batch / "labels.csv").write_text("patient_id,label\nP1,0\n", encoding="utf-8")
+    (batch / ".nightly-state").write_text("{}", encoding="utf-8")  # hidden: tool state, not listed
+    res = run_screen(tiny_models, [batch], tmp_path / "out")
+    rows = read_csv(tmp_path / "out" / "skipped.csv")
+    assert [(r["patient_id"], Path(r["file"]).name) for r in rows] == [("", "labels.csv")]
+    assert rows[0]["reason"] == "not an image file; outside any visit folder (not screened)"
+    assert res.run["counts"]["skipped_files"] == 1

@@ -85,7 +85,8 @@ def screen(paths: list[str | Path], out: str | Path, *, seg_model: str | None = 
     t0 = time.time()
     overrides = dict(overrides or {})
     file_cfg = load_config_file(config_file) if config_file else {}
-    visits = discover_visits(paths)
+    stray: list[tuple[Path, str]] = []
+    visits = discover_visits(paths, stray)
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -147,7 +148,8 @@ def screen(paths: list[str | Path], out: str | Path, *, seg_model: str | None = 
     by_pid: dict[str, list[dict]] = {}
     for r in records:
         by_pid.setdefault(r["patient_id"], []).append(r)
-    patients, skipped = [], []
+    patients = []
+    skipped = [{"patient_id": "", "file": str(p), "reason": why} for p, why in stray]
     for v in visits:
         recs = by_pid.get(v.patient_id, [])
         ok = [r for r in recs if r["status"] == "ok"]

@@ -211,8 +211,12 @@ def _scan(folder: Path) -> tuple[list[Path], list[Path], list[tuple[str, str]]]:
     return images, subdirs, skipped
 
 
-def discover_visits(paths: Iterable[str | Path]) -> list[Visit]:
-    """Expand each PATH into visits. Missing paths raise; empty visits carry an error."""
+def discover_visits(paths: Iterable[str | Path], stray: list[tuple[Path, str]] | None = None) -> list[Visit]:
+    """Expand each PATH into visits. Missing paths raise; empty visits carry an error.
+
+    Files lying in a folder of visit folders, outside any visit, are not screened; when ``stray`` is a
+    list, each of them is appended to it as (path, reason). Hidden ones (``.name``) are left out.
+    """
     visits: list[Visit] = []
     seen: set[str] = set()
     for raw in paths:
@@ -230,6 +234,9 @@ def discover_visits(paths: Iterable[str | Path]) -> list[Visit]:
             cand = [v]
         else:
             cand = []
+            if stray is not None:
+                stray += [(path / name, f"{why}; outside any visit folder (not screened)")
+                          for name, why in skipped if not name.startswith(".")]
             for d in subdirs:
                 try:
                     imgs, sub2, sk = _scan(d)
