@@ -355,6 +355,7 @@ def train_cls_cmd(
     model_name: Annotated[str, typer.Option("--model-name", help="Name recorded in the checkpoint.")] = "cervscan-cls",
     model_version: Annotated[str, typer.Option("--model-version", help="Version recorded in the checkpoint.")] = "0.0.0-local",
     cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Where segmented training images are cached.")] = None,
+    head_std: Annotated[float, typer.Option("--head-std", help="Re-initialise the classification head with this standard deviation (0: the architecture's own init).")] = 0.0,
     eval_epochs: Annotated[Optional[str], typer.Option("--eval-epochs", help="Comma-separated epochs after which the held-out patients are also scored (a learning curve in metrics.json; needs --folds or a split).")] = None,
     max_steps: Annotated[int, typer.Option(hidden=True)] = 0,
 ) -> None:
@@ -369,7 +370,7 @@ def train_cls_cmd(
         _fail(CervscanError(f"--eval-epochs must be comma-separated whole numbers, not {eval_epochs!r}"))
     if any(e < 1 or e > epochs for e in curve):
         _fail(CervscanError(f"--eval-epochs must lie between 1 and --epochs ({epochs}), not {eval_epochs!r}"))
-    cfg = ClsTrainConfig(eval_epochs=curve, visits=str(visits), labels=str(labels), out=str(out), seg_model=seg_model,
+    cfg = ClsTrainConfig(eval_epochs=curve, head_std=head_std, visits=str(visits), labels=str(labels), out=str(out), seg_model=seg_model,
                          images_csv=str(images_csv) if images_csv else None, arch=arch, pretrained=pretrained,
                          samples=samples, epochs=epochs, batch_size=batch_size, lr=lr, input_size=input_size,
                          val_fraction=val_fraction, folds=folds, full=full, target_sensitivity=target_sensitivity,

@@ -66,6 +66,7 @@ class ClsTrainConfig:
     name: str = "cervscan-cls"
     version: str = "0.0.0-local"
     brightness: float = DEFAULT_BRIGHTNESS
+    head_std: float = 0.0  # > 0: re-initialise the classification head ~ N(0, head_std), bias 0 (0 keeps timm's init)
     eval_epochs: tuple[int, ...] = ()  # also score the held-out patients after these epochs (learning curve)
 
 
@@ -245,6 +246,11 @@ def _build(cfg: ClsTrainConfig) -> tuple[nn.Module, tuple, tuple]:
         if cfg.arch != "tf_efficientnet_lite0":
             raise CervscanError(f"ImageNet weights are available offline only for tf_efficientnet_lite0, not {cfg.arch}")
         load_lite0_into_timm(model)
+    if cfg.head_std > 0:
+        # timm's EfficientNet head starts at U(+-1/sqrt(num_classes)): logits of about +-10 on ImageNet features
+        head = model.get_classifier()
+        nn.init.normal_(head.weight, std=cfg.head_std)
+        nn.init.zeros_(head.bias)
     return model, mean, std
 
 
