@@ -634,3 +634,28 @@ def test_train_cls_learning_curve_scores_without_changing_training(cls_run, cls_
     assert m["epoch_curve"] is None
     with np.load(tmp_path / "curve_fold1.npz") as z:
         assert z.files == ["e1"] and z["e1"].shape == (8, 6, 2)  # 4 held-out patients x 2 images
+
+
+@pytest.mark.parametrize("arch", ["repvgg_a0", "tf_efficientnet_lite0"])
+def test_head_std_reinitialises_only_the_head(arch):
+    base = dict(visits="", labels="", out="", arch=arch)
+    torch.manual_seed(0)
+    plain = cls_training._build(ClsTrainConfig(**base))[0]
+    torch.manual_seed(0)
+    small = cls_training._build(ClsTrainConfig(**base, head_std=0.001))[0]
+    head = small.get_classifier()
+    assert 0.0007 < float(head.weight.std()) < 0.0013 and float(head.bias.abs().max()) == 0.0
+    assert float(plain.get_classifier().weight.std()) > 0.005
+    names = {n for n, _ in small.get_classifier().named_parameters(prefix="")}
+    head_params = {id(p) for p in head.parameters()}
+    for (n, a), b in zip(plain.named_parameters(), small.parameters()):
+        if id(b) not in head_params:
+            assert torch.equal(a, b), n
+    assert names == {"weight", "bias"}
+
+
+@pytest.mark.parametrize("value", ["0", "7", "2,x"])
+def test_train_cls_rejects_bad_eval_epochs(value, tmp_path):
+    r = CliRunner().invoke(app, ["train-cls", str(tmp_path), "--labels", str(tmp_path / "l.csv"), "-o",
+                                 str(tmp_path / "o"), "--epochs", "6", "--eval-epochs", value])
+    assert r.exit_code != 0 and "--eval-epochs" in r.output
