@@ -18,6 +18,9 @@ import torch
 from helpers import calibrated_repvgg, make_tiny_models
 
 torch.set_num_threads(1)
+# the training commands re-execute the interpreter once to set GLIBC_TUNABLES; under CliRunner that
+# would replace the pytest process itself
+os.environ["CERVSCAN_NO_REEXEC"] = "1"
 try:
     torch.set_num_interop_threads(1)
 except RuntimeError:  # already set (e.g. torch used before conftest import)
