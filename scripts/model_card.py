@@ -122,25 +122,24 @@ def main() -> None:
                   f"sensitivity {pct(st['sensitivity'])}, specificity {pct(st['specificity'])}. "
                   f"Original image only, no voting: AUC {cv.get('auc_original_only', float('nan')):.3f}."]
     # ---- the candidates compared for the choice of this classifier (same folds, same data)
-    rows = [("shipped: `" + cv.get("run", "") + "`", cls["training"], ho, op, cv["seconds"]["folds"])]
+    rows = [("shipped: `" + cv.get("run", "") + "`", cls["training"], ho, op)]
     for name, alt in (cls.get("alternatives") or {}).items():
         ho_alt = {"auc": alt["held_out_auc"], "ci95": alt.get("held_out_ci95") or {}, "by_source": alt["by_source"]}
-        rows.append((f"`{name}`", alt.get("config") or alt["summary"], ho_alt, alt.get("operating_point") or {},
-                     (alt.get("seconds") or {}).get("folds")))
+        rows.append((f"`{name}`", alt.get("config") or alt["summary"], ho_alt, alt.get("operating_point") or {}))
     if len(rows) > 1:
         srcs = sorted(ho.get("by_source") or {})
         lines += ["", "### How this classifier was chosen", "",
                   "Every candidate was cross-validated on the same five patient-wise folds, and the rule for the choice "
                   "(`docs/model-selection.md`) was fixed before the input-size and epoch candidates had run.", "",
                   "| run | architecture | init | input | epochs | AUC (95 % CI) | " + " | ".join(f"AUC {s}" for s in srcs)
-                  + " | specificity at 90 % sensitivity | CV minutes (1 thread) |",
-                  "|---|---|---|---|---|---|" + "---|" * len(srcs) + "---|---|"]
-        for name, c, h, o, sec in rows:
+                  + " | specificity at 90 % sensitivity |",
+                  "|---|---|---|---|---|---|" + "---|" * len(srcs) + "---|"]
+        for name, c, h, o in rows:
             bys = h.get("by_source") or {}
             lines.append(f"| {name} | {c.get('arch')} | {'ImageNet' if c.get('pretrained') else 'scratch'} | "
                          f"{c.get('input_size')} px | {c.get('epochs')} | {h['auc']:.3f}{ci_auc((h.get('ci95') or {}).get('auc'))} | "
                          + " | ".join("n/a" if (bys.get(s) or {}).get("auc") is None else f"{bys[s]['auc']:.3f}" for s in srcs)
-                         + f" | {pct(o.get('specificity'))} | {'n/a' if sec is None else format(sec / 60, '.0f')} |")
+                         + f" | {pct(o.get('specificity'))} |")
         curves = [(name, alt["epoch_curve"]) for name, alt in (cls.get("alternatives") or {}).items() if alt.get("epoch_curve")]
         if cv.get("epoch_curve"):
             curves.insert(0, ("shipped", cv["epoch_curve"]))

@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--cls-compare", type=Path, action="append", default=[])
     ap.add_argument("--fp16", action="store_true")
     ap.add_argument("--version", required=True, help="Version of the shipped weights, e.g. 1.1.0.")
+    ap.add_argument("--seg-version", help="Version of the segmenter file when it is unchanged (default: --version).")
     ap.add_argument("--why", help="Why the classifier is the default (one paragraph, for the model card).")
     ap.add_argument("--out", type=Path, default=ROOT / "weights")
     a = ap.parse_args()
@@ -49,13 +50,14 @@ def main() -> None:
     entries = []
     for role, run, fname in (("segmenter", a.seg, "segmenter.pt"), ("classifier", a.cls, "classifier.pt")):
         ck = read_checkpoint(run / "model.pt")
-        ck["version"] = a.version
+        version = (a.seg_version or a.version) if role == "segmenter" else a.version
+        ck["version"] = version
         if a.fp16:
             ck["state_dict"] = {k: (v.half() if v.is_floating_point() else v) for k, v in ck["state_dict"].items()}
             ck["dtype"] = "float16"
         save_checkpoint(ck, out / fname)
         metrics = json.loads((run / "metrics.json").read_text())
-        e = {"role": role, "file": fname, "name": ck["name"], "version": a.version, "sha256": sha256_file(out / fname),
+        e = {"role": role, "file": fname, "name": ck["name"], "version": version, "sha256": sha256_file(out / fname),
              "arch": ck["arch"], "arch_kwargs": ck["arch_kwargs"], "form": ck["form"], "dtype": ck.get("dtype"),
              "input_size": ck["input_size"], "mean": ck["mean"], "std": ck["std"], "classes": ck["classes"],
              "license": "Apache-2.0 (weights); training data: see attribution", "attribution": ATTRIBUTION,

@@ -30,7 +30,7 @@ CANDS="runs/cls-repvgg runs/cls-lite0 runs/cls-lite0-160e12 runs/cls-lite0-224e6
 WIN=$(python scripts/select_classifier.py $CANDS | tail -1)
 
 # 3. package, model card, examples' expected outputs, report renders
-python scripts/package_weights.py --seg runs/seg-lite0 --seg-compare runs/seg-scratch --cls "$WIN" \
+python scripts/package_weights.py --seg runs/seg-lite0 --seg-compare runs/seg-scratch --seg-version 1.0.0 --cls "$WIN" \
     $(for c in $CANDS; do [ "$c" != "$WIN" ] && echo "--cls-compare $c"; done) --version "${VERSION:-1.1.0}" \
     --why "${WHY:-chosen by scripts/select_classifier.py}"
 python scripts/model_card.py
