@@ -130,7 +130,7 @@ def main() -> None:
         srcs = sorted(ho.get("by_source") or {})
         lines += ["", "### How this classifier was chosen", "",
                   "Every candidate was cross-validated on the same five patient-wise folds, and the rule for the choice "
-                  "(`docs/model-selection.md`) was fixed before the input-size and epoch candidates had run.", "",
+                  "(`docs/model-selection.md`) was fixed before any result of the input-size, epoch and head candidates was known.", "",
                   "| run | architecture | init | input | epochs | AUC (95 % CI) | " + " | ".join(f"AUC {s}" for s in srcs)
                   + " | specificity at 90 % sensitivity |",
                   "|---|---|---|---|---|---|" + "---|" * len(srcs) + "---|"]
