@@ -365,3 +365,16 @@ def test_report_file_names_stay_inside_reports():
     assert _file_name(NON_ASCII_ID) == NON_ASCII_ID
     assert "/" not in _file_name("../x") and not _file_name("../x").startswith(".")
     assert _file_name("summary") != "summary"  # never overwrites the run summary
+
+
+def test_scores_next_to_the_threshold_get_enough_decimals():
+    from cervscan.report import _caption, _score_digits
+
+    assert _score_digits(0.2, 0.435) == 3
+    assert _score_digits(0.43491, 0.43477) == 4  # both would print 0.435
+    assert _score_digits(0.435, 0.435) == 3  # equal: nothing to tell apart
+    assert _score_digits(0.7, None) == 3
+    cap = _caption({"image": "a.jpg", "score": "0.43491", "threshold": "0.43477", "decision": "mildly_normal"})
+    assert "image score 0.4349 (threshold 0.4348)" in cap
+    assert "image score 0.200 →" in _caption({"image": "a.jpg", "score": "0.2", "threshold": "0.435",
+                                              "decision": "mildly_normal"})

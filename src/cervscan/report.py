@@ -142,6 +142,14 @@ def _fmt(x: float | None, nd: int = 3) -> str:
     return "–" if x is None else f"{x:.{nd}f}"
 
 
+def _score_digits(score: float, thr: float | None) -> int:
+    """Decimals that show a score and its threshold apart (3, more only when they would print alike)."""
+    nd = 3
+    while thr is not None and score != thr and nd < 6 and f"{score:.{nd}f}" == f"{thr:.{nd}f}":
+        nd += 1
+    return nd
+
+
 def _pct(x: Any) -> str:
     v = _f(x)
     return "–" if v is None else f"{100 * v:.0f}%"
@@ -626,9 +634,10 @@ def _decision_box(p: dict, run: dict, st: dict, width: float, next_step: dict[st
         rows.append([Paragraph(escape(expl), st["base"])])
     if score is not None:
         rel = "above" if thr is not None and score > thr else "at or below"
-        thr_s = f"{thr:.3f}" if thr is not None else "–"
+        nd = _score_digits(score, thr)
+        thr_s = f"{thr:.{nd}f}" if thr is not None else "–"
         rows.append([Paragraph(
-            f"<b>Score {score:.3f}</b> (from 0 to 1; higher means a severe lesion is more likely); "
+            f"<b>Score {score:.{nd}f}</b> (from 0 to 1; higher means a severe lesion is more likely); "
             f"threshold <b>{thr_s}</b>. "
             f"The score is {rel} the threshold; a patient is called severe when the score is above it. "
             f"The score is the mean of the image scores ({_i(p.get('n_used'))} image(s) used).", st["base"])])
@@ -675,7 +684,10 @@ def _caption(r: dict) -> str:
     if score is not None:
         colour = _decision_colour(dec)
         words = _decision_words(dec)[0].lower()
-        parts.append(f"image score {score:.3f} → <font color='{colour}'><b>{escape(words)}</b></font>")
+        thr = _f(r.get("threshold"))
+        nd = _score_digits(score, thr)
+        near = f" (threshold {thr:.{nd}f})" if nd > 3 else ""
+        parts.append(f"image score {score:.{nd}f}{near} → <font color='{colour}'><b>{escape(words)}</b></font>")
     flags = [f for f in (r.get("quality_flags") or "").split(";") if f]
     if flags:
         parts.append("<font color='#b35c00'>quality: " + ", ".join(escape(QUALITY_WORDS.get(f, f)) for f in flags)
