@@ -247,7 +247,8 @@ def _build(cfg: ClsTrainConfig) -> tuple[nn.Module, tuple, tuple]:
             raise CervscanError(f"ImageNet weights are available offline only for tf_efficientnet_lite0, not {cfg.arch}")
         load_lite0_into_timm(model)
     if cfg.head_std > 0:
-        # timm's EfficientNet head starts at U(+-1/sqrt(num_classes)): logits of about +-10 on ImageNet features
+        # timm's EfficientNet head starts at U(+-1/sqrt(num_classes)) = U(+-0.71) for two classes: large
+        # logits before any training
         head = model.get_classifier()
         nn.init.normal_(head.weight, std=cfg.head_std)
         nn.init.zeros_(head.bias)
@@ -314,8 +315,21 @@ def fit(cfg: ClsTrainConfig, train: list[Sample], dev, progress=None, tag: str =
     return model.eval()
 
 
+def auc_by_source(y: np.ndarray, scores: np.ndarray, sources) -> dict[str, float | None]:
+    """``{"auc[SOURCE]": AUC}`` per source; None where a source holds a single class."""
+    src = np.asarray(sources, dtype=object)
+    out: dict[str, float | None] = {}
+    for sname in sorted(set(src.tolist())):
+        sel = src == sname
+        try:
+            out[f"auc[{sname}]"] = binary_metrics(y[sel], scores[sel], 0.5)["auc"]
+        except DataError:
+            out[f"auc[{sname}]"] = None
+    return out
+
+
 def learning_curve(samples: list[Sample], curve_logits: dict[int, np.ndarray], y_by: dict, src_by: dict,
-                   cfg: ClsTrainConfig) -> list[dict]:
+                   target_sensitivity: float) -> list[dict]:
     """Held-out patient AUC (overall and per source) after each scored epoch, each epoch calibrated on its own
     out-of-fold logits. Epochs that are missing for some fold (e.g. after a resume) are left out."""
     rows = []
@@ -328,17 +342,10 @@ def learning_curve(samples: list[Sample], curve_logits: dict[int, np.ndarray], y
         T = fit_temperature(lg, np.repeat([s.label for s in samples], 6))
         hp, hs, _ = patient_scores(samples, lg, T, STUDY_WEIGHTS)
         hy = np.array([y_by[q] for q in hp])
-        hsrc = np.array([src_by[q] for q in hp], dtype=object)
-        op = threshold_for_sensitivity(hy, hs, cfg.target_sensitivity)
-        row = {"epoch": e, "auc": binary_metrics(hy, hs, 0.5)["auc"], "temperature": T,
-               "specificity_at_op": op["specificity"], "sensitivity_at_op": op["sensitivity"]}
-        for sname in sorted(set(hsrc.tolist())):
-            sel = hsrc == sname
-            try:
-                row[f"auc[{sname}]"] = binary_metrics(hy[sel], hs[sel], 0.5)["auc"]
-            except DataError:
-                row[f"auc[{sname}]"] = None
-        rows.append(row)
+        op = threshold_for_sensitivity(hy, hs, target_sensitivity)
+        rows.append({"epoch": e, "auc": binary_metrics(hy, hs, 0.5)["auc"], "temperature": T,
+                     "specificity_at_op": op["specificity"], "sensitivity_at_op": op["sensitivity"],
+                     **auc_by_source(hy, hs, [src_by[q] for q in hp])})
     return rows
 
 
@@ -471,7 +478,7 @@ def train_cls(cfg: ClsTrainConfig, progress: Callable[[dict], None] | None = Non
         va_s = [samples[i] for i in va_i]
         curve_path = out / f"curve_fold{k + 1}.npz"
 
-        def on_epoch(epoch: int, m: nn.Module, va_i=va_i, va_s=va_s, curve_path=curve_path) -> None:
+        def on_epoch(epoch: int, m: nn.Module, va_s=va_s, curve_path=curve_path) -> None:
             if epoch not in cfg.eval_epochs or epoch == cfg.epochs:
                 return
             m.eval()
@@ -502,12 +509,7 @@ def train_cls(cfg: ClsTrainConfig, progress: Callable[[dict], None] | None = Non
                        accuracy_at_0_5=m["accuracy"])
         except DataError as e:
             row["error"] = str(e)
-        for sname in sorted(set(vsrc)):
-            sel = np.array([s_ == sname for s_ in vsrc])
-            try:
-                row[f"auc[{sname}]"] = binary_metrics(vy[sel], vs[sel], 0.5)["auc"]
-            except DataError:
-                row[f"auc[{sname}]"] = None
+        row.update(auc_by_source(vy, vs, vsrc))
         fold_rows.append(row)
         log.info("%s: %s", tag, row)
         if len(splits) == 1:
@@ -550,8 +552,8 @@ def train_cls(cfg: ClsTrainConfig, progress: Callable[[dict], None] | None = Non
     _, hs_orig, _ = patient_scores(held_samples, held_logits, 1.0, (1, 0, 0, 0, 0, 0))
     auc_no_vote = binary_metrics(hy, hs_orig, 0.5)["auc"]
 
-    epoch_curve = (learning_curve(held_samples, {e: lg[held] for e, lg in curve_logits.items()}, y_by, src_by, cfg)
-                   if cfg.eval_epochs else None)
+    epoch_curve = (learning_curve(held_samples, {e: lg[held] for e, lg in curve_logits.items()}, y_by, src_by,
+                                  cfg.target_sensitivity) if cfg.eval_epochs else None)
 
     fold_summary = {}
     for key in ("auc", "sensitivity_at_0_5", "specificity_at_0_5", "accuracy_at_0_5", "sensitivity_at_op", "specificity_at_op",
