@@ -27,17 +27,22 @@ except RuntimeError:  # already set (e.g. torch used before conftest import)
     pass
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-MODEL_ENV = ("CERVSCAN_SEG_MODEL", "CERVSCAN_CLS_MODEL", "CERVSCAN_WEIGHTS_DIR", "CERVSCAN_DEVICE",
-             "CERVSCAN_CLINIC")
+MODEL_ENV = ("CERVSCAN_SEG_MODEL", "CERVSCAN_CLS_MODEL", "CERVSCAN_CERVIX_MODEL", "CERVSCAN_STAGE_MODEL",
+             "CERVSCAN_WEIGHTS_DIR", "CERVSCAN_DEVICE", "CERVSCAN_CLINIC")
 
 
 # --------------------------------------------------------------------------- isolation
 
 @pytest.fixture(autouse=True)
-def cervscan_home(monkeypatch, tmp_path_factory):
-    """No test reads the user's data dir or inherits model-selection variables."""
+def cervscan_home(monkeypatch, tmp_path_factory, request):
+    """No test reads the user's data dir or inherits model-selection variables.
+
+    Screening with tiny models would otherwise load the shipped exam-stage model (an EfficientNet);
+    tests use the tiny one unless marked ``shipped_stage``."""
     for k in MODEL_ENV:
         monkeypatch.delenv(k, raising=False)
+    if "shipped_stage" not in request.keywords:
+        monkeypatch.setenv("CERVSCAN_STAGE_MODEL", str(request.getfixturevalue("tiny_models")["stage"]))
     home = tmp_path_factory.mktemp("cervscan-home")
     monkeypatch.setenv("CERVSCAN_HOME", str(home))
     return home

@@ -29,14 +29,28 @@ def make_tiny_models(folder: Path, *, seg_size: int = 64, cls_size: int = 64, se
                                     "operating_point": {"threshold": threshold, "sensitivity": 0.9, "specificity": 0.5},
                                     "voting": {"weights": [0.2, 0.25, 0.15, 0.2, 0.11, 0.09], "brightness": 1.2,
                                                "brightness_from_flipped": False}})
-    save_checkpoint(seg_ck, folder / "seg.pt")
-    save_checkpoint(cls_ck, folder / "cls.pt")
+    # cervix finder: the same tiny U-Net++, trained to nothing, marked as a cervix segmenter
+    cervix = build_segmenter("resnet18", encoder_depth=3, decoder_channels=(32, 16, 8)).eval()
+    cervix_ck = make_checkpoint(cervix, kind="segmenter", arch="resnet18",
+                                arch_kwargs={"encoder_depth": 3, "decoder_channels": [32, 16, 8]}, form="train",
+                                input_size=(seg_size, seg_size), mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                                name="tiny-cervix", version="test", extra={"target": "cervix",
+                                                                           "classes": ["background", "cervix"]})
+    from cervscan.stage_training import STAGES
+
+    stage = build_classifier("repvgg_a0", num_classes=len(STAGES)).eval()
+    stage_ck = make_checkpoint(to_deploy(stage), kind="stage", arch="repvgg_a0", arch_kwargs={}, form="deploy",
+                               input_size=(cls_size, cls_size), mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                               name="tiny-stage", version="test", extra={"classes": list(STAGES)})
+    files = {"seg": "seg.pt", "cls": "cls.pt", "cervix": "cervix.pt", "stage": "stage.pt"}
+    for key, ck in (("seg", seg_ck), ("cls", cls_ck), ("cervix", cervix_ck), ("stage", stage_ck)):
+        save_checkpoint(ck, folder / files[key])
+    roles = {"seg": "segmenter", "cls": "classifier", "cervix": "cervix", "stage": "stage"}
     manifest = {"format": 1, "models": [
-        {"role": "segmenter", "file": "seg.pt", "name": "tiny-seg", "version": "test", "sha256": sha256_file(folder / "seg.pt")},
-        {"role": "classifier", "file": "cls.pt", "name": "tiny-cls", "version": "test", "sha256": sha256_file(folder / "cls.pt")},
-    ]}
+        {"role": roles[k], "file": f, "name": f"tiny-{k}", "version": "test", "sha256": sha256_file(folder / f)}
+        for k, f in files.items()]}
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    return {"seg": folder / "seg.pt", "cls": folder / "cls.pt", "dir": folder}
+    return {**{k: folder / f for k, f in files.items()}, "dir": folder}
 
 
 def calibrated_repvgg(seed: int = 0, batches=None) -> torch.nn.Module:

@@ -175,7 +175,7 @@ def test_json_output_parses(runner, synthetic_batch, tmp_path, model_args):
     assert [p["patient_id"] for p in s["patients"]] == ["P001", "P002", "P003"]
     assert {p["decision"] for p in s["patients"]} <= {"severe", "mildly_normal"}
     assert s["counts"]["images"] == 6 and s["counts"]["skipped_files"] == 1
-    assert set(s["models"]) == {"segmenter", "classifier"} and s["threshold"] == 0.5
+    assert set(s["models"]) == {"stage", "segmenter", "classifier"} and s["threshold"] == 0.5
     assert set(s["timings"]) >= {"screen_s", "total_s"}
 
 

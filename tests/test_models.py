@@ -151,15 +151,17 @@ def test_unknown_architecture_and_kind():
         model_from_checkpoint({"kind": "detector", "state_dict": {}})
 
 
-def test_load_models_checks_the_kinds(tiny_models):
+def test_load_model_checks_the_role(tiny_models):
     from cervscan.errors import CervscanError
-    from cervscan.inference import load_models
+    from cervscan.pipeline import load_model
 
-    seg, cls = W.resolve("segmenter", tiny_models["seg"]), W.resolve("classifier", tiny_models["cls"])
-    with pytest.raises(CervscanError, match="is a classifier checkpoint, not a segmenter"):
-        load_models(cls, cls, torch.device("cpu"))
-    lm = load_models(seg, cls, torch.device("cpu"))
-    assert lm.seg_size == (64, 64) and lm.cls_size == (64, 64) and lm.temperature == 1.0
+    with pytest.raises(CervscanError, match="is a classifier checkpoint, not a segmenter model"):
+        load_model("segmenter", tiny_models["cls"], torch.device("cpu"))
+    with pytest.raises(CervscanError, match=r"is a segmenter \(lesion\) checkpoint, not a cervix model"):
+        load_model("cervix", tiny_models["seg"], torch.device("cpu"))
+    seg = load_model("segmenter", tiny_models["seg"], torch.device("cpu"))
+    cls = load_model("classifier", tiny_models["cls"], torch.device("cpu"))
+    assert seg.size == (64, 64) and cls.size == (64, 64)
 
 
 # --------------------------------------------------------------------------- EfficientNet-Lite0 ImageNet weights

@@ -13,7 +13,7 @@ from PIL import Image
 from cervscan import api
 from cervscan.config import STUDY_WEIGHTS, VARIANT_NAMES
 from cervscan.errors import CervscanError, DeviceError
-from cervscan.inference import IMAGE_COLUMNS
+from cervscan.pipeline import IMAGE_COLUMNS
 from cervscan.weights import sha256_file
 
 from conftest import assert_no_tmp_files, read_csv, read_json, synthetic_image, write_image
@@ -60,7 +60,7 @@ def test_csv_columns_and_rows(synthetic_run):
     with open(out / "patients.csv", encoding="utf-8") as fh:
         assert fh.readline().strip().split(",") == api.PATIENT_COLUMNS
     with open(out / "images.csv", encoding="utf-8") as fh:
-        assert fh.readline().strip().split(",") == IMAGE_COLUMNS + ["seg_model", "cls_model"]
+        assert fh.readline().strip().split(",") == IMAGE_COLUMNS
     pats = read_csv(out / "patients.csv")
     imgs = read_csv(out / "images.csv")
     assert [p["patient_id"] for p in pats] == ["P001", "P002", "P003"]
@@ -133,7 +133,7 @@ def test_run_json(synthetic_run, tiny_models):
     assert run["counts"] == {"patients": 3, "images": 6, "images_failed": 0, "patients_error": 0,
                              "severe": sum(p["decision"] == "severe" for p in res.patients),
                              "mildly_normal": sum(p["decision"] == "mildly_normal" for p in res.patients),
-                             "skipped_files": 0}
+                             "no_cervix": 0, "skipped_files": 0}
     assert run["counts"]["severe"] + run["counts"]["mildly_normal"] == 3
     assert json.loads(json.dumps(res.run)) == run
     json.dumps(res.summary())

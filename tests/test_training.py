@@ -234,6 +234,7 @@ def seg_run(seg_data, tmp_path_factory):
     return cfg, train_seg(cfg), out
 
 
+@pytest.mark.slow
 def test_train_seg_writes_a_loadable_segmenter_and_reports(seg_run):
     cfg, m, out = seg_run
     ck = read_checkpoint(out / "model.pt")
@@ -261,6 +262,7 @@ def test_train_seg_writes_a_loadable_segmenter_and_reports(seg_run):
     assert read_json(out / "run.json")["config"]["epochs"] == 3
 
 
+@pytest.mark.slow
 def test_trained_segmenter_loads_in_screen(seg_run, tiny_models, tmp_path, make_visit):
     _, _, out = seg_run
     make_visit(tmp_path / "visits" / "V1", 2, seed=4)
@@ -274,6 +276,7 @@ def test_trained_segmenter_loads_in_screen(seg_run, tiny_models, tmp_path, make_
     assert len(list((tmp_path / "screen" / "masks" / "V1").glob("*.png"))) == 2
 
 
+@pytest.mark.slow
 def test_resume_of_a_finished_run_does_not_retrain(seg_run, tmp_path):
     cfg, m, out = seg_run
     copy = tmp_path / "copy"
@@ -291,6 +294,7 @@ class Interrupted(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_uninterrupted_result(seg_run, tmp_path):
     cfg, m, out = seg_run
 
@@ -325,6 +329,7 @@ def test_resume_with_more_epochs_keeps_training(seg_data, tmp_path):
     assert lr == pytest.approx(0.0, abs=1e-12)  # the schedule still ends at 0 after the last epoch
 
 
+@pytest.mark.slow
 def test_same_seed_same_segmenter(seg_data, tmp_path):
     runs = {}
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
@@ -439,7 +444,7 @@ def cls_data(tmp_path_factory):
 def cls_cfg(cls_data, tiny_models, out: Path, **kw) -> ClsTrainConfig:
     visits, labels, cache = cls_data
     base = dict(visits=str(visits), labels=str(labels), out=str(out), seg_model=str(tiny_models["seg"]),
-                arch="repvgg_a0", input_size=64, epochs=2, batch_size=4, max_steps_per_epoch=2, val_fraction=0.4,
+                cervix_model=str(tiny_models["cervix"]), arch="repvgg_a0", input_size=64, epochs=2, batch_size=4, max_steps_per_epoch=2, val_fraction=0.4,
                 cache_dir=str(cache), device="cpu")
     return ClsTrainConfig(**(base | kw))
 
@@ -493,8 +498,11 @@ def test_train_cls_predictions_have_each_held_out_patient_once(cls_run, cls_data
         assert r["decision"] == ("severe" if float(r["score"]) > thr else "mildly_normal")
         assert r["fold"] == "1"
     # the held-out metrics are those of these rows
-    again = metrics.binary_metrics([int(r["label"]) for r in rows], [float(r["score"]) for r in rows], thr)
-    assert again["auc"] == pytest.approx(m["held_out"]["auc"]) and again["confusion"] == m["held_out"]["confusion"]
+    scores = [float(r["score"]) for r in rows]
+    again = metrics.binary_metrics([int(r["label"]) for r in rows], scores, thr)
+    assert again["confusion"] == m["held_out"]["confusion"]
+    if len(set(scores)) == len(scores):  # the CSV keeps 6 decimals: the tiny model's scores may tie there
+        assert again["auc"] == pytest.approx(m["held_out"]["auc"])
 
 
 def test_train_cls_checkpoint_is_deploy_form_and_screen_loads_it(cls_run, cls_data, tiny_models, tmp_path):
@@ -507,7 +515,7 @@ def test_train_cls_checkpoint_is_deploy_form_and_screen_loads_it(cls_run, cls_da
     assert ck["temperature"] == pytest.approx(m["temperature"])
     assert ck["train_summary"]["samples"] == "both"
 
-    res = api.screen([cls_data[0]], tmp_path / "screen", seg_model=str(tiny_models["seg"]),
+    res = api.screen([cls_data[0]], tmp_path / "screen", seg_model=str(tiny_models["seg"]), cervix_model=str(tiny_models["cervix"]),
                      cls_model=str(out / "model.pt"), device="cpu", num_workers=0)
     assert res.exit_code == 0
     rows = read_csv(tmp_path / "screen" / "patients.csv")
@@ -557,6 +565,7 @@ def test_train_cls_single_class_labels(cls_data, tiny_models, tmp_path):
         train_cls(cls_cfg(cls_data, tiny_models, tmp_path / "out", labels=str(labels)))
 
 
+@pytest.mark.slow
 def test_train_cls_cross_validation_tuned_votes_and_seed_repeatability(cls_data, tiny_models, tmp_path,
                                                                        fast_bootstrap):
     runs = []

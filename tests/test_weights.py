@@ -180,7 +180,7 @@ def test_install_then_resolve_then_rollback(tiny_models, tmp_path, monkeypatch, 
 
     res = W.install([run, tiny_models["cls"]], name="mine")
     assert set(res) == {"segmenter", "classifier"}
-    for role in W.ROLES:
+    for role in ("segmenter", "classifier"):
         r = W.resolve(role)
         assert r.source == "installed" and r.verified
         assert r.sha256 == res[role]["sha256"] == W.sha256_file(tiny_models["seg" if role == "segmenter" else "cls"])
@@ -239,7 +239,7 @@ def test_install_refuses_non_checkpoints_and_duplicates(tiny_models, tmp_path):
 def test_list_models(tiny_models, tmp_path, monkeypatch):
     shipped = fake_model_dir(tmp_path / "shipped", "shipped")
     monkeypatch.setattr(W, "shipped_dir", lambda: shipped)
-    assert [(r["source"], r["role"]) for r in W.list_models()] == [("shipped", "segmenter"), ("shipped", "classifier")]
+    assert [(r["source"], r["role"]) for r in W.list_models()] == [("shipped", role) for role in W.ROLES]
     res = W.install([tiny_models["cls"]], name="c")
     rows = W.list_models()
     inst = [r for r in rows if r["source"] == "installed"]
@@ -260,3 +260,66 @@ def test_rollback_and_use_reject_unknown_roles_and_tags(tiny_models):
         W.use("clasifier", Path(res["classifier"]["folder"]).name)
     with pytest.raises(ModelNotFoundError, match="no installed model 'nope'.*models list"):
         W.use("classifier", "nope")
+
+
+# --------------------------------------------------------------------------- install of files that are not checkpoints
+
+def _write_text(p: Path) -> None:
+    p.write_text("these are not weights\n")
+
+
+def _write_empty(p: Path) -> None:
+    p.write_bytes(b"")
+
+
+def _write_truncated(p: Path) -> None:
+    import torch
+
+    torch.save({"kind": "classifier", "state_dict": {"w": torch.zeros(64)}}, p)
+    p.write_bytes(p.read_bytes()[:120])
+
+
+def _write_list(p: Path) -> None:
+    import torch
+
+    torch.save([1, 2, 3], p)
+
+
+def _write_foreign_kind(p: Path) -> None:
+    import torch
+
+    torch.save({"kind": "detector", "state_dict": {}}, p)
+
+
+@pytest.mark.parametrize("make, reason", [
+    (_write_text, "cannot be read"),
+    (_write_empty, "the file is empty"),
+    (_write_truncated, "cannot be read"),
+    (_write_list, "it holds a list"),
+    (_write_foreign_kind, "kind 'detector' is not one of"),
+], ids=["text", "empty", "truncated", "torch-list", "foreign-kind"])
+def test_cli_install_of_a_non_checkpoint_is_a_one_line_error(make, reason, tmp_path):
+    from typer.testing import CliRunner
+
+    from cervscan.cli import app
+
+    f = tmp_path / "run-x" / "model.pt"
+    f.parent.mkdir()
+    make(f)
+    for arg in (f, f.parent):  # the file itself, or its run folder
+        r = CliRunner().invoke(app, ["models", "install", str(arg)])
+        assert r.exit_code == 1, r.output
+        assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)  # not a crash
+        assert "Traceback" not in r.output
+        squeezed = "".join(r.output.split())  # rich wraps (and may fold a long path) at any width
+        for part in (f"{f}: not a cervscan checkpoint", reason):
+            assert "".join(part.split()) in squeezed, r.output
+    assert W.installed_current() == {}  # nothing half-installed
+    assert not (W.user_dir() / "models").exists() or not any((W.user_dir() / "models").iterdir())
+
+
+def test_install_recognises_a_cervix_finder_and_a_stage_model(tiny_models):
+    res = W.install([tiny_models["cervix"], tiny_models["stage"]], name="new")
+    assert set(res) == {"cervix", "stage"}
+    assert W.resolve("cervix").source == "installed" and W.resolve("cervix").sha256 == W.sha256_file(tiny_models["cervix"])
+    assert W.resolve("stage").entry["name"] == "tiny-stage"

@@ -18,8 +18,7 @@ from .errors import CervscanError
 
 log = logging.getLogger(__name__)
 
-PATIENT_COLUMNS = ["patient_id", "decision", "score", "threshold", "n_images", "n_used", "n_failed",
-                   "n_empty_mask", "quality", "error", "seg_model", "cls_model", "cervscan_version"]
+from .pipeline import PATIENT_COLUMNS  # noqa: E402,F401 - re-exported
 
 
 @dataclass
@@ -67,7 +66,66 @@ def _voting_from(ckpt: dict, file_cfg: dict, overrides: dict, seg_ckpt: dict | N
     return VotingConfig(**vals), thr, src
 
 
+def _resolve_crop(cls_ckpt: dict, file_cfg: dict, overrides: dict, provenance: dict) -> str:
+    """What the models look at: option > config file > the classifier checkpoint > 'frame'."""
+    from .config import CROP_MODES
+
+    crop, src = "frame", "default"
+    if cls_ckpt.get("crop"):
+        crop, src = str(cls_ckpt["crop"]), "classifier checkpoint"
+    for layer_name, layer in (("config", file_cfg), ("option", overrides)):
+        if layer.get("crop"):
+            crop, src = str(layer["crop"]), layer_name
+    if crop not in CROP_MODES:
+        raise CervscanError(f"crop must be one of {', '.join(CROP_MODES)}, not {crop!r}")
+    provenance["crop"] = src
+    return crop
+
+
+def load_pipeline(*, seg_model: str | None = None, cls_model: str | None = None, cervix_model: str | None = None,
+                  stage_model: str | None = None, config_file: str | None = None, overrides: dict | None = None,
+                  device: str | None = None, num_workers: int | None = None, batch_images: int | None = None,
+                  write_masks: bool = True, write_overlays: bool = True, use_stage: bool = True):
+    """Resolve every model and the configuration (checkpoint < config file < options); return
+    ``(pipeline, refs, provenance, seconds to load)``."""
+    from .device import resolve_device
+    from .models import read_checkpoint
+    from .pipeline import Pipeline, load_model
+    from .weights import resolve
+
+    overrides = dict(overrides or {})
+    file_cfg = load_config_file(config_file) if config_file else {}
+    dev = resolve_device(overrides.pop("device", None) or device or file_cfg.get("device") or "auto")
+    t0 = time.time()
+    refs = {"segmenter": resolve("segmenter", seg_model), "classifier": resolve("classifier", cls_model)}
+    models = {role: load_model(role, refs[role].path, dev, refs[role]) for role in ("segmenter", "classifier")}
+    voting, threshold, provenance = _voting_from(models["classifier"].ckpt, file_cfg, overrides, models["segmenter"].ckpt)
+    crop = _resolve_crop(models["classifier"].ckpt, file_cfg, overrides, provenance)
+    if crop == "cervix":
+        refs["cervix"] = resolve("cervix", cervix_model)
+        models["cervix"] = load_model("cervix", refs["cervix"].path, dev, refs["cervix"])
+    if use_stage:
+        try:
+            refs["stage"] = resolve("stage", stage_model)
+        except CervscanError as e:
+            if stage_model:
+                raise
+            log.warning("no exam-stage model (%s); stage left empty", e)
+        else:
+            models["stage"] = load_model("stage", refs["stage"].path, dev, refs["stage"])
+    base = ScreenConfig()
+    cfg = dataclasses.replace(
+        base, voting=voting, threshold=threshold, device=str(dev), crop=crop,
+        num_workers=num_workers if num_workers is not None else int(file_cfg.get("num_workers", base.num_workers)),
+        batch_images=batch_images or int(file_cfg.get("batch_images", base.batch_images)),
+        **{k: type(getattr(base, k))(file_cfg[k]) for k in ("max_side", "max_pixels", "min_side", "cervix_margin",
+                                                             "cervix_min_fraction", "centre_crop") if k in file_cfg},
+        write_masks=write_masks, write_overlays=write_overlays)
+    return Pipeline(models, cfg, dev), refs, provenance, time.time() - t0
+
+
 def screen(paths: list[str | Path], out: str | Path, *, seg_model: str | None = None, cls_model: str | None = None,
+           cervix_model: str | None = None, stage_model: str | None = None, use_stage: bool = True,
            config_file: str | None = None, overrides: dict | None = None, device: str | None = None,
            num_workers: int | None = None, batch_images: int | None = None, write_masks: bool = True,
            write_overlays: bool = True, threads: int | None = None,
@@ -75,16 +133,15 @@ def screen(paths: list[str | Path], out: str | Path, *, seg_model: str | None = 
     """Screen visit folders and write patients.csv, images.csv, masks, overlays and run.json to ``out``."""
     import torch
 
+    from .io import discover_visits
+    from .writer import OutputWriter
+
     from .device import resolve_device
-    from .inference import IMAGE_COLUMNS, load_models, screen_images
-    from .io import atomic_write_csv, atomic_write_image, atomic_write_json, discover_visits, output_stems
-    from .transforms import overlay
-    from .variants import aggregate_patient
-    from .weights import resolve
 
     t0 = time.time()
-    overrides = dict(overrides or {})
+    # a bad config file or device fails before anything is written
     file_cfg = load_config_file(config_file) if config_file else {}
+    resolve_device((overrides or {}).get("device") or device or file_cfg.get("device") or "auto")
     stray: list[tuple[Path, str]] = []
     visits = discover_visits(paths, stray)
     out = Path(out)
@@ -95,126 +152,84 @@ def screen(paths: list[str | Path], out: str | Path, *, seg_model: str | None = 
         probe.unlink()
     except OSError as e:
         raise CervscanError(f"{out}: output folder is not writable ({e.strerror})") from None
-
     if threads:
         torch.set_num_threads(threads)
-    # explicit option > config file > auto
-    dev = resolve_device(overrides.pop("device", None) or device or file_cfg.get("device") or "auto")
-    seg_ref = resolve("segmenter", seg_model)
-    cls_ref = resolve("classifier", cls_model)
-    t_load = time.time()
-    models = load_models(seg_ref, cls_ref, dev)
+    pipe, refs, provenance, load_s = load_pipeline(
+        seg_model=seg_model, cls_model=cls_model, cervix_model=cervix_model, stage_model=stage_model,
+        config_file=config_file, overrides=overrides, device=device, num_workers=num_workers,
+        batch_images=batch_images, write_masks=write_masks, write_overlays=write_overlays, use_stage=use_stage)
+    cfg = pipe.cfg
     t_loaded = time.time()
-    voting, threshold, provenance = _voting_from(models.cls_ckpt, file_cfg, overrides, models.seg_ckpt)
-    base = ScreenConfig()
-    cfg = dataclasses.replace(
-        base, voting=voting, threshold=threshold, device=str(dev),
-        num_workers=num_workers if num_workers is not None else int(file_cfg.get("num_workers", base.num_workers)),
-        batch_images=batch_images or int(file_cfg.get("batch_images", base.batch_images)),
-        max_side=int(file_cfg.get("max_side", base.max_side)), max_pixels=int(file_cfg.get("max_pixels", base.max_pixels)),
-        min_side=int(file_cfg.get("min_side", base.min_side)),
-        write_masks=write_masks, write_overlays=write_overlays)
 
+    writer = OutputWriter(out, masks=cfg.write_masks, overlays=cfg.write_overlays)
+    for v in visits:
+        writer.add_visit(v.patient_id, [p.name for p in v.images])
     items = [(v.patient_id, p) for v in visits for p in v.images]
-    names = {v.patient_id: output_stems([p.name for p in v.images]) for v in visits}
-
-    def on_image(rec: dict, arrays: dict | None) -> None:
-        if arrays is None:
-            log.warning("%s", rec["error"])
-            return
-        stem = names[rec["patient_id"]][rec["image"]]
-        if cfg.write_masks:
-            rel = Path("masks") / rec["patient_id"] / f"{stem}.png"
-            atomic_write_image(out / rel, arrays["mask"] * 255)
-            rec["mask"] = str(rel)
-        if cfg.write_overlays:
-            rel = Path("overlays") / rec["patient_id"] / f"{stem}.jpg"
-            atomic_write_image(out / rel, overlay(arrays["rgb"], arrays["mask"]))
-            rec["overlay"] = str(rel)
-
-    done = [0]
-
-    def step(n: int) -> None:
-        done[0] += n
-        if progress:
-            progress("images", done[0], len(items))
-
+    labels = pipe.labels()
+    model_cols = {"stage_model": labels.get("stage", ""), "cervix_model": labels.get("cervix", ""),
+                  "seg_model": labels.get("segmenter", ""), "cls_model": labels.get("classifier", "")}
     if progress:
         progress("images", 0, len(items))
-    records = screen_images(models, items, cfg, threshold, on_image=on_image, progress=step)
+    records: list[dict] = []
+    for res in pipe.run(items):
+        if res.record["status"] != "ok":
+            log.warning("%s", res.record["error"])
+        records.append({**writer.image(res), **model_cols})
+        if progress:
+            progress("images", len(records), len(items))
     t_screened = time.time()
 
-    seg_label, cls_label = seg_ref.label, cls_ref.label
     by_pid: dict[str, list[dict]] = {}
     for r in records:
         by_pid.setdefault(r["patient_id"], []).append(r)
-    patients = []
+    patients = [pipe.aggregate(v.patient_id, by_pid.get(v.patient_id, []), v.error or "") for v in visits]
     skipped = [{"patient_id": "", "file": str(p), "reason": why} for p, why in stray]
-    for v in visits:
-        recs = by_pid.get(v.patient_id, [])
-        ok = [r for r in recs if r["status"] == "ok"]
-        failed = [r for r in recs if r["status"] != "ok"]
-        for name, why in v.skipped:
-            skipped.append({"patient_id": v.patient_id, "file": name, "reason": why})
-        score, decision = aggregate_patient([r["score"] for r in ok], threshold)
-        err = ""
-        if v.error:
-            err = v.error
-        elif not ok:
-            err = f"all {len(recs)} image(s) failed: " + "; ".join(r["error"] for r in failed[:3])
-        flags: dict[str, int] = {}
-        for r in ok:
-            for f in filter(None, (r.get("quality_flags") or "").split(";")):
-                flags[f] = flags.get(f, 0) + 1
-        n_empty = sum(bool(r.get("empty_mask")) for r in ok)
-        quality = "ok" if not flags else ";".join(f"{k}:{n}/{len(ok)}" for k, n in sorted(flags.items()))
-        patients.append({
-            "patient_id": v.patient_id, "decision": decision if not v.error else "error", "score": score,
-            "threshold": threshold, "n_images": len(recs), "n_used": len(ok), "n_failed": len(failed),
-            "n_empty_mask": n_empty, "quality": quality if ok else "", "error": err,
-            "seg_model": seg_label, "cls_model": cls_label, "cervscan_version": __version__,
-        })
-    for r in records:
-        r["seg_model"], r["cls_model"] = seg_label, cls_label
+    skipped += [{"patient_id": v.patient_id, "file": name, "reason": why} for v in visits for name, why in v.skipped]
 
     n_failed_img = sum(r["status"] != "ok" for r in records)
     n_err_pat = sum(p["decision"] == "error" for p in patients)
     exit_code = 3 if (n_failed_img or n_err_pat) else 0
-    atomic_write_csv(out / "images.csv", records, IMAGE_COLUMNS + ["seg_model", "cls_model"])
-    atomic_write_csv(out / "patients.csv", patients, PATIENT_COLUMNS)
-    atomic_write_csv(out / "skipped.csv", skipped, ["patient_id", "file", "reason"])
+    run = _run_record("screen", out, paths, pipe, refs, provenance, {
+        "load_models_s": round(load_s, 3), "screen_s": round(t_screened - t_loaded, 3),
+        "total_s": round(time.time() - t0, 3), "images_per_s": round(len(items) / max(1e-9, t_screened - t_loaded), 3)})
+    run["counts"] = {"patients": len(patients), "images": len(records), "images_failed": n_failed_img,
+                     "patients_error": n_err_pat, "severe": sum(p["decision"] == "severe" for p in patients),
+                     "mildly_normal": sum(p["decision"] == "mildly_normal" for p in patients),
+                     "no_cervix": sum(r.get("cervix_found") is False for r in records),
+                     "skipped_files": len(skipped)}
+    run["exit_code"] = exit_code
+    writer.finish(patients, records, skipped, run)
+    return ScreenResult(out, patients, records, skipped, run, exit_code)
+
+
+def _run_record(command: str, out: Path, paths, pipe, refs: dict, provenance: dict, timings: dict) -> dict:
+    """run.json: resolved configuration, every model's file and sha256, versions, device, timings."""
     import segmentation_models_pytorch as smp
     import timm
+    import torch
 
-    def model_info(ref, ck):
+    def model_info(role):
+        ref, ck = refs[role], pipe.models[role].ckpt
         return {"path": str(ref.path), "source": ref.source, "sha256": ref.sha256, "verified": ref.verified,
                 "label": ref.label, "name": ck.get("name"), "version": ck.get("version"), "arch": ck["arch"],
                 "form": ck["form"], "input_size": ck["input_size"], "dtype": ck.get("dtype"),
                 **({"threshold": ck.get("threshold"), "operating_point": ck.get("operating_point"),
-                    "temperature": ck.get("temperature"), "voting": ck.get("voting")} if ck["kind"] == "classifier" else {}),
+                    "temperature": ck.get("temperature"), "voting": ck.get("voting"), "crop": ck.get("crop")}
+                   if ck["kind"] == "classifier" else {}),
+                **({"classes": ck.get("classes")} if ck["kind"] == "stage" else {}),
                 "train_summary": ck.get("train_summary")}
 
-    run = {
-        "command": "screen", "cervscan_version": __version__, "out": str(out),
+    return {
+        "command": command, "cervscan_version": __version__, "out": str(out),
         "inputs": [str(Path(p).resolve()) for p in paths],
-        "config": cfg.to_dict(), "threshold": threshold, "provenance": provenance,
-        "models": {"segmenter": model_info(seg_ref, models.seg_ckpt), "classifier": model_info(cls_ref, models.cls_ckpt)},
+        "config": pipe.cfg.to_dict(), "threshold": pipe.cfg.threshold, "provenance": provenance,
+        "models": {role: model_info(role) for role in refs if role in pipe.models},
         "versions": {"cervscan": __version__, "torch": torch.__version__, "timm": timm.__version__,
                      "segmentation_models_pytorch": smp.__version__, "python": platform.python_version()},
-        "device": str(dev), "threads": torch.get_num_threads(),
-        "timings": {"load_models_s": round(t_loaded - t_load, 3), "screen_s": round(t_screened - t_loaded, 3),
-                    "total_s": round(time.time() - t0, 3),
-                    "images_per_s": round(len(items) / max(1e-9, t_screened - t_loaded), 3)},
-        "counts": {"patients": len(patients), "images": len(records), "images_failed": n_failed_img,
-                   "patients_error": n_err_pat, "severe": sum(p["decision"] == "severe" for p in patients),
-                   "mildly_normal": sum(p["decision"] == "mildly_normal" for p in patients),
-                   "skipped_files": len(skipped)},
+        "device": str(pipe.device), "threads": torch.get_num_threads(), "timings": timings,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "exit_code": exit_code,
         "disclaimer": "Decision support only: the result supports and does not replace the clinician's judgement.",
     }
-    atomic_write_json(out / "run.json", run)
-    return ScreenResult(out, patients, records, skipped, run, exit_code)
 
 
 def evaluate(visits: list[str | Path], labels: str | Path, out: str | Path, *, n_bootstrap: int = 2000, seed: int = 0,
@@ -300,3 +315,41 @@ def evaluate(visits: list[str | Path], labels: str | Path, out: str | Path, *, n
     plot_confusion(m["confusion"], out / "confusion.png", title=f"threshold {thr:.3f}")
     atomic_write_json(out / "metrics.json", m)
     return m
+
+
+def train_seg(**kwargs) -> dict:
+    """``cervscan train-seg``: keyword arguments of :class:`cervscan.seg_training.SegTrainConfig`."""
+    from .seg_training import SegTrainConfig, train_seg as _train
+
+    progress = kwargs.pop("progress", None)
+    return _train(SegTrainConfig(**kwargs), progress=progress)
+
+
+def train_cls(**kwargs) -> dict:
+    """``cervscan train-cls``: keyword arguments of :class:`cervscan.cls_training.ClsTrainConfig`."""
+    from .cls_training import ClsTrainConfig, train_cls as _train
+
+    progress = kwargs.pop("progress", None)
+    return _train(ClsTrainConfig(**kwargs), progress=progress)
+
+
+def train_stage(**kwargs) -> dict:
+    """``cervscan train-stage``: keyword arguments of :class:`cervscan.stage_training.StageTrainConfig`."""
+    from .stage_training import StageTrainConfig, train_stage as _train
+
+    return _train(StageTrainConfig(**kwargs))
+
+
+def report(out: str | Path, **kwargs) -> list[Path]:
+    """``cervscan report``: PDF reports of a screen output folder (see :func:`cervscan.report.write_reports`)."""
+    from .report import write_reports
+
+    return write_reports(out, **kwargs)
+
+
+def batch(root: str | Path, out: str | Path, **kwargs):
+    """``cervscan batch``: incremental, crash-safe, locked screening of a growing folder of visits
+    (keyword arguments of :func:`cervscan.batch.run_batch`; returns a :class:`cervscan.batch.BatchResult`)."""
+    from .batch import run_batch
+
+    return run_batch(root, out, **kwargs)

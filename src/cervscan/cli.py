@@ -85,10 +85,14 @@ def main_callback(
 
 # --------------------------------------------------------------------------- screen
 
-def _overrides(threshold, weights, brightness, brightness_from_flipped, variants) -> dict:
-    from .config import parse_variants, parse_weights
+def _overrides(threshold, weights, brightness, brightness_from_flipped, variants, crop=None) -> dict:
+    from .config import CROP_MODES, parse_variants, parse_weights
 
     o: dict = {}
+    if crop is not None:
+        if crop not in CROP_MODES:
+            raise CervscanError(f"--crop must be one of {', '.join(CROP_MODES)}, not {crop!r}")
+        o["crop"] = crop
     if threshold is not None:
         o["threshold"] = threshold
     if weights:
@@ -106,6 +110,12 @@ SegOpt = Annotated[Optional[str], typer.Option("--seg-model", envvar="CERVSCAN_S
                                                help="Segmenter checkpoint (file or run folder).")]
 ClsOpt = Annotated[Optional[str], typer.Option("--cls-model", envvar="CERVSCAN_CLS_MODEL",
                                                help="Classifier checkpoint (file or run folder).")]
+CervixOpt = Annotated[Optional[str], typer.Option("--cervix-model", envvar="CERVSCAN_CERVIX_MODEL",
+                                                  help="Cervix finder checkpoint (file or run folder).")]
+StageOpt = Annotated[Optional[str], typer.Option("--stage-model", envvar="CERVSCAN_STAGE_MODEL",
+                                                 help="Exam-stage model checkpoint (file or run folder).")]
+CropOpt = Annotated[Optional[str], typer.Option("--crop", help="What the models look at: cervix (cervix finder; centre crop when none is found) | centre | frame. Default: what the classifier was trained on.")]
+NoStageOpt = Annotated[bool, typer.Option("--no-stage", help="Do not run the exam-stage model.")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", envvar="CERVSCAN_DEVICE", help="auto | cpu | cuda | cuda:N (default auto)")]
 ThresholdOpt = Annotated[Optional[float], typer.Option("--threshold", help="Decision threshold on the score (default: the classifier's operating point).")]
 WeightsOpt = Annotated[Optional[str], typer.Option("--weights", help="Six voting weights v1..v6, comma-separated.")]
@@ -122,6 +132,10 @@ def screen(
     out: Annotated[Path, typer.Option("-o", "--out", help="Output folder.")] = Path("cervscan-out"),
     seg_model: SegOpt = None,
     cls_model: ClsOpt = None,
+    cervix_model: CervixOpt = None,
+    stage_model: StageOpt = None,
+    crop: CropOpt = None,
+    no_stage: NoStageOpt = False,
     device: DeviceOpt = None,
     threshold: ThresholdOpt = None,
     weights: WeightsOpt = None,
@@ -136,20 +150,21 @@ def screen(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON on stdout.")] = False,
 ) -> None:
-    """Screen visit folders: segment, classify six variants, vote, decide per patient.
+    """Screen visit folders: exam stage, cervix, lesion, six variants, vote, decide per patient.
 
-    Writes OUT/patients.csv, OUT/images.csv, OUT/masks/, OUT/overlays/, OUT/skipped.csv and OUT/run.json.
+    Writes OUT/patients.csv, OUT/images.csv, OUT/masks/, OUT/cervix/, OUT/overlays/, OUT/skipped.csv and OUT/run.json.
     """
     _setup_logging(verbose, quiet or as_json)
     from . import api
 
     try:
-        ov = _overrides(threshold, weights, brightness, brightness_from_flipped, variants)
+        ov = _overrides(threshold, weights, brightness, brightness_from_flipped, variants, crop)
     except CervscanError as e:  # a malformed --variants / --weights value is a usage error (exit 2)
         raise typer.BadParameter(str(e)) from None
     try:
         if quiet or as_json:
-            res = api.screen(paths, out, seg_model=seg_model, cls_model=cls_model, config_file=config,
+            res = api.screen(paths, out, seg_model=seg_model, cls_model=cls_model, cervix_model=cervix_model,
+                             stage_model=stage_model, use_stage=not no_stage, config_file=config,
                              overrides=ov, device=device, num_workers=workers,
                              write_masks=not no_masks, write_overlays=not no_masks)
         else:
@@ -168,13 +183,12 @@ def screen(
                     prog.update(task, completed=done, total=total,
                                 rate=f"{done / el:.1f} img/s" if el > 0 and done else "")
 
-                res = api.screen(paths, out, seg_model=seg_model, cls_model=cls_model, config_file=config,
+                res = api.screen(paths, out, seg_model=seg_model, cls_model=cls_model, cervix_model=cervix_model,
+                             stage_model=stage_model, use_stage=not no_stage, config_file=config,
                                  overrides=ov, device=device, num_workers=workers,
                                  write_masks=not no_masks, write_overlays=not no_masks, progress=cb)
         if report:
-            from .report import write_reports
-
-            write_reports(Path(out), config_file=config, clinic=os.environ.get("CERVSCAN_CLINIC"))
+            api.report(Path(out), config_file=config, clinic=os.environ.get("CERVSCAN_CLINIC"))
     except CervscanError as e:
         _fail(e)
     if as_json:
@@ -200,7 +214,7 @@ def _print_summary(res) -> None:
     console.print(t)
     m = res.run["models"]
     c = res.run["counts"]
-    console.print(f"models: segmenter {m['segmenter']['label']}, classifier {m['classifier']['label']}; "
+    console.print("models: " + ", ".join(f"{role} {info['label']}" for role, info in m.items()) + "; "
                   f"{c['images']} images in {res.run['timings']['screen_s']:.1f}s "
                   f"({res.run['timings']['images_per_s']:.2f} img/s) on {res.run['device']}")
     if c["images_failed"] or c["skipped_files"]:
@@ -217,6 +231,10 @@ def evaluate(
     out: Annotated[Path, typer.Option("-o", "--out")] = Path("cervscan-eval"),
     seg_model: SegOpt = None,
     cls_model: ClsOpt = None,
+    cervix_model: CervixOpt = None,
+    stage_model: StageOpt = None,
+    crop: CropOpt = None,
+    no_stage: NoStageOpt = False,
     device: DeviceOpt = None,
     threshold: ThresholdOpt = None,
     weights: WeightsOpt = None,
@@ -234,8 +252,9 @@ def evaluate(
     from . import api
 
     try:
-        ov = _overrides(threshold, weights, brightness, brightness_from_flipped, variants)
-        m = api.evaluate(visits, labels, out, seg_model=seg_model, cls_model=cls_model, config_file=config,
+        ov = _overrides(threshold, weights, brightness, brightness_from_flipped, variants, crop)
+        m = api.evaluate(visits, labels, out, seg_model=seg_model, cls_model=cls_model, cervix_model=cervix_model,
+                         stage_model=stage_model, use_stage=not no_stage, config_file=config,
                          overrides=ov, device=device, n_bootstrap=bootstrap, seed=seed, cv_run=cv_run)
     except CervscanError as e:
         _fail(e)
@@ -284,23 +303,33 @@ def train_seg_cmd(
     stop_after: Annotated[int, typer.Option("--stop-after", help="Stop after this epoch (schedule still planned for --epochs); continue later with --resume.")] = 0,
     model_name: Annotated[str, typer.Option("--model-name", help="Name recorded in the checkpoint.")] = "cervscan-seg",
     model_version: Annotated[str, typer.Option("--model-version", help="Version recorded in the checkpoint.")] = "0.0.0-local",
+    target: Annotated[str, typer.Option("--target", help="lesion (acetowhite lesion masks) or cervix (cervix outline masks: the cervix finder).")] = "lesion",
+    color_jitter: Annotated[Optional[float], typer.Option("--color-jitter", help="Colour augmentation strength (default 0.25; 0.4 for --target cervix, whose flash-card training images have shifted colours).")] = None,
+    images_csv: Annotated[Optional[Path], typer.Option("--images-csv", help="CSV with image,split[,kind,source]: rows with split train/val are used as given; 'open' rows are left out (default DATA/images.csv when present).")] = None,
+    crop_cervix: Annotated[Optional[Path], typer.Option("--crop-cervix", help="Cervix finder checkpoint: train and validate on the cervix crop of each image, as screening does.")] = None,
+    threads: Annotated[int, typer.Option("--threads", help="Torch threads (0 = torch's default).")] = 0,
     max_steps: Annotated[int, typer.Option(hidden=True)] = 0,
 ) -> None:
-    """Train the U-Net++ lesion segmenter (Dice + BCE, Adam, validation IoU/Dice per epoch)."""
+    """Train a U-Net++ segmenter: the lesion segmenter, or with --target cervix the cervix finder (Dice + BCE, Adam, validation IoU/Dice per epoch)."""
     _fast_malloc_reexec()
     _setup_logging(False, False)
-    from .seg_training import SegTrainConfig, plot_iou, train_seg
+    from . import api
 
-    cfg = SegTrainConfig(data=str(data), out=str(out), encoder=encoder, pretrained=pretrained and init is None,
+    cfg = dict(data=str(data), out=str(out), encoder=encoder, pretrained=pretrained and init is None,
                          init=str(init) if init else None, epochs=epochs, batch_size=batch_size, lr=lr,
                          input_size=input_size, val_fraction=val_fraction, group_regex=group_regex, seed=seed,
                          resume=resume, max_steps_per_epoch=max_steps, name=model_name, version=model_version,
-                         stop_after=stop_after)
+                         stop_after=stop_after, target=target, threads=threads,
+                         color_jitter=color_jitter if color_jitter is not None else (0.4 if target == "cervix" else 0.25),
+                         images_csv=str(images_csv) if images_csv else None,
+                         crop_cervix=str(crop_cervix) if crop_cervix else None)
     try:
         with _train_progress() as cb:
-            m = train_seg(cfg, progress=cb)
+            m = api.train_seg(**cfg, progress=cb)
         if compare:
             import pandas as pd
+
+            from .seg_training import plot_iou
 
             plot_iou([(out.name, pd.read_csv(out / "val_iou.csv").to_dict("records")),
                       (compare.name, pd.read_csv(compare / "val_iou.csv").to_dict("records"))], out / "iou.png")
@@ -356,13 +385,17 @@ def train_cls_cmd(
     model_version: Annotated[str, typer.Option("--model-version", help="Version recorded in the checkpoint.")] = "0.0.0-local",
     cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Where segmented training images are cached.")] = None,
     head_std: Annotated[float, typer.Option("--head-std", help="Re-initialise the classification head with this standard deviation (0: the architecture's own init).")] = 0.0,
+    crop: Annotated[str, typer.Option("--crop", help="What the classifier sees, as screening will: cervix (cervix finder crop) | centre | frame.")] = "cervix",
+    cervix_model: CervixOpt = None,
+    only_folds: Annotated[Optional[str], typer.Option("--only-folds", help="Train only these folds (comma list, 1-based; 0 = the all-patient model), e.g. to run folds in parallel processes; then run again with --resume for the metrics.")] = None,
+    threads: Annotated[int, typer.Option("--threads", help="Torch threads (0 = torch's default).")] = 0,
     eval_epochs: Annotated[Optional[str], typer.Option("--eval-epochs", help="Comma-separated epochs after which the held-out patients are also scored (a learning curve in metrics.json; needs --folds or a split).")] = None,
     max_steps: Annotated[int, typer.Option(hidden=True)] = 0,
 ) -> None:
     """Train the classifier on original + segmented images with a patient-wise split; calibrate the operating point."""
     _fast_malloc_reexec()
     _setup_logging(False, False)
-    from .cls_training import ClsTrainConfig, train_cls
+    from . import api
 
     try:
         curve = tuple(sorted({int(e) for e in eval_epochs.split(",") if e.strip()})) if eval_epochs else ()
@@ -370,7 +403,16 @@ def train_cls_cmd(
         _fail(CervscanError(f"--eval-epochs must be comma-separated whole numbers, not {eval_epochs!r}"))
     if any(e < 1 or e > epochs for e in curve):
         _fail(CervscanError(f"--eval-epochs must lie between 1 and --epochs ({epochs}), not {eval_epochs!r}"))
-    cfg = ClsTrainConfig(eval_epochs=curve, head_std=head_std, visits=str(visits), labels=str(labels), out=str(out), seg_model=seg_model,
+    from .config import CROP_MODES
+
+    if crop not in CROP_MODES:
+        _fail(CervscanError(f"--crop must be one of {', '.join(CROP_MODES)}, not {crop!r}"))
+    try:
+        only = tuple(sorted({int(x) for x in only_folds.split(",") if x.strip()})) if only_folds else ()
+    except ValueError:
+        _fail(CervscanError(f"--only-folds must be comma-separated whole numbers, not {only_folds!r}"))
+    cfg = dict(crop=crop, cervix_model=cervix_model, only_folds=only, threads=threads,
+                         eval_epochs=curve, head_std=head_std, visits=str(visits), labels=str(labels), out=str(out), seg_model=seg_model,
                          images_csv=str(images_csv) if images_csv else None, arch=arch, pretrained=pretrained,
                          samples=samples, epochs=epochs, batch_size=batch_size, lr=lr, input_size=input_size,
                          val_fraction=val_fraction, folds=folds, full=full, target_sensitivity=target_sensitivity,
@@ -378,10 +420,112 @@ def train_cls_cmd(
                          name=model_name, version=model_version, cache_dir=str(cache_dir) if cache_dir else None)
     try:
         with _train_progress() as cb:
-            m = train_cls(cfg, progress=cb)
+            m = api.train_cls(**cfg, progress=cb)
     except CervscanError as e:
         _fail(e)
     console.print_json(json.dumps(m.get("summary", {}), default=str))
+
+
+@app.command("train-stage")
+def train_stage_cmd(
+    visits: Annotated[Path, typer.Argument(help="Folder of visit folders with images.csv (patient_id,image,stage).")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Run folder.")],
+    images_csv: Annotated[Optional[Path], typer.Option("--images-csv", help="Stage table (default VISITS/images.csv).")] = None,
+    folds: Annotated[int, typer.Option(help="Patient-wise cross-validation folds for the accuracy report.")] = 5,
+    c: Annotated[float, typer.Option("--C", help="Inverse regularisation strength of the logistic regression.")] = 0.01,
+    seed: Annotated[int, typer.Option()] = 0,
+    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Where frozen image features are cached.")] = None,
+    threads: Annotated[int, typer.Option("--threads", help="Torch threads (0 = torch's default).")] = 0,
+    model_name: Annotated[str, typer.Option("--model-name", help="Name recorded in the checkpoint.")] = "cervscan-stage-lite0",
+    model_version: Annotated[str, typer.Option("--model-version", help="Version recorded in the checkpoint.")] = "0.0.0-local",
+) -> None:
+    """Train the exam-stage model (acetic, lugol, green, saline, other): frozen EfficientNet-Lite0 features + logistic regression."""
+    _setup_logging(False, False)
+    from . import api
+
+    try:
+        m = api.train_stage(visits=str(visits), out=str(out), images_csv=str(images_csv) if images_csv else None,
+                            folds=folds, C=c, seed=seed, cache_dir=str(cache_dir) if cache_dir else None,
+                            threads=threads, name=model_name, version=model_version)
+    except CervscanError as e:
+        _fail(e)
+    console.print(f"cross-validated accuracy {m['accuracy']:.3f} (balanced {m['balanced_accuracy']:.3f}); "
+                  + ", ".join(f"{k} {v['recall']:.2f}" for k, v in m["per_class"].items() if v["recall"] is not None)
+                  + f" -> {out}/model.pt")
+
+
+# --------------------------------------------------------------------------- batch
+
+@app.command(epilog=EXIT_CODES + " For batch also: 4 another batch run holds OUT's lock (see --wait).")
+def batch(
+    root: Annotated[Path, typer.Argument(help="Folder that receives one visit folder per patient (it may grow every day).")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output folder; one per ROOT (the run journal lives in OUT/.cervscan/).")] = Path("cervscan-batch"),
+    seg_model: SegOpt = None,
+    cls_model: ClsOpt = None,
+    cervix_model: CervixOpt = None,
+    stage_model: StageOpt = None,
+    crop: CropOpt = None,
+    no_stage: NoStageOpt = False,
+    device: DeviceOpt = None,
+    threshold: ThresholdOpt = None,
+    weights: WeightsOpt = None,
+    brightness: BrightOpt = None,
+    brightness_from_flipped: BrightFlipOpt = None,
+    variants: VariantsOpt = None,
+    config: ConfigOpt = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Image-decoding worker processes (default 0: one decoding thread).")] = None,
+    no_masks: Annotated[bool, typer.Option("--no-masks", help="Do not write masks/ and overlays/.")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for a run that holds OUT's lock instead of exiting with code 4.")] = False,
+    wait_timeout: Annotated[Optional[float], typer.Option("--wait-timeout", help="Give up waiting (exit 4) after this many seconds; implies --wait.")] = None,
+    report: Annotated[bool, typer.Option("--report", help="Also write PDF reports of the new or changed visits, and the summary.")] = False,
+    log_file: Annotated[Optional[Path], typer.Option("--log-file", help="Append a timestamped log of the run to this file.")] = None,
+    csv_every: Annotated[int, typer.Option("--csv-every", min=0, help="Rewrite the CSVs after every N screened visits during the run (0: only at the end).")] = 20,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the run summary as one line of JSON on stdout.")] = False,
+) -> None:
+    """Nightly batch: screen only the new or changed visits of ROOT into OUT; earlier results stay.
+
+    Incremental (a visit is screened again when its images, the models or the configuration change), crash-safe
+    (a journal in OUT/.cervscan/batch.sqlite; rerun after a crash), locked (one run per OUT). OUT/patients.csv and
+    OUT/images.csv always hold every visit's latest result exactly once.
+    """
+    _setup_logging(verbose, quiet or as_json)
+    from . import api
+    from .batch import BatchLockedError, log_to_file
+
+    try:
+        ov = _overrides(threshold, weights, brightness, brightness_from_flipped, variants, crop)
+    except CervscanError as e:  # a malformed --variants / --weights value is a usage error (exit 2)
+        raise typer.BadParameter(str(e)) from None
+
+    def fail(e: Exception, code: int) -> None:
+        if as_json:
+            sys.stdout.write(json.dumps({"root": str(root), "out": str(out), "error": str(e), "exit_code": code}) + "\n")
+        err_console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(code)
+
+    console_level = logging.DEBUG if verbose else (logging.ERROR if quiet or as_json else logging.INFO)
+    try:
+        with log_to_file(log_file, console_level):
+            res = api.batch(root, out, seg_model=seg_model, cls_model=cls_model, cervix_model=cervix_model,
+                            stage_model=stage_model, use_stage=not no_stage, config_file=config, overrides=ov,
+                            device=device, num_workers=workers, write_masks=not no_masks,
+                            write_overlays=not no_masks, wait=wait, wait_timeout=wait_timeout, report=report,
+                            report_options={"clinic": os.environ.get("CERVSCAN_CLINIC"), "config_file": config},
+                            csv_every=csv_every)
+    except BatchLockedError as e:
+        fail(e, BatchLockedError.exit_code)
+    except CervscanError as e:
+        fail(e, 1)
+    s = res.summary
+    if as_json:
+        sys.stdout.write(json.dumps(s, default=str) + "\n")
+    elif not quiet:
+        console.print(f"batch {root} -> {out}: {s['new']} new, {s['changed']} changed, {s['unchanged']} unchanged, "
+                      f"{s['failed']} failed, {s['removed']} removed (kept); {s['images']} image(s) in "
+                      f"{s['duration_s']:.1f}s; {s['patients_total']} patient(s) in {out / 'patients.csv'}")
+    raise typer.Exit(res.exit_code)
 
 
 # --------------------------------------------------------------------------- report
@@ -398,9 +542,9 @@ def report(
     """Write PDF referral reports: OUT/reports/<patient>.pdf and OUT/reports/summary.pdf."""
     _setup_logging(False, False)
     try:
-        from .report import write_reports
+        from . import api
 
-        paths = write_reports(out, patients=patient, clinic=clinic, exam_date=exam_date, page_size=page_size,
+        paths = api.report(out, patients=patient, clinic=clinic, exam_date=exam_date, page_size=page_size,
                               config_file=config)
     except CervscanError as e:
         _fail(e)

@@ -68,6 +68,11 @@ class ClsTrainConfig:
     brightness: float = DEFAULT_BRIGHTNESS
     head_std: float = 0.0  # > 0: re-initialise the classification head ~ N(0, head_std), bias 0 (0 keeps timm's init)
     eval_epochs: tuple[int, ...] = ()  # also score the held-out patients after these epochs (learning curve)
+    #: what the classifier sees (as screening will): "cervix" (cervix finder crop), "centre" or "frame"
+    crop: str = "cervix"
+    cervix_model: str | None = None
+    #: train and score only these folds (1-based; 0 = the all-patient model), for running folds in parallel
+    only_folds: tuple[int, ...] = ()
 
 
 # --------------------------------------------------------------------------- data
@@ -92,33 +97,51 @@ class Sample:
     lesion_fraction: float
 
 
-def prepare_samples(cfg: ClsTrainConfig, progress=None) -> tuple[list[Sample], dict]:
-    """Decode, segment and cache every labelled image. Returns samples and the segmenter info."""
+def preparation_pipeline(cfg: ClsTrainConfig):
+    """The screening pipeline's models for data preparation: lesion segmenter, and the cervix finder when
+    ``cfg.crop`` is ``cervix``. Returns the pipeline and what to record of its models."""
+    from dataclasses import replace
+
+    from .config import ScreenConfig
     from .device import resolve_device
-    from .inference import LoadedModels, segment
-    from .models import model_from_checkpoint, read_checkpoint
+    from .pipeline import Pipeline, load_model
     from .weights import resolve
 
+    dev = resolve_device(cfg.device)
+    refs = {"segmenter": resolve("segmenter", cfg.seg_model)}
+    if cfg.crop == "cervix":
+        refs["cervix"] = resolve("cervix", cfg.cervix_model)
+    models = {role: load_model(role, ref.path, dev, ref) for role, ref in refs.items()}
+    seg_ck = models["segmenter"].ckpt
+    base = ScreenConfig()
+    pcfg = replace(base, crop=cfg.crop, voting=VotingConfig(mask_threshold=float(seg_ck.get("mask_threshold") or 0.5),
+                                                            brightness=cfg.brightness))
+    info = {role: {"path": str(ref.path), "sha256": ref.sha256, "name": models[role].ckpt.get("name"),
+                   "version": models[role].ckpt.get("version")} for role, ref in refs.items()}
+    return Pipeline(models, pcfg, dev), info
+
+
+def prepare_samples(cfg: ClsTrainConfig, progress=None) -> tuple[list[Sample], dict]:
+    """Decode every labelled image and run the screening pipeline up to the classifier's inputs
+    (cervix crop, lesion, segmented image at the input size); cached by model sha256s and settings.
+    Returns samples and the models' info."""
     labels = {r["patient_id"]: r for r in read_labels(cfg.labels)}
     visits = {v.patient_id: v for v in discover_visits([cfg.visits])}
     missing = sorted(set(labels) - set(visits))
     if missing:
         log.warning("%d labelled patients have no visit folder (e.g. %s); skipped", len(missing), missing[:3])
-    seg_ref = resolve("segmenter", cfg.seg_model)
-    # a classifier is not needed to segment; load the segmenter only
-    seg_ck = read_checkpoint(seg_ref.path)
-    if seg_ck["kind"] != "segmenter":
-        raise CervscanError(f"{seg_ref.path}: not a segmenter checkpoint")
-    dev = resolve_device(cfg.device)
-    lm = LoadedModels(seg=model_from_checkpoint(seg_ck).to(dev), cls=None, seg_ckpt=seg_ck, cls_ckpt={}, device=dev)  # type: ignore[arg-type]
-    vcfg = VotingConfig(mask_threshold=float(seg_ck.get("mask_threshold") or 0.5))
+    pipe, info = preparation_pipeline(cfg)
     S = cfg.input_size
     if cfg.cache_dir:
         cache = Path(cfg.cache_dir)
     else:
         from platformdirs import user_cache_dir
         cache = Path(user_cache_dir("cervscan", appauthor=False))
-    cache = cache / f"cls-{seg_ref.sha256[:16]}-{S}-t{vcfg.mask_threshold:g}"
+    c = pipe.cfg
+    key_src = "|".join([f"{r}:{i['sha256']}" for r, i in sorted(info.items())] + [
+        f"S{S}", f"crop:{c.crop}:{c.cervix_margin}:{c.cervix_min_fraction}:{c.centre_crop}",
+        f"t{c.voting.mask_threshold:g}:{c.voting.crop_margin}:{c.voting.min_lesion_fraction}", "v2"])
+    cache = cache / f"cls-{hashlib.sha1(key_src.encode()).hexdigest()[:16]}"
     cache.mkdir(parents=True, exist_ok=True)
     samples: list[Sample] = []
     todo = [(pid, p) for pid in sorted(labels) if pid in visits for p in visits[pid].images]
@@ -132,14 +155,12 @@ def prepare_samples(cfg: ClsTrainConfig, progress=None) -> tuple[list[Sample], d
             orig, segm, empty, frac = z["original"], z["segmented"], bool(z["empty"]), float(z["frac"])
         else:
             try:
-                d = read_image(path, max_side=1024)
+                rgb = pipe.decode(path).rgb
             except CervscanError as e:
                 log.warning("skipped: %s", e)
                 continue
-            m = segment(lm, [d.rgb], vcfg.mask_threshold)[0]
-            reg = segment_region(d.rgb, m, vcfg)
-            orig, segm = resize_square(d.rgb, S), resize_square(reg.image, S)
-            empty, frac = reg.empty, reg.lesion_fraction
+            p = pipe.prepare([rgb], size=S)[0]
+            orig, segm, empty, frac = p.original, p.segmented, p.empty_mask, p.lesion_fraction
             tmp = cache / f".{key}.{os.getpid()}.tmp.npz"
             np.savez(tmp, original=orig, segmented=segm, empty=empty, frac=frac)
             tmp.replace(f)
@@ -152,7 +173,6 @@ def prepare_samples(cfg: ClsTrainConfig, progress=None) -> tuple[list[Sample], d
              len({s.patient_id for s in samples}), time.time() - t0, cache)
     if not samples:
         raise DataError("no usable training images")
-    info = {"path": str(seg_ref.path), "sha256": seg_ref.sha256, "name": seg_ck.get("name"), "version": seg_ck.get("version")}
     return samples, info
 
 
@@ -452,7 +472,8 @@ def train_cls(cfg: ClsTrainConfig, progress: Callable[[dict], None] | None = Non
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     dev = resolve_device(cfg.device)
-    samples, seg_info = prepare_samples(cfg, progress)
+    samples, model_info = prepare_samples(cfg, progress)
+    seg_info = model_info["segmenter"]
     pids, y, src = patient_table(samples)
     if len(np.unique(y)) < 2:
         raise DataError("labels contain a single class; a classifier needs both")
@@ -472,6 +493,8 @@ def train_cls(cfg: ClsTrainConfig, progress: Callable[[dict], None] | None = Non
     curve_logits: dict[int, np.ndarray] = {}
     t_folds = time.time()
     for k, (tr, va) in enumerate(splits):
+        if cfg.only_folds and (k + 1) not in cfg.only_folds:
+            continue
         tag = f"fold {k + 1}/{len(splits)}" if len(splits) > 1 else "split"
         tr_s = [s for s in samples if s.patient_id in tr]
         va_i = [i for i, s in enumerate(samples) if s.patient_id in va]
@@ -518,6 +541,13 @@ def train_cls(cfg: ClsTrainConfig, progress: Callable[[dict], None] | None = Non
             fold_models.append(to_deploy(model.cpu().eval()))
             model.to(dev)
     fold_seconds = time.time() - t_folds
+    if cfg.only_folds:
+        # a partial run: its fold states are saved; a later run with --resume on the same folder picks them up
+        if 0 in cfg.only_folds:
+            fit(cfg, samples, dev, progress, "all patients", state_path=out / "state_full.pt")
+        log.info("trained folds %s in %.0fs; run again with --resume (without --only-folds) for the metrics",
+                 cfg.only_folds, time.time() - t0)
+        return {"only_folds": list(cfg.only_folds), "seconds": time.time() - t0, "summary": {}}
 
     # ---- calibration and operating point on held-out (validation / out-of-fold) patients
     held = oof_fold >= 0
@@ -622,6 +652,7 @@ def train_cls(cfg: ClsTrainConfig, progress: Callable[[dict], None] | None = Non
                                                      "sensitivity_ci95": rep["ci95"]["sensitivity"],
                                                      "specificity_ci95": rep["ci95"]["specificity"]},
                                  "temperature": T,
+                                 "crop": cfg.crop,
                                  "voting": {"weights": list(weights), "brightness": cfg.brightness,
                                             "brightness_from_flipped": False,
                                             "tuned": bool(cfg.tune_votes)},
@@ -629,6 +660,7 @@ def train_cls(cfg: ClsTrainConfig, progress: Callable[[dict], None] | None = Non
                                                    "epochs": cfg.epochs, "lr": cfg.lr, "batch_size": cfg.batch_size,
                                                    "input_size": cfg.input_size, "arch": cfg.arch,
                                                    "pretrained": cfg.pretrained, "segmenter": seg_info,
+                                                   "cervix": model_info.get("cervix"), "crop": cfg.crop,
                                                    "labels": str(cfg.labels), "patients": int(len(pids)),
                                                    "images": len(samples), "seed": cfg.seed}})
         save_checkpoint(ck, path)
@@ -648,5 +680,5 @@ def train_cls(cfg: ClsTrainConfig, progress: Callable[[dict], None] | None = Non
     atomic_write_json(out / "metrics.json", metrics)
     atomic_write_json(out / "run.json", {"command": "train-cls", "config": asdict(cfg), "cervscan_version": __version__,
                                          "torch": torch.__version__, "device": str(dev), "threads": torch.get_num_threads(),
-                                         "segmenter": seg_info})
+                                         "models": model_info})
     return metrics

@@ -26,6 +26,9 @@ STUDY_WEIGHTS: tuple[float, ...] = (0.20, 0.25, 0.15, 0.20, 0.11, 0.09)
 DEFAULT_BRIGHTNESS = 1.2
 DEFAULT_THRESHOLD = 0.5
 
+#: What the lesion segmenter and the classifier look at (see ScreenConfig.crop).
+CROP_MODES = ("cervix", "centre", "frame")
+
 VARIANT_SETS = {
     "all": VARIANT_NAMES,
     "original": ("original",),
@@ -91,6 +94,15 @@ class ScreenConfig:
     max_pixels: int = 120_000_000
     #: Images smaller than this on their shorter side are refused.
     min_side: int = 32
+    #: What the lesion segmenter and classifier see: "cervix" (crop found by the cervix finder,
+    #: centre crop when none is found), "centre" (always the centre crop) or "frame" (whole image).
+    crop: str = "frame"
+    #: Margin around the cervix box, as a fraction of its longer side (the crop is square).
+    cervix_margin: float = 0.10
+    #: A cervix covering less of the frame than this counts as not found.
+    cervix_min_fraction: float = 0.03
+    #: Fallback crop when no cervix is found: centred square, this fraction of the shorter side.
+    centre_crop: float = 0.80
     write_masks: bool = True
     write_overlays: bool = True
     write_heatmaps: bool = False
@@ -120,6 +132,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         "weights", "brightness", "brightness_from_flipped", "variants", "crop_margin",
         "min_lesion_fraction", "mask_threshold", "threshold", "device", "batch_images",
         "num_workers", "max_side", "max_pixels", "min_side", "clinic", "next_step",
+        "cervix_margin", "cervix_min_fraction", "centre_crop", "crop",
     }
     unknown = sorted(set(data) - known)
     if unknown:
@@ -127,7 +140,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return _check_types(p, data)
 
 
-_FLOAT_KEYS = {"brightness", "crop_margin", "min_lesion_fraction", "mask_threshold", "threshold"}
+_FLOAT_KEYS = {"brightness", "crop_margin", "min_lesion_fraction", "mask_threshold", "threshold",
+               "cervix_margin", "cervix_min_fraction", "centre_crop"}
 _INT_KEYS = {"batch_images", "num_workers", "max_side", "max_pixels", "min_side"}
 
 
@@ -150,6 +164,9 @@ def _check_types(p: Path, data: dict[str, Any]) -> dict[str, Any]:
         elif k == "brightness_from_flipped":
             if not isinstance(v, bool):
                 raise CervscanError(f"{p}: '{k}' must be true or false, got {v!r}")
+        elif k == "crop":
+            if v not in CROP_MODES:
+                raise CervscanError(f"{p}: 'crop' must be one of {', '.join(CROP_MODES)}, got {v!r}")
         elif k == "device":
             if not isinstance(v, str):
                 raise CervscanError(f"{p}: 'device' must be a string such as \"cpu\", got {v!r}")

@@ -133,9 +133,9 @@ def model_from_checkpoint(ckpt: dict, *, deploy: bool = True) -> nn.Module:
         model = build_segmenter(ckpt["arch"], **ckpt["arch_kwargs"])
         model.load_state_dict(sd)
         return model.eval()
-    if kind != "classifier":
+    if kind not in ("classifier", "stage"):
         raise CheckpointError(f"unknown checkpoint kind '{kind}'")
-    model = build_classifier(ckpt["arch"], **ckpt["arch_kwargs"])
+    model = build_classifier(ckpt["arch"], num_classes=len(ckpt.get("classes") or CLASSES), **ckpt["arch_kwargs"])
     if ckpt["form"] == "deploy":
         model = to_deploy(model, inplace=True)  # the fused structure, then the saved fused weights
         model.load_state_dict(sd)

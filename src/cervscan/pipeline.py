@@ -1,0 +1,511 @@
+"""The screening pipeline: every per-image step, in order, and the per-patient decision.
+
+One object, :class:`Pipeline`, owns the steps. ``screen``, ``evaluate``,
+``train-cls`` (data preparation) and ``report`` (Grad-CAM input) all go
+through it, so training cannot drift from screening::
+
+    decode -> quality -> stage -> cervix -> crop -> lesion -> variants -> classify -> score
+    (per image)                                                          aggregate (per patient)
+
+Where each step lives (a new step gets a method here and a call in
+:meth:`Pipeline.process`):
+
+- ``decode``: :func:`cervscan.io.read_image` (EXIF, colour modes, size guards);
+- ``quality``: :func:`cervscan.transforms.image_quality` (measures and flags);
+- ``stage``: the exam-stage model (``stage`` role: acetic, lugol, green, saline, other), whole frame;
+- ``cervix``: the cervix finder (``cervix`` role, a U-Net++), whole frame; largest connected
+  component; :func:`cervix_box` turns it into the crop box, or the documented centre crop
+  (:func:`centre_box`) when no cervix is found;
+- ``crop``: the square box around the cervix plus a margin, clipped to the image;
+- ``lesion``: the lesion segmenter (``segmenter`` role, a U-Net++) on the crop;
+- ``variants``: the study's segmented image (:func:`cervscan.variants.segment_region`) and the
+  six variants (:func:`cervscan.variants.make_variants`) at the classifier's input size;
+- ``classify`` / ``score``: one batched classifier pass, temperature, weighted vote;
+- ``aggregate``: :meth:`Pipeline.aggregate` (mean of image scores, threshold).
+
+Writing files is not a step: :class:`cervscan.writer.OutputWriter` does it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from .config import VARIANT_NAMES, ScreenConfig
+from .errors import CervscanError, ImageError
+from .io import read_image
+from .transforms import image_quality, quality_flags, resize_square, to_tensor_batch
+from .variants import aggregate_patient, decide, make_variants, segment_region, weighted_score
+
+log = logging.getLogger(__name__)
+
+#: Model roles, in the order the pipeline runs them. ``segmenter`` is the lesion segmenter.
+ROLES: tuple[str, ...] = ("stage", "cervix", "segmenter", "classifier")
+#: Roles a screening cannot do without; the others may be switched off (``--no-cervix``, ``--no-stage``).
+REQUIRED_ROLES = ("segmenter", "classifier")
+#: Checkpoint ``kind`` (and segmenter ``target``) each role needs.
+ROLE_KIND = {"stage": ("stage", None), "cervix": ("segmenter", "cervix"),
+             "segmenter": ("segmenter", "lesion"), "classifier": ("classifier", None)}
+
+IMAGE_COLUMNS = ["patient_id", "image", "path", "status", "error", "width", "height",
+                 "stage", "stage_confidence", "cervix_found", "cervix_fraction", "crop_box",
+                 "lesion_fraction", "empty_mask", *[f"p_v{i}" for i in range(1, 7)], "score", "threshold", "decision",
+                 "sharpness", "brightness", "quality_flags", "mask", "cervix_mask", "overlay",
+                 "stage_model", "cervix_model", "seg_model", "cls_model"]
+PATIENT_COLUMNS = ["patient_id", "decision", "score", "threshold", "n_images", "n_used", "n_failed",
+                   "n_empty_mask", "n_no_cervix", "stages", "quality", "error",
+                   "stage_model", "cervix_model", "seg_model", "cls_model", "cervscan_version"]
+
+
+def checkpoint_role(ck: dict) -> str | None:
+    """The pipeline role a checkpoint fills (None when it fills none)."""
+    kind = ck.get("kind")
+    if kind == "segmenter":
+        return "cervix" if ck.get("target") == "cervix" else "segmenter"
+    return kind if kind in ("stage", "classifier") else None
+
+
+# --------------------------------------------------------------------------- geometry (pure NumPy / OpenCV)
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected component of a binary mask (uint8 0/1)."""
+    import cv2
+
+    m = (mask > 0).astype(np.uint8)
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
+    if n <= 2:
+        return m
+    k = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    return (lab == k).astype(np.uint8)
+
+
+def square_box(x0: int, y0: int, x1: int, y1: int, margin: float, width: int, height: int) -> tuple[int, int, int, int]:
+    """Square of side max(box w, box h) x (1 + 2 margin) centred on the box, clipped to the image."""
+    side = max(x1 - x0, y1 - y0) * (1 + 2 * margin)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    bx0, by0 = int(round(cx - side / 2)), int(round(cy - side / 2))
+    bx1, by1 = int(round(cx + side / 2)), int(round(cy + side / 2))
+    bx0, by0, bx1, by1 = max(0, bx0), max(0, by0), min(width, bx1), min(height, by1)
+    if bx1 - bx0 < 2 or by1 - by0 < 2:
+        return 0, 0, width, height
+    return bx0, by0, bx1, by1
+
+
+def centre_box(width: int, height: int, fraction: float) -> tuple[int, int, int, int]:
+    """Fallback crop when no cervix is found: the centred square whose side is ``fraction`` of the shorter side."""
+    side = max(2, int(round(min(width, height) * fraction)))
+    x0, y0 = (width - side) // 2, (height - side) // 2
+    return x0, y0, x0 + side, y0 + side
+
+
+def cervix_box(mask: np.ndarray, cfg: ScreenConfig) -> tuple[tuple[int, int, int, int], bool, float]:
+    """Crop box, whether a cervix was found, and the cervix's fraction of the frame.
+
+    The cervix is the largest connected component of the finder's mask; it counts as
+    found when it covers at least ``cfg.cervix_min_fraction`` of the frame.
+    """
+    h, w = mask.shape[:2]
+    frac = float((mask > 0).mean()) if mask.size else 0.0
+    if frac < cfg.cervix_min_fraction:
+        return centre_box(w, h, cfg.centre_crop), False, frac
+    ys, xs = np.nonzero(mask)
+    box = square_box(int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1, cfg.cervix_margin, w, h)
+    return box, True, frac
+
+
+def crop_to_box(arr: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    x0, y0, x1, y1 = box
+    return np.ascontiguousarray(arr[y0:y1, x0:x1])
+
+
+def paste_box(crop_mask: np.ndarray, box: tuple[int, int, int, int], height: int, width: int) -> np.ndarray:
+    out = np.zeros((height, width), np.uint8)
+    x0, y0, x1, y1 = box
+    out[y0:y1, x0:x1] = crop_mask
+    return out
+
+
+def format_box(box: tuple[int, int, int, int] | None) -> str:
+    return "" if box is None else " ".join(str(int(v)) for v in box)
+
+
+def parse_box(text: str | None) -> tuple[int, int, int, int] | None:
+    parts = (text or "").split()
+    if len(parts) != 4:
+        return None
+    try:
+        x0, y0, x1, y1 = (int(float(p)) for p in parts)
+    except ValueError:
+        return None
+    return x0, y0, x1, y1
+
+
+# --------------------------------------------------------------------------- models
+
+@dataclass
+class LoadedModel:
+    role: str
+    net: object  # torch.nn.Module
+    ckpt: dict
+    ref: object | None = None  # weights.ResolvedModel
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return tuple(int(s) for s in self.ckpt["input_size"])  # type: ignore[return-value]
+
+    @property
+    def label(self) -> str:
+        """name@version:sha256[:12]; the manifest's name and version, else the checkpoint's."""
+        ref = self.ref
+        if ref is not None and getattr(ref, "entry", None) and ref.entry.get("name"):  # type: ignore[attr-defined]
+            return ref.label  # type: ignore[attr-defined]
+        name, ver = self.ckpt.get("name") or self.role, self.ckpt.get("version")
+        sha = getattr(ref, "sha256", "") or ""
+        return f"{name}{'@' + ver if ver else ''}{':' + sha[:12] if sha else ''}"
+
+
+def load_model(role: str, path: Path | str, device, ref=None, *, deploy: bool = True) -> LoadedModel:
+    """Read a checkpoint, check that it fills ``role``, build it on ``device``."""
+    import torch
+
+    from .models import model_from_checkpoint, read_checkpoint
+
+    ck = read_checkpoint(path)
+    got = checkpoint_role(ck)
+    if got != role:
+        want_kind, want_target = ROLE_KIND[role]
+        what = f"{ck.get('kind')}" + (f" ({ck.get('target') or 'lesion'})" if ck.get("kind") == "segmenter" else "")
+        raise CervscanError(f"{path}: is a {what} checkpoint, not a {role} model "
+                            f"(needs kind '{want_kind}'{', target ' + repr(want_target) if want_target else ''})")
+    net = model_from_checkpoint(ck, deploy=deploy).to(device)
+    if ck["kind"] == "segmenter" and torch.device(device).type == "cpu":
+        net = net.to(memory_format=torch.channels_last)
+    return LoadedModel(role, net, ck, ref)
+
+
+# --------------------------------------------------------------------------- per-image results
+
+@dataclass
+class Prepared:
+    """What the classifier sees of one image, and how it was found (everything up to 'classify')."""
+
+    original: np.ndarray  # S x S x 3 uint8: the cervix crop at the classifier's input size
+    segmented: np.ndarray  # S x S x 3 uint8: the study's segmented image of the crop
+    empty_mask: bool
+    lesion_fraction: float  # of the cervix (of the crop when no cervix was found)
+    stage: str = ""
+    stage_confidence: float | None = None
+    cervix_found: bool | None = None  # None: no cervix finder in use
+    cervix_fraction: float | None = None
+    crop_box: tuple[int, int, int, int] | None = None
+    lesion_mask: np.ndarray | None = None  # H x W uint8 0/1 at the decoded image's size
+    cervix_mask: np.ndarray | None = None  # H x W uint8 0/1 (None without a cervix finder)
+
+
+@dataclass
+class ImageResult:
+    record: dict
+    rgb: np.ndarray | None = None
+    prepared: Prepared | None = None
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+class Pipeline:
+    """Loaded models + configuration; see the module docstring for the steps."""
+
+    def __init__(self, models: dict[str, LoadedModel], cfg: ScreenConfig, device=None):
+        import torch
+
+        self.models = models
+        self.cfg = cfg
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+
+    # ---- construction
+    @classmethod
+    def load(cls, refs: dict, cfg: ScreenConfig, device, *, deploy: bool = True) -> "Pipeline":
+        """``refs``: role -> ResolvedModel (or a path); roles that are absent or None are not used."""
+        models = {}
+        for role in ROLES:
+            ref = refs.get(role)
+            if ref is None:
+                continue
+            path = getattr(ref, "path", ref)
+            models[role] = load_model(role, path, device, ref if hasattr(ref, "path") else None, deploy=deploy)
+        return cls(models, cfg, device)
+
+    def has(self, role: str) -> bool:
+        return role in self.models
+
+    @property
+    def cls_size(self) -> int:
+        return self.models["classifier"].size[0]
+
+    @property
+    def temperature(self) -> float:
+        return float(self.models["classifier"].ckpt.get("temperature") or 1.0)
+
+    def labels(self) -> dict[str, str]:
+        return {role: m.label for role, m in self.models.items()}
+
+    # ---- step: decode
+    def decode(self, path: Path):
+        c = self.cfg
+        return read_image(path, max_side=c.max_side, max_pixels=c.max_pixels, min_side=c.min_side)
+
+    # ---- step: quality
+    @staticmethod
+    def quality(rgb: np.ndarray) -> dict:
+        return image_quality(rgb)
+
+    # ---- step: stage
+    def stage(self, rgbs: list[np.ndarray]) -> list[tuple[str, float | None]]:
+        if not self.has("stage"):
+            return [("", None)] * len(rgbs)
+        import torch
+
+        m = self.models["stage"]
+        x = to_tensor_batch([resize_square(im, m.size) for im in rgbs], m.ckpt["mean"], m.ckpt["std"]).to(self.device)
+        with torch.inference_mode():
+            p = torch.softmax(m.net(x).float(), dim=1).cpu().numpy()
+        classes = list(m.ckpt["classes"])
+        return [(classes[int(k)], float(pp[int(k)])) for pp, k in zip(p, p.argmax(1))]
+
+    # ---- step: segmentation (cervix finder and lesion segmenter share it)
+    def _segment(self, role: str, images: list[np.ndarray], threshold: float) -> list[np.ndarray]:
+        """Binary masks (uint8 0/1) at each image's own size."""
+        import cv2
+        import torch
+
+        m = self.models[role]
+        x = to_tensor_batch([resize_square(im, m.size) for im in images], m.ckpt["mean"], m.ckpt["std"]).to(self.device)
+        if self.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            prob = torch.sigmoid(m.net(x)).float().cpu().numpy()[:, 0]
+        return [(cv2.resize(p, (im.shape[1], im.shape[0]), interpolation=cv2.INTER_LINEAR) > threshold).astype(np.uint8)
+                for im, p in zip(images, prob)]
+
+    # ---- step: cervix
+    def cervix(self, rgbs: list[np.ndarray]) -> list[tuple[np.ndarray | None, tuple[int, int, int, int], bool | None, float | None]]:
+        """(cervix mask, crop box, found, fraction) per image.
+
+        ``cfg.crop``: ``cervix`` runs the finder (centre crop when it finds none); ``centre`` always
+        takes the centre crop; ``frame`` keeps the whole image. The last two run no finder."""
+        mode = self.cfg.crop
+        if mode == "frame":
+            return [(None, (0, 0, im.shape[1], im.shape[0]), None, None) for im in rgbs]
+        if mode == "centre":
+            return [(None, centre_box(im.shape[1], im.shape[0], self.cfg.centre_crop), None, None) for im in rgbs]
+        if not self.has("cervix"):
+            raise CervscanError("crop 'cervix' needs a cervix finder model (or use crop 'centre' or 'frame')")
+        thr = float(self.models["cervix"].ckpt.get("mask_threshold") or 0.5)
+        out = []
+        for im, m in zip(rgbs, self._segment("cervix", rgbs, thr)):
+            m = largest_component(m)
+            box, found, frac = cervix_box(m, self.cfg)
+            out.append((m, box, found, frac))
+        return out
+
+    # ---- step: lesion
+    def lesion(self, crops: list[np.ndarray]) -> list[np.ndarray]:
+        return self._segment("segmenter", crops, self.cfg.voting.mask_threshold)
+
+    # ---- everything before 'classify'
+    def prepare(self, rgbs: list[np.ndarray], size: int | None = None) -> list[Prepared]:
+        """Stage, cervix, crop, lesion and the classifier's two input images (at ``size``, default the classifier's)."""
+        S = int(size or self.cls_size)
+        stages = self.stage(rgbs)
+        cervices = self.cervix(rgbs)
+        crops = [crop_to_box(im, box) for im, (_, box, _, _) in zip(rgbs, cervices)]
+        lesions = self.lesion(crops)
+        out = []
+        for im, (st, conf), (cmask, box, found, cfrac), crop, lm in zip(rgbs, stages, cervices, crops, lesions):
+            reg = segment_region(crop, lm, self.cfg.voting)
+            area = float(crop_to_box(cmask, box).sum()) if found else float(lm.size)
+            frac = min(1.0, float(lm.sum()) / area) if area else 0.0
+            h, w = im.shape[:2]
+            out.append(Prepared(original=resize_square(crop, S), segmented=resize_square(reg.image, S),
+                                empty_mask=reg.empty, lesion_fraction=frac, stage=st, stage_confidence=conf,
+                                cervix_found=found, cervix_fraction=cfrac, crop_box=box,
+                                lesion_mask=paste_box(lm, box, h, w), cervix_mask=cmask))
+        return out
+
+    # ---- steps: variants, classify, score
+    def variants(self, p: Prepared) -> dict[str, np.ndarray]:
+        return make_variants(p.original, p.segmented, self.cfg.voting)
+
+    def classify(self, images: list[np.ndarray]) -> np.ndarray:
+        """P(severe) (temperature-scaled) of each image, one batched forward pass."""
+        import torch
+
+        m = self.models["classifier"]
+        x = to_tensor_batch([resize_square(im, m.size) for im in images], m.ckpt["mean"], m.ckpt["std"]).to(self.device)
+        with torch.inference_mode():
+            logits = m.net(x).float() / self.temperature
+            return torch.softmax(logits, dim=1)[:, 1].cpu().numpy()
+
+    def score(self, p_severe: dict[str, float]) -> float:
+        return weighted_score(p_severe, self.cfg.voting)
+
+    # ---- one batch of decoded images, all steps
+    def process(self, decoded: list[dict]) -> list[ImageResult]:
+        """``decoded``: dicts with patient_id, path, rgb, width, height (from :meth:`iter_decoded`)."""
+        rgbs = [d["rgb"] for d in decoded]
+        prepared = self.prepare(rgbs)
+        all_vars, spans = [], []
+        for p in prepared:
+            vs = self.variants(p)
+            spans.append((len(all_vars), list(vs)))
+            all_vars.extend(vs.values())
+        probs = self.classify(all_vars)
+        thr = self.cfg.threshold
+        out = []
+        for d, p, (start, names) in zip(decoded, prepared, spans):
+            pv = {n: float(probs[start + k]) for k, n in enumerate(names)}
+            s = self.score(pv)
+            q = self.quality(d["rgb"])
+            rec = {
+                "patient_id": d["patient_id"], "image": Path(d["path"]).name, "path": str(Path(d["path"]).resolve()),
+                "status": "ok", "error": "", "width": d["width"], "height": d["height"],
+                "stage": p.stage, "stage_confidence": p.stage_confidence,
+                "cervix_found": p.cervix_found, "cervix_fraction": p.cervix_fraction, "crop_box": format_box(p.crop_box),
+                "lesion_fraction": p.lesion_fraction, "empty_mask": p.empty_mask,
+                **{f"p_v{i + 1}": pv.get(n) for i, n in enumerate(VARIANT_NAMES)},
+                "score": s, "threshold": thr, "decision": decide(s, thr),
+                "sharpness": q["sharpness"], "brightness": q["brightness"], "quality_flags": ";".join(quality_flags(q)),
+            }
+            out.append(ImageResult(rec, d["rgb"], p))
+        return out
+
+    @staticmethod
+    def failed(d: dict, threshold: float) -> ImageResult:
+        return ImageResult({"patient_id": d["patient_id"], "image": Path(d["path"]).name,
+                            "path": str(Path(d["path"]).resolve()), "status": "error", "error": d["error"],
+                            "threshold": threshold, "decision": "error"})
+
+    # ---- many images: decode ahead, process in batches, results in input order
+    def run(self, items: list[tuple[str, Path]], *, on_result: Callable[[ImageResult], None] | None = None) -> Iterator[ImageResult]:
+        """Yield one :class:`ImageResult` per (patient_id, path), in order; a bad file yields a failed record."""
+        pending: list[dict] = []
+        for d in iter_decoded(items, self.cfg, self.decode):
+            if "error" in d:
+                # keep order: finish what is pending first
+                yield from self._flush(pending)
+                yield self.failed(d, self.cfg.threshold)
+                continue
+            pending.append(d)
+            if len(pending) >= self.cfg.batch_images:
+                yield from self._flush(pending)
+        yield from self._flush(pending)
+
+    def _flush(self, pending: list[dict]) -> Iterator[ImageResult]:
+        if not pending:
+            return
+        batch = list(pending)
+        pending.clear()
+        yield from self.process(batch)
+
+    # ---- per patient
+    def aggregate(self, patient_id: str, results: list[dict], visit_error: str = "") -> dict:
+        """Patient row from its image records: mean of the image scores against the threshold."""
+        thr = self.cfg.threshold
+        ok = [r for r in results if r["status"] == "ok"]
+        failed = [r for r in results if r["status"] != "ok"]
+        score, decision = aggregate_patient([r["score"] for r in ok], thr)
+        err = visit_error
+        if not err and not ok:
+            err = f"all {len(results)} image(s) failed: " + "; ".join(r["error"] for r in failed[:3])
+        flags: dict[str, int] = {}
+        for r in ok:
+            for f in filter(None, (r.get("quality_flags") or "").split(";")):
+                flags[f] = flags.get(f, 0) + 1
+        stages: dict[str, int] = {}
+        for r in ok:
+            if r.get("stage"):
+                stages[r["stage"]] = stages.get(r["stage"], 0) + 1
+        quality = "ok" if not flags else ";".join(f"{k}:{n}/{len(ok)}" for k, n in sorted(flags.items()))
+        labels = self.labels()
+        return {
+            "patient_id": patient_id, "decision": decision if not visit_error else "error", "score": score,
+            "threshold": thr, "n_images": len(results), "n_used": len(ok), "n_failed": len(failed),
+            "n_empty_mask": sum(bool(r.get("empty_mask")) for r in ok),
+            "n_no_cervix": sum(r.get("cervix_found") is False for r in ok),
+            "stages": ";".join(f"{k}:{n}" for k, n in sorted(stages.items())),
+            "quality": quality if ok else "", "error": err,
+            "stage_model": labels.get("stage", ""), "cervix_model": labels.get("cervix", ""),
+            "seg_model": labels.get("segmenter", ""), "cls_model": labels.get("classifier", ""),
+            "cervscan_version": _version(),
+        }
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+# --------------------------------------------------------------------------- decoding ahead of the models
+
+def iter_decoded(items: list[tuple[str, Path]], cfg: ScreenConfig, decode) -> Iterator[dict]:
+    """Decoded images in input order, decoded ahead of the models.
+
+    ``cfg.num_workers == 0`` (default): one background thread decodes up to 8
+    images ahead (PIL and OpenCV release the GIL). ``> 0``: a torch DataLoader
+    with that many worker processes.
+    """
+    if not items:
+        return iter(())
+    ds = _Decoder(items, decode)
+    if cfg.num_workers > 0 and len(items) > 1:
+        import torch
+
+        dl = torch.utils.data.DataLoader(ds, batch_size=1, shuffle=False, num_workers=cfg.num_workers,
+                                         collate_fn=_first, prefetch_factor=4, persistent_workers=False)
+        return iter(dl)
+    return _threaded(ds, lookahead=8)
+
+
+def _first(batch):
+    return batch[0]
+
+
+class _Decoder:
+    """(patient_id, path) -> decoded image dict or the error; never raises."""
+
+    def __init__(self, items, decode):
+        self.items = items
+        self.decode = decode
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        pid, path = self.items[i]
+        rec = {"index": i, "patient_id": pid, "path": path}
+        try:
+            d = self.decode(path)
+            rec.update(rgb=d.rgb, width=d.width, height=d.height, scale=d.scale)
+        except ImageError as e:
+            rec["error"] = str(e)
+        except Exception as e:  # noqa: BLE001 - never let one file stop the batch
+            rec["error"] = f"{path}: unexpected decoding error ({type(e).__name__}: {e})"
+        return rec
+
+
+def _threaded(ds: _Decoder, lookahead: int) -> Iterator[dict]:
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cervscan-decode") as ex:
+        pending: deque = deque()
+        nxt = 0
+        while nxt < len(ds) or pending:
+            while nxt < len(ds) and len(pending) < lookahead:
+                pending.append(ex.submit(ds.__getitem__, nxt))
+                nxt += 1
+            yield pending.popleft().result()
