@@ -35,6 +35,8 @@ def main() -> None:
     man = json.loads((wdir / "manifest.json").read_text())
     seg = next(m for m in man["models"] if m["role"] == "segmenter")
     cls = next(m for m in man["models"] if m["role"] == "classifier")
+    stage = next((m for m in man["models"] if m["role"] == "stage"), None)
+    cervix = next((m for m in man["models"] if m["role"] == "cervix"), None)
     cv = cls["cross_validation"]
     ho = cv["held_out"]
     op = cls["operating_point"]
@@ -51,7 +53,7 @@ def main() -> None:
         "| role | file | name | architecture | input | storage | sha256 |",
         "|---|---|---|---|---|---|---|",
     ]
-    for m in (seg, cls):
+    for m in [x for x in (stage, cervix, seg, cls) if x]:
         lines.append(f"| {m['role']} | `{m['file']}` | {m['name']} {m['version']} | {m['arch']} ({m['form']}) | "
                      f"{m['input_size'][0]} px | {m['dtype']} | `{m['sha256'][:16]}…` |")
     lines += [
@@ -61,18 +63,59 @@ def main() -> None:
         "",
         "## Training data",
         "",
-        f"- Segmenter: {seg['training_data']}.",
+        *([f"- Exam-stage model: {stage['training_data']}."] if stage else []),
+        *([f"- Cervix finder: {cervix['training_data']}."] if cervix else []),
+        f"- Lesion segmenter: {seg['training_data']}.",
         f"- Classifier: {cls['training_data']}.",
         f"- {cls['attribution']}",
         "",
-        "## Segmenter (U-Net++)",
+    ]
+    if stage:
+        sm_ = stage["metrics"]
+        pc = sm_["per_class"]
+        lines += [
+            "## Exam-stage model",
+            "",
+            f"{stage['train_summary'].get('backbone')} features of the whole frame at {stage['input_size'][0]} px and a "
+            f"{stage['train_summary'].get('head')} (folded into the network's last layer). Classes: "
+            + ", ".join(stage["classes"]) + ". "
+            f"Accuracy by {sm_['evaluation']} on {sm_['images']} images of {sm_['patients']} patients: "
+            f"{sm_['accuracy']:.3f} (balanced accuracy {sm_['balanced_accuracy']:.3f}).",
+            "",
+            "| stage | images | recall | precision |",
+            "|---|---|---|---|",
+            *[f"| {k} | {v['n']} | {v['recall']:.2f} | {v['precision']:.2f} |" for k, v in pc.items()],
+            "",
+            "Accuracy per source: " + ", ".join(f"{k} {v:.3f}" for k, v in sm_["accuracy_by_source"].items())
+            + ". Saline and 'other' views are often confused with each other and with acetic acid; green-filter "
+              "views with acetic acid. The stage is reported per image; it does not change the decision in this version.",
+            "",
+        ]
+    if cervix:
+        cm = cervix["metrics"]
+        lines += [
+            "## Cervix finder (U-Net++)",
+            "",
+            f"{cm.get('init')}; {cervix['input_size'][0]} px; strong colour augmentation (the flash cards are prints "
+            f"with shifted colours); {cm.get('selection')}: epoch {cm.get('best_epoch')}. Validation on "
+            f"{cm.get('n_val')} flash cards held out from its training ({cm.get('n_train')} trained on): mean IoU "
+            f"{cm['val_mean_iou']:.3f}, Dice {cm['val_mean_dice']:.3f}, pooled IoU {cm['val_iou_pooled']:.3f}.",
+            "",
+            "Its largest connected component is the cervix; the crop is the square around it with a 10 % margin "
+            "(clipped to the image). A cervix covering under 3 % of the frame counts as not found and the centred "
+            "square of 80 % of the shorter side is used instead (`cervix_found` = False in images.csv). On colposcopy "
+            "frames it was checked by eye (`docs/cervix-contact-sheet.png`); it was never trained on them.",
+            "",
+        ]
+    lines += [
+        "## Lesion segmenter (U-Net++)",
         "",
         f"Initialisation: {sm.get('init')}. Trained with Dice + BCE, Adam (lr {seg['training']['lr']}, cosine schedule planned for",
         f"{seg['training']['epochs']} epochs, stopped after epoch {seg['training'].get('stop_after') or seg['training']['epochs']}), "
         f"{seg['input_size'][0]} px, batch {seg['training']['batch_size']}; "
         f"{sm.get('selection')}: epoch {sm.get('best_epoch')}; mask threshold {seg.get('mask_threshold')}.",
         "",
-        "| validation (43 AnnoCerv images, 13 of them without a marked lesion) | value |",
+        f"| validation ({sm.get('n_val', 43)} held-out images) | value |",
         "|---|---|",
         f"| mean per-image IoU (an empty prediction on an empty mask counts 1) | {sm['val_mean_iou']:.3f} |",
         f"| mean per-image Dice | {sm['val_mean_dice']:.3f} |",
@@ -83,10 +126,25 @@ def main() -> None:
         if k.startswith("comparison_") and v:
             lines.append(f"| same model from scratch (`{k[11:]}`): mean IoU / Dice / pooled IoU | "
                          f"{v['val_mean_iou']:.3f} / {v['val_mean_dice']:.3f} / {v['val_iou_pooled']:.3f} |")
+    comp = seg.get("comparison")
+    if comp:
+        names = list(comp)
+        keys = [k for k in comp[names[0]] if not k.startswith("all/") or k == "all/all"]
+        lines += ["", "Compared on the same held-out images in the coordinates of the whole frame "
+                  "(`scripts/compare_lesion_seg.py`): mean IoU / mean Dice / pooled IoU; on images without a "
+                  "marked lesion, the mean predicted area (fraction of the frame, lower is better).", "",
+                  "| images | n | " + " | ".join(f"`{n}`" for n in names) + " |", "|---|---|" + "---|" * len(names)]
+        for k in keys:
+            g0 = comp[names[0]][k]
+            if k.endswith("no_lesion"):
+                cells = [f"area {comp[n][k]['mean_pred_area']:.3f}" for n in names]
+            else:
+                cells = [f"{comp[n][k]['mean_iou']:.3f} / {comp[n][k]['mean_dice']:.3f} / {comp[n][k]['pooled_iou']:.3f}"
+                         for n in names]
+            lines.append(f"| {k} | {g0['n']} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "The marked acetowhite areas are small (about 1.2 % of the image on average) and the segmenter finds them",
-        "poorly: treat the overlays as a pointer, not as a delineation.",
+        "Treat the lesion overlays as a pointer, not as a delineation.",
         "",
         "## Classifier",
         "",
@@ -161,7 +219,9 @@ def main() -> None:
         "",
         "```bash",
         "cervscan evaluate ../shared/data/visits --labels ../shared/data/visits/labels.csv \\",
-        f"    --seg-model runs/seg-lite0/model.pt --cv-run runs/{cv.get('run', 'cls-lite0')} -o runs/eval-cv",
+        f"    --seg-model runs/{seg['training'].get('out', 'runs/seg').split('/')[-1]}/model.pt "
+        f"{'--cervix-model runs/' + cervix['training'].get('out', 'runs/cervix').split('/')[-1] + '/model.pt ' if cervix else ''}"
+        f"--cv-run runs/{cv.get('run', 'cls-lite0')} -o runs/eval-cv",
         "```",
         "",
         "and retrain everything with `scripts/train_shipped.sh`. The runs' metrics, per-patient predictions and",
@@ -175,7 +235,9 @@ def main() -> None:
         "  camera, size and aspect ratio; performance differs by source (table above).",
         "- Images from other devices, clinics and populations were not seen in training; expect lower performance",
         "  and check locally with `cervscan evaluate` before use.",
-        "- Image quality is measured and reported but does not gate the decision in this version.",
+        "- Image quality and exam stage are measured and reported but do not gate the decision in this version.",
+        "- The cervix finder learned from 107 printed flash cards; on some colposcopy frames it leaves out red",
+        "  columnar epithelium or blood at the os, and then the crop may cut part of the transformation zone.",
         "- The study this method comes from reported 83 % patient accuracy on private data; these numbers are not",
         "  comparable to it.",
         "",

@@ -1,7 +1,8 @@
 """Package trained runs as the shipped default weights (weights/ + manifest.json).
 
-    python scripts/package_weights.py --seg runs/seg-lite0 --cls runs/cls-lite0 \
-        [--seg-compare runs/seg-scratch] [--cls-compare runs/cls-repvgg-cv] [--fp16]
+    python scripts/package_weights.py --stage runs/stage --cervix runs/cervix-192 --seg runs/lesion-256 \
+        --cls runs/cls-crop --version 1.2.0 [--seg-comparison docs/training-runs/lesion-comparison.json] \
+        [--cls-compare docs/training-runs/cls-lite0-160e12] [--fp16]
 
 Copies each run's model.pt (optionally stored in float16; the script checks that
 screen scores on the example visits stay within 1e-3 of float32), and writes
@@ -34,6 +35,9 @@ def main() -> None:
     from cervscan.weights import sha256_file
 
     ap = argparse.ArgumentParser()
+    ap.add_argument("--stage", type=Path, help="train-stage run folder (exam-stage model)")
+    ap.add_argument("--cervix", type=Path, help="train-seg --target cervix run folder (cervix finder)")
+    ap.add_argument("--seg-comparison", type=Path, help="scripts/compare_lesion_seg.py output (JSON) for the card")
     ap.add_argument("--seg", type=Path, required=True)
     ap.add_argument("--cls", type=Path, required=True)
     ap.add_argument("--seg-compare", type=Path)
@@ -48,7 +52,9 @@ def main() -> None:
     out = a.out
     out.mkdir(exist_ok=True)
     entries = []
-    for role, run, fname in (("segmenter", a.seg, "segmenter.pt"), ("classifier", a.cls, "classifier.pt")):
+    roles = [("stage", a.stage, "stage.pt"), ("cervix", a.cervix, "cervix.pt"),
+             ("segmenter", a.seg, "segmenter.pt"), ("classifier", a.cls, "classifier.pt")]
+    for role, run, fname in [r for r in roles if r[1] is not None]:
         ck = read_checkpoint(run / "model.pt")
         version = (a.seg_version or a.version) if role == "segmenter" else a.version
         ck["version"] = version
@@ -63,16 +69,40 @@ def main() -> None:
              "license": "Apache-2.0 (weights); training data: see attribution", "attribution": ATTRIBUTION,
              "train_summary": ck.get("train_summary"),
              "training": json.loads((run / "run.json").read_text()).get("config")}
-        if role == "segmenter":
+        if role == "stage":
+            e["training_data"] = ("../shared/data/visits: exam stage of every image from images.csv (IARC stage "
+                                  "labels; AnnoCerv images are all after acetic acid)")
+            e["metrics"] = {k: metrics.get(k) for k in ("evaluation", "accuracy", "balanced_accuracy", "per_class",
+                                                        "accuracy_by_source", "confusion", "images", "patients")}
+        elif role == "cervix":
             e["mask_threshold"] = ck.get("mask_threshold")
-            e["training_data"] = "../shared/data/annocerv-seg: AnnoCerv acetowhite masks, 213 train / 43 val images (split by patient)"
+            e["target"] = "cervix"
+            e["training_data"] = ("../shared/data/cervix-seg: 107 Jhpiego VIA flash cards with cervix polygons; "
+                                  f"{metrics.get('split')}")
+            e["metrics"] = {k: metrics.get(k) for k in ("val_mean_iou", "val_mean_dice", "val_iou_pooled",
+                                                        "val_iou_quartiles", "best_epoch", "selection", "init",
+                                                        "n_train", "n_val")}
+        elif role == "segmenter":
+            e["mask_threshold"] = ck.get("mask_threshold")
+            e["target"] = ck.get("target", "lesion")
+            e["crop"] = ck.get("crop")
+            e["training_data"] = (f"{e['training']['data']}: filled lesion masks; {metrics.get('split')}"
+                                  + ("; each image and mask cropped to the cervix by the cervix finder"
+                                     if ck.get("crop") == "cervix" else ""))
+            if a.seg_comparison:
+                comp = json.loads(a.seg_comparison.read_text())
+                e["comparison"] = {name: m["groups"] for name, m in comp["models"].items()}
+                e["comparison_models"] = {name: {"segmenter": m["segmenter"], "cervix": m["cervix"]}
+                                          for name, m in comp["models"].items()}
             e["metrics"] = {k: metrics.get(k) for k in ("val_mean_iou", "val_mean_dice", "val_mean_iou_lesion_images",
-                                                        "val_iou_pooled", "val_iou_quartiles", "best_epoch", "selection", "init")}
+                                                        "val_iou_pooled", "val_iou_quartiles", "best_epoch", "selection", "init",
+                                                        "n_train", "n_val")}
             if a.seg_compare:
                 mc = json.loads((a.seg_compare / "metrics.json").read_text())
                 e["metrics"]["comparison_" + a.seg_compare.name] = {k: mc.get(k) for k in (
                     "val_mean_iou", "val_mean_dice", "val_mean_iou_lesion_images", "val_iou_pooled", "init")}
         else:
+            e["crop"] = ck.get("crop")
             e["training_data"] = ("../shared/data/visits: 203 patients / 798 images (IARC Colposcopy Image Bank 118, "
                                   "AnnoCerv 85), labels.csv")
             e["threshold"] = ck.get("threshold")
@@ -110,10 +140,13 @@ def main() -> None:
         from cervscan import api
 
         with tempfile.TemporaryDirectory() as td:
-            r16 = api.screen([ROOT / "examples" / "visits"], Path(td) / "a", device="cpu",
-                             seg_model=str(out / "segmenter.pt"), cls_model=str(out / "classifier.pt"))
-            r32 = api.screen([ROOT / "examples" / "visits"], Path(td) / "b", device="cpu",
-                             seg_model=str(a.seg / "model.pt"), cls_model=str(a.cls / "model.pt"))
+            kw16 = {f"{k}_model": str(out / f) for k, f in (("seg", "segmenter.pt"), ("cls", "classifier.pt"),
+                                                              ("cervix", "cervix.pt"), ("stage", "stage.pt"))
+                    if (out / f).is_file()}
+            kw32 = {f"{k}_model": str(r / "model.pt") for k, r in (("seg", a.seg), ("cls", a.cls), ("cervix", a.cervix),
+                                                                   ("stage", a.stage)) if r is not None}
+            r16 = api.screen([ROOT / "examples" / "visits"], Path(td) / "a", device="cpu", **kw16)
+            r32 = api.screen([ROOT / "examples" / "visits"], Path(td) / "b", device="cpu", **kw32)
             d = max(abs(x["score"] - y["score"]) for x, y in zip(r16.images, r32.images) if x["status"] == "ok")
             print(f"fp16 vs fp32 max image score difference on examples: {d:.2e}")
             if d > 1e-3:
