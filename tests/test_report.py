@@ -378,3 +378,252 @@ def test_scores_next_to_the_threshold_get_enough_decimals():
     assert "image score 0.4349 (threshold 0.4348)" in cap
     assert "image score 0.200 →" in _caption({"image": "a.jpg", "score": "0.2", "threshold": "0.435",
                                               "decision": "mildly_normal"})
+
+
+# --------------------------------------------------------------------------- cervix crop, exam stage, four models
+
+CERVIX_RGB = (200, 60, 70)
+
+
+def _cervix_image(rng: np.random.Generator, h: int, w: int, centre: tuple[int, int] | None, r: int = 24) -> np.ndarray:
+    """Grey textured frame; with ``centre``, a red 'cervix' disc there holding a whitish 'lesion'."""
+    import cv2
+
+    img = np.clip(110 + rng.normal(0, 6, (h, w, 1)), 0, 255).astype(np.uint8).repeat(3, axis=2)
+    if centre is not None:
+        cv2.circle(img, centre, r, CERVIX_RGB, -1)
+        cv2.ellipse(img, centre, (r // 3, r // 4), 30, 0, 360, (235, 225, 225), -1)
+    return img
+
+
+def _red_disc_finder(original):
+    """Pipeline._segment whose cervix masks are the red discs drawn by _cervix_image.
+
+    The tiny cervix finder still runs (and is recorded in run.json), but a random
+    network marks ~95% of every frame as cervix, so the crop would always be the
+    whole frame; this stand-in tells the tests exactly where the cervix is."""
+
+    def segment(self, role, images, threshold):
+        masks = original(self, role, images, threshold)
+        if role != "cervix":
+            return masks
+        out = []
+        for im in images:
+            r, g, b = (im[..., k].astype(int) for k in range(3))
+            out.append(((r > 160) & (g < 110) & (b < 120)).astype(np.uint8))
+        return out
+
+    return segment
+
+
+@pytest.fixture(scope="module")
+def cropped(tiny_models, tmp_path_factory) -> dict:
+    """Screen (crop 'cervix', all four tiny models) + reports: P010 with two images whose cervix
+    is found off-centre, P011 with one image without a cervix (centre crop)."""
+    from cervscan import api
+    from cervscan.pipeline import Pipeline
+    from cervscan.report import write_reports
+
+    root = tmp_path_factory.mktemp("cropped")
+    visits = root / "visits"
+    rng = np.random.default_rng(5)
+    _write(visits / "P010" / "cx1.png", _cervix_image(rng, 96, 128, (40, 45)))
+    _write(visits / "P010" / "cx2.png", _cervix_image(rng, 120, 100, (62, 80), r=20))
+    _write(visits / "P011" / "nocx.png", _cervix_image(rng, 90, 120, None))
+    out = root / "out"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Pipeline, "_segment", _red_disc_finder(Pipeline._segment))
+        res = api.screen([visits], out, seg_model=str(tiny_models["seg"]), cls_model=str(tiny_models["cls"]),
+                         cervix_model=str(tiny_models["cervix"]), stage_model=str(tiny_models["stage"]),
+                         overrides={"crop": "cervix"}, device="cpu", num_workers=0, threads=1)
+    return {"out": out, "res": res, "paths": write_reports(out)}
+
+
+def test_cropped_screen_has_the_new_columns(cropped):
+    from conftest import read_csv
+
+    rows = {r["image"]: r for r in read_csv(cropped["out"] / "images.csv")}
+    assert rows["cx1.png"]["cervix_found"] == "True" and rows["nocx.png"]["cervix_found"] == "False"
+    assert rows["cx1.png"]["crop_box"] and rows["cx1.png"]["crop_box"] != "0 0 128 96"  # a real crop
+    assert all(r["stage"] for r in rows.values())
+    assert set(cropped["res"].run["models"]) == {"stage", "cervix", "segmenter", "classifier"}
+    assert cropped["res"].run["config"]["crop"] == "cervix"
+
+
+def test_cropped_report_states_stage_cervix_and_all_models(cropped):
+    from cervscan.report import STAGE_WORDS
+
+    out, res = cropped["out"], cropped["res"]
+    names = {"tiny-stage", "tiny-cervix", "tiny-seg", "tiny-cls"}
+    for p in res.patients:
+        txt = _flat(_text(out / "reports" / f"{p['patient_id']}.pdf"))
+        for label in ("Exam-stage model", "Cervix finder", "Lesion segmenter", "Classifier"):
+            assert label in txt
+        for role, info in res.run["models"].items():
+            assert f"{info['name']}@test" in txt and info["sha256"][:12] in txt, role
+        assert {n for n in names if f"{n}@test" in txt} == names
+        # score, threshold, model version and the disclaimer are still there
+        assert f"Score {p['score']:.3f}" in txt and f"threshold {p['threshold']:.3f}" in txt
+        assert "does not replace the clinician's judgement" in txt
+        # exam stage of each image, with its confidence, and of the patient
+        for r in (r for r in res.images if r["patient_id"] == p["patient_id"]):
+            assert f"{STAGE_WORDS[r['stage']]} ({r['stage_confidence']:.2f})" in txt
+        n, stage = p["stages"].split(";")[0].split(":")[::-1]
+        assert f"exam stage: {n} {STAGE_WORDS[stage]}" in txt
+        # the legend of the overlay and the heatmap
+        assert "blue = cervix outline and crop" in txt and "green = lesion" in txt
+        assert "Grad-CAM of the classifier on the crop it classified" in txt
+    found = _flat(_text(out / "reports" / "P010.pdf"))
+    assert "cervix found" in found and "% of the cervix" in found and "cervix not found" not in found
+    lost = _flat(_text(out / "reports" / "P011.pdf"))
+    assert "cervix not found: centre crop used" in lost
+    assert "cervix not found in 1 image(s)" in lost and "% of the centre crop" in lost
+    summary = _flat(_text(out / "reports" / "summary.pdf"))
+    assert {n for n in names if f"{n}@test" in summary} == names
+    assert "Exam-stage model" in summary and "Cervix finder" in summary
+    assert "cervix not found in 1 image(s)" in summary
+
+
+def test_grad_cam_input_is_the_crop(cropped, monkeypatch):
+    """The heatmap explains what the classifier saw: its input is the crop, as Pipeline.prepare builds it."""
+    import cervscan.gradcam
+    from cervscan.io import read_image
+    from cervscan.models import read_checkpoint
+    from cervscan.pipeline import centre_box, crop_to_box, parse_box, resize_square
+    from cervscan.report import write_heatmaps
+    from cervscan.transforms import to_tensor_batch
+
+    seen = []
+
+    def fake_grad_cam(model, x, class_idx=1, layer=None):
+        seen.append(x.detach().clone())
+        return np.linspace(0, 1, x.shape[-2] * x.shape[-1], dtype=np.float32).reshape(x.shape[-2:])
+
+    monkeypatch.setattr(cervscan.gradcam, "grad_cam", fake_grad_cam)
+    out, res = cropped["out"], cropped["res"]
+    ck = read_checkpoint(res.run["models"]["classifier"]["path"])
+    S = int(ck["input_size"][0])
+    made = write_heatmaps(out)
+    rows = [r for r in res.images if r["status"] == "ok"]
+    assert len(seen) == len(rows) == 3
+    for x, r in zip(seen, rows):
+        rgb = read_image(r["path"], max_side=res.run["config"]["max_side"]).rgb
+        box = parse_box(r["crop_box"])
+        assert box != (0, 0, rgb.shape[1], rgb.shape[0])
+        if not r["cervix_found"]:
+            assert box == centre_box(rgb.shape[1], rgb.shape[0], res.run["config"]["centre_crop"])
+        want = to_tensor_batch([resize_square(crop_to_box(rgb, box), S)], ck["mean"], ck["std"])
+        assert tuple(x.shape) == (1, 3, S, S)
+        torch.testing.assert_close(x, want, rtol=0, atol=1e-6)
+        # not the whole frame
+        frame = to_tensor_batch([resize_square(rgb, S)], ck["mean"], ck["std"])
+        assert not torch.allclose(x, frame, atol=1e-3)
+        # the heatmap is pasted back into the frame at the box
+        hm = made[(r["patient_id"], r["image"])]
+        assert isinstance(hm, Path) and read_image(hm).rgb.shape[:2] == rgb.shape[:2]
+
+
+def test_heatmap_is_pasted_back_at_the_box(cropped, monkeypatch):
+    import cervscan.gradcam
+    from cervscan.io import read_image
+    from cervscan.pipeline import parse_box
+    from cervscan.report import HeatmapMaker
+
+    maker = HeatmapMaker(cropped["res"].run)
+    assert maker.available
+    r = next(r for r in cropped["res"].images if r["image"] == "cx1.png")
+    rgb = read_image(r["path"]).rgb
+    x0, y0, x1, y1 = box = parse_box(r["crop_box"])
+    monkeypatch.setattr(cervscan.gradcam, "grad_cam", lambda m, x, class_idx=1, layer=None:
+                        np.ones(x.shape[-2:], np.float32))  # all red
+    out = maker.overlay(rgb, box)
+    assert out.shape == rgb.shape and out.dtype == np.uint8
+    inside = out[y0 + 3:y1 - 3, x0 + 3:x1 - 3].reshape(-1, 3).astype(int)
+    assert (inside[:, 0] > inside[:, 2] + 40).all()  # heat (jet red) inside the crop
+    outside = np.ones(rgb.shape[:2], bool)
+    outside[max(0, y0 - 3):y1 + 3, max(0, x0 - 3):x1 + 3] = False
+    assert outside.any()
+    o = out[outside].astype(int)
+    assert (o[:, 0] == o[:, 1]).all() and (o[:, 1] == o[:, 2]).all()  # greyed: the classifier did not see it
+    # a box that does not fit the image (image replaced since the screen) is refused, not misread
+    with pytest.raises(CervscanError, match="does not fit"):
+        maker.overlay(rgb, (0, 0, rgb.shape[1] + 10, rgb.shape[0]))
+
+
+def test_older_output_without_new_columns_still_renders(cropped, tmp_path, monkeypatch):
+    """An output folder of an earlier cervscan (no stage/cervix columns or roles, no crop) renders
+    as before: whole-frame Grad-CAM, 'of the image', two model lines."""
+    import csv
+
+    import cervscan.gradcam
+    from conftest import read_csv
+    from cervscan.io import read_image
+    from cervscan.models import read_checkpoint
+    from cervscan.pipeline import resize_square
+    from cervscan.report import write_reports
+    from cervscan.transforms import to_tensor_batch
+
+    new_img = {"stage", "stage_confidence", "cervix_found", "cervix_fraction", "crop_box", "cervix_mask",
+               "stage_model", "cervix_model"}
+    new_pat = {"n_no_cervix", "stages", "stage_model", "cervix_model"}
+    out = tmp_path / "old"
+    shutil.copytree(cropped["out"], out, ignore=shutil.ignore_patterns("heatmaps", "reports", "cervix"))
+    for name, drop in (("images.csv", new_img), ("patients.csv", new_pat)):
+        rows = read_csv(out / name)
+        cols = [c for c in rows[0] if c not in drop]
+        with open(out / name, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, cols, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+    run = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    for role in ("stage", "cervix"):
+        run["models"].pop(role)
+    for key in ("crop", "cervix_margin", "cervix_min_fraction", "centre_crop"):
+        run["config"].pop(key)
+    (out / "run.json").write_text(json.dumps(run), encoding="utf-8")
+
+    seen = []
+
+    def fake_grad_cam(model, x, class_idx=1, layer=None):
+        seen.append(x.detach().clone())
+        return np.zeros(x.shape[-2:], np.float32)
+
+    monkeypatch.setattr(cervscan.gradcam, "grad_cam", fake_grad_cam)
+    paths = write_reports(out, patients=["P011"])
+    txt = _flat(_text(paths[0]))
+    assert "P011" in txt and "Score" in txt and "does not replace the clinician's judgement" in txt
+    assert "Lesion segmenter" in txt and "Classifier" in txt and "tiny-seg@test" in txt and "tiny-cls@test" in txt
+    assert "Exam-stage model" not in txt and "Cervix finder" not in txt
+    assert "cervix not found" not in txt and "exam stage" not in txt and "blue = cervix" not in txt
+    assert "% of the image" in txt and "Grad-CAM of the classifier on the original image" in txt
+    ck = read_checkpoint(run["models"]["classifier"]["path"])
+    S = int(ck["input_size"][0])
+    r = next(r for r in cropped["res"].images if r["patient_id"] == "P011")
+    rgb = read_image(r["path"]).rgb
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], to_tensor_batch([resize_square(rgb, S)], ck["mean"], ck["std"]),
+                               rtol=0, atol=1e-6)
+
+
+def test_stage_and_cervix_words():
+    from cervscan.report import _caption, _model_rows, _stage_summary
+
+    assert _stage_summary({"stages": "acetic:3;lugol:1"}, []) == "3 acetic acid, 1 Lugol's iodine"
+    assert _stage_summary({}, [{"stage": "green"}, {"stage": "acetic"}, {"stage": "green"}, {"stage": ""}]) \
+        == "2 green filter, 1 acetic acid"
+    assert _stage_summary({"stages": ""}, [{}]) == ""
+    cap = _caption({"image": "a.jpg", "stage": "acetic", "stage_confidence": "0.9712", "cervix_found": "False",
+                    "lesion_fraction": "0.1234", "empty_mask": "False", "score": "0.7", "threshold": "0.5",
+                    "decision": "severe"}, "cervix")
+    assert "acetic acid (0.97)" in cap and "cervix not found: centre crop used" in cap
+    assert "lesion area 12.3% of the centre crop" in cap and "image score 0.700" in cap
+    cap = _caption({"image": "a.jpg", "cervix_found": "True", "cervix_fraction": "0.4", "lesion_fraction": "0.05"},
+                   "cervix")
+    assert "cervix found (40% of the image)" in cap and "lesion area 5.0% of the cervix" in cap
+    assert "lesion area 5.0% of the image" in _caption({"image": "a.jpg", "lesion_fraction": "0.05"})
+    assert "of the centre crop" in _caption({"image": "a.jpg", "lesion_fraction": "0.05", "cervix_found": ""},
+                                            "centre")
+    rows = _model_rows({"models": {"classifier": {"name": "c", "version": "1", "sha256": "ab" * 32},
+                                   "stage": {"name": "s", "version": "2"}, "segmenter": {"name": "l"}}})
+    assert [k for k, _ in rows] == ["Exam-stage model", "Lesion segmenter", "Classifier"]
+    assert rows[2][1].startswith("c@1") and "sha256 abababababab" in rows[2][1]

@@ -9,7 +9,7 @@ cp "$tmp/out/patients.csv" "$tmp/out/images.csv" examples/expected/
 python - "$tmp/out/run.json" <<'PY'
 import json, sys
 run = json.load(open(sys.argv[1]))
-meta = {r: {k: run["models"][r][k] for k in ("label", "sha256", "name", "version")} for r in ("segmenter", "classifier")}
+meta = {r: {k: run["models"][r][k] for k in ("label", "sha256", "name", "version")} for r in run["models"]}
 json.dump(meta, open("examples/expected/models.json", "w"), indent=2)
 PY
 # paths in the CSVs are machine-specific: keep them relative

@@ -12,6 +12,17 @@ the classifier file named in ``run.json``. Heatmaps are computed here (CPU)
 and saved as ``OUT/heatmaps/<patient>/<stem>.jpg``; if the classifier file is
 gone or changed, the report still builds and says heatmaps are unavailable.
 
+Grad-CAM explains what the classifier saw: when the image row has a
+``crop_box`` (the cervix crop, or the centre crop when no cervix was found),
+the classifier input is the crop squashed to its input size, exactly as in
+:meth:`cervscan.pipeline.Pipeline.prepare`; the heatmap is pasted back into
+the frame at the box (outside greyed, the box framed in white) so that it lines
+up with the original and the lesion overlay. Rows without ``crop_box`` (older
+outputs) get the heatmap of the whole frame. Captions and the patient facts
+give the exam stage and the cervix status when images.csv has them; every
+model role of run.json (exam stage, cervix finder, lesion segmenter,
+classifier) is listed. Missing columns are simply left out.
+
 Text uses an embedded TrueType font (DejaVu Sans from matplotlib, else
 Bitstream Vera from reportlab), so non-ASCII patient ids and clinic names
 render and can be searched/extracted. PDFs are written atomically.
@@ -61,6 +72,12 @@ DECISION_TINTS = {"severe": "#fdecea", "mildly_normal": "#e8f5e9", "error": "#ff
 DECISION_ORDER = {"severe": 0, "inadequate": 1, "mildly_normal": 2, "error": 3}
 QUALITY_WORDS = {"blurry": "blurry (low sharpness)", "dark": "dark (underexposed)",
                  "glare": "glare (overexposed areas)"}
+#: Exam stages (the ``stage`` model's classes) in words.
+STAGE_WORDS = {"acetic": "acetic acid", "lugol": "Lugol's iodine", "green": "green filter", "saline": "saline",
+               "other": "other view"}
+#: Model roles of run.json, in the pipeline's order, with their label in the reports.
+MODEL_ROLES = (("stage", "Exam-stage model"), ("cervix", "Cervix finder"), ("segmenter", "Lesion segmenter"),
+               ("classifier", "Classifier"))
 STATEMENT = ("This result was produced by cervscan, a decision-support tool. It supports and does not replace "
              "the clinician's judgement; the examining clinician makes and is responsible for the final decision.")
 PAGE_SIZES = ("a4", "letter")
@@ -263,21 +280,71 @@ class HeatmapMaker:
     def available(self) -> bool:
         return self.model is not None
 
-    def cam(self, rgb: np.ndarray) -> np.ndarray:
-        """Grad-CAM (class 'severe') at the classifier's input size, values in [0, 1]."""
-        from .gradcam import grad_cam
-        from .transforms import resize_square, to_tensor_batch
+    def input_tensor(self, rgb: np.ndarray, box: tuple[int, int, int, int] | None = None):
+        """The classifier's input for an image, built as in :meth:`cervscan.pipeline.Pipeline.prepare`:
+        the crop (``box``, in the decoded image's pixels; the whole frame when None) squashed to the
+        classifier's input size and normalised with the checkpoint's mean and std."""
+        from .pipeline import crop_to_box, resize_square
+        from .transforms import to_tensor_batch
 
         ck = self.ckpt
-        assert ck is not None and self.model is not None
+        assert ck is not None
         size = tuple(int(s) for s in ck["input_size"])
-        x = to_tensor_batch([resize_square(rgb, size)], ck["mean"], ck["std"])
-        return grad_cam(self.model, x, class_idx=1)
+        crop = rgb if box is None else crop_to_box(rgb, _check_box(box, rgb))
+        original = resize_square(crop, size[0])  # Prepared.original: the crop at the classifier's size
+        return to_tensor_batch([resize_square(original, size)], ck["mean"], ck["std"])
 
-    def overlay(self, rgb: np.ndarray) -> np.ndarray:
+    def cam(self, rgb: np.ndarray, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+        """Grad-CAM (class 'severe') of the classifier's input (the crop ``box`` of ``rgb``, else the
+        whole frame), at the classifier's input size, values in [0, 1]."""
+        from .gradcam import grad_cam
+
+        assert self.model is not None
+        return grad_cam(self.model, self.input_tensor(rgb, box), class_idx=1)
+
+    def overlay(self, rgb: np.ndarray, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+        """The heatmap blended onto what the classifier saw, at the frame's size.
+
+        Without ``box`` (older outputs) the heatmap covers the whole frame. With a crop box it covers
+        the crop, pasted back into the frame at the box, so that it lines up with the original and
+        the lesion overlay; outside the crop (never seen by the classifier) the frame is greyed and the
+        crop is framed in white."""
+        import cv2
+
         from .gradcam import heatmap_overlay
+        from .pipeline import crop_to_box
 
-        return heatmap_overlay(rgb, self.cam(rgb))
+        cam = self.cam(rgb, box)
+        if box is None:
+            return heatmap_overlay(rgb, cam)
+        x0, y0, x1, y1 = _check_box(box, rgb)
+        h, w = rgb.shape[:2]
+        blended = heatmap_overlay(crop_to_box(rgb, (x0, y0, x1, y1)), cam)
+        if (x0, y0, x1, y1) == (0, 0, w, h):
+            return blended
+        grey = cv2.cvtColor(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+        out = cv2.addWeighted(grey, 0.45, np.full_like(rgb, 200), 0.55, 0)
+        out[y0:y1, x0:x1] = blended
+        t = max(1, round(max(h, w) / 300))
+        cv2.rectangle(out, (x0, y0), (max(x0, x1 - 1), max(y0, y1 - 1)), (255, 255, 255), t, lineType=cv2.LINE_4)
+        return out
+
+
+def _row_box(r: dict) -> tuple[int, int, int, int] | None:
+    """The crop box of an images.csv row (None for older outputs without the column, or an empty value)."""
+    from .pipeline import parse_box
+
+    return parse_box(r.get("crop_box"))
+
+
+def _check_box(box: tuple[int, int, int, int], rgb: np.ndarray) -> tuple[int, int, int, int]:
+    """The box when it lies inside the decoded image; CervscanError otherwise (image changed since the screen)."""
+    h, w = rgb.shape[:2]
+    x0, y0, x1, y1 = (int(v) for v in box)
+    if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+        raise CervscanError(f"crop box {x0} {y0} {x1} {y1} does not fit the {w}x{h} image "
+                            "(image changed since the screen?)")
+    return x0, y0, x1, y1
 
 
 def _read_rgb(path: Path | None, max_side: int = 2048) -> tuple[np.ndarray | None, str | None]:
@@ -326,7 +393,12 @@ def write_heatmaps(out: str | Path, patients: list[str] | None = None) -> dict[t
             if rgb is None:
                 result[key] = f"original image {why}"
                 continue
-            result[key] = _save_heatmap(so.out, pid, stems[key[1]], maker.overlay(rgb))
+            try:
+                blended = maker.overlay(rgb, _row_box(r))
+            except CervscanError as e:
+                result[key] = f"not computed: {e}"
+                continue
+            result[key] = _save_heatmap(so.out, pid, stems[key[1]], blended)
     return result
 
 
@@ -537,12 +609,61 @@ def _model_line(info: dict) -> str:
     ver = info.get("version")
     sha = (info.get("sha256") or "")[:12]
     arch = info.get("arch")
-    parts = [f"{escape(str(name))}{' ' + escape(str(ver)) if ver else ''}"]
+    parts = [f"{escape(str(name))}{'@' + escape(str(ver)) if ver else ''}"]
     if arch:
         parts.append(escape(str(arch)))
     if sha:
         parts.append(f"sha256 {sha}")
     return " · ".join(parts)
+
+
+def _model_rows(run: dict) -> list[tuple[str, str]]:
+    """(label, model line) of every model role in run.json, in the pipeline's order. The lesion
+    segmenter and the classifier are always listed (older outputs have only those two)."""
+    models = run.get("models") or {}
+    rows = [(label, _model_line(models.get(role) or {})) for role, label in MODEL_ROLES
+            if role in ("segmenter", "classifier") or isinstance(models.get(role), dict)]
+    known = {role for role, _ in MODEL_ROLES}
+    rows += [(str(role).capitalize(), _model_line(info)) for role, info in models.items()
+             if role not in known and isinstance(info, dict)]
+    return rows
+
+
+def _crop_mode(run: dict) -> str:
+    """What the classifier saw: 'cervix', 'centre' or 'frame' (older outputs: 'frame')."""
+    return str((run.get("config") or {}).get("crop") or "frame")
+
+
+def _stage_words(stage: str) -> str:
+    return STAGE_WORDS.get(stage, stage.replace("_", " "))
+
+
+def _stage_counts(p: dict, ok_rows: list[dict]) -> list[tuple[str, int]]:
+    """Exam stages of the images used, from patients.csv ('acetic:3;lugol:1'), else counted from the rows."""
+    out: list[tuple[str, int]] = []
+    for item in (p.get("stages") or "").split(";"):
+        name, _, n = item.partition(":")
+        if name.strip() and _i(n, 0) > 0:
+            out.append((name.strip(), _i(n)))
+    if not out:
+        counts: dict[str, int] = {}
+        for r in ok_rows:
+            if (r.get("stage") or "").strip():
+                counts[r["stage"].strip()] = counts.get(r["stage"].strip(), 0) + 1
+        out = sorted(counts.items())
+    return sorted(out, key=lambda kv: (-kv[1], kv[0]))
+
+
+def _stage_summary(p: dict, ok_rows: list[dict]) -> str:
+    """'acetic:3;lugol:1' -> '3 acetic acid, 1 Lugol's iodine' (plain text; '' when no stage is recorded)."""
+    return ", ".join(f"{n} {_stage_words(s)}" for s, n in _stage_counts(p, ok_rows))
+
+
+def _n_no_cervix(p: dict, ok_rows: list[dict]) -> int:
+    v = p.get("n_no_cervix")
+    if v not in (None, ""):
+        return _i(v)
+    return sum(str(r.get("cervix_found", "")).strip().lower() == "false" for r in ok_rows)
 
 
 def _threshold_meaning(run: dict, threshold: float | None) -> str:
@@ -673,13 +794,31 @@ def _quality_words(q: str) -> str:
     return "; ".join(out)
 
 
-def _caption(r: dict) -> str:
+def _caption(r: dict, crop: str | None = None) -> str:
+    """One image's caption. ``crop``: the run's crop mode (run.json config 'crop'; None for older outputs)."""
     parts = [f"<b>{escape(r.get('image', ''))}</b>"]
+    stage = (r.get("stage") or "").strip()
+    if stage:
+        conf = _f(r.get("stage_confidence"))
+        parts.append(escape(_stage_words(stage)) + (f" ({conf:.2f})" if conf is not None else ""))
+    found = str(r.get("cervix_found", "")).strip().lower()
+    if found == "false":
+        parts.append("<font color='#b35c00'>cervix not found: centre crop used</font>")
+        of = "of the centre crop"
+    elif found == "true":
+        cf = _f(r.get("cervix_fraction"))
+        parts.append("cervix found" + (f" ({100 * cf:.0f}% of the image)" if cf is not None else ""))
+        of = "of the cervix"
+    elif crop == "centre":
+        parts.append("centre crop (no cervix finder)")
+        of = "of the centre crop"
+    else:
+        of = "of the image"
     lf = _f(r.get("lesion_fraction"))
     if _true(r.get("empty_mask")):
-        parts.append("no lesion segmented" + (f" ({100 * lf:.1f}% of the image)" if lf else ""))
+        parts.append("no lesion segmented" + (f" ({100 * lf:.1f}% {of})" if lf else ""))
     elif lf is not None:
-        parts.append(f"lesion area {100 * lf:.1f}% of the image")
+        parts.append(f"lesion area {100 * lf:.1f}% {of}")
     score, dec = _f(r.get("score")), r.get("decision") or ""
     if score is not None:
         colour = _decision_colour(dec)
@@ -696,7 +835,7 @@ def _caption(r: dict) -> str:
 
 
 def _image_block(r: dict, orig: np.ndarray | None, orig_why: str | None, ovl: np.ndarray | None, ovl_why: str,
-                 heat: np.ndarray | None, heat_why: str, st: dict, width: float):
+                 heat: np.ndarray | None, heat_why: str, st: dict, width: float, crop: str | None = None):
     from reportlab.lib import colors
     from reportlab.lib.units import mm
     from reportlab.platypus import Paragraph, Table, TableStyle
@@ -711,7 +850,7 @@ def _image_block(r: dict, orig: np.ndarray | None, orig_why: str | None, ovl: np
 
     data = [
         [cell(orig, orig_why or "not found"), cell(ovl, ovl_why), cell(heat, heat_why)],
-        [Paragraph(_caption(r), st["caption"]), "", ""],
+        [Paragraph(_caption(r, crop), st["caption"]), "", ""],
     ]
     t = Table(data, colWidths=[cw] * 3)
     t.setStyle(TableStyle([
@@ -761,7 +900,7 @@ def _patient_report(so: ScreenOutput, p: dict, opts: _Options, maker: HeatmapMak
     stems = _stems(rows)
     width = _text_width(opts.page_size)
     max_side = int((run.get("config") or {}).get("max_side") or 2048)
-    models = run.get("models") or {}
+    crop_mode = _crop_mode(run)
 
     # originals (decoded once: shown, and used for the heatmap)
     paths = {r.get("image", ""): originals.path(r) for r in rows}
@@ -776,8 +915,7 @@ def _patient_report(so: ScreenOutput, p: dict, opts: _Options, maker: HeatmapMak
         ("Exam date", escape(exam)),
         ("Report date", escape(opts.report_date)),
         ("Software", _software_line(run, p)),
-        ("Segmentation model", _model_line(models.get("segmenter") or {})),
-        ("Classifier", _model_line(models.get("classifier") or {})),
+        *_model_rows(run),
     ], st, width))
     story.append(Spacer(1, 5 * mm))
     story.append(_decision_box(p, run, st, width, opts.next_step))
@@ -791,6 +929,13 @@ def _patient_report(so: ScreenOutput, p: dict, opts: _Options, maker: HeatmapMak
     n_empty = sum(_true(r.get("empty_mask")) for r in ok_rows)
     if n_empty:
         facts.append(f"no lesion segmented in {n_empty} image(s)")
+    stages = _stage_summary(p, ok_rows)
+    if stages:
+        facts.append("exam stage: " + escape(stages))
+    n_no_cx = _n_no_cervix(p, ok_rows)
+    if n_no_cx:
+        facts.append(f"<font color='#b35c00'><b>cervix not found in {n_no_cx} image(s)</b></font>: "
+                     "the centre of the image was used instead")
     q = _quality_words(p.get("quality") or "")
     if q:
         facts.append("image quality: " + escape(q))
@@ -801,17 +946,26 @@ def _patient_report(so: ScreenOutput, p: dict, opts: _Options, maker: HeatmapMak
     if ok_rows:
         story.append(CondPageBreak(70 * mm))
         story.append(Paragraph("Images", st["h2"]))
+        cropped = crop_mode in ("cervix", "centre") and any(_row_box(r) for r in ok_rows)
         if maker is None:
             heat_note = "Heatmaps were not requested."
         elif maker.available:
-            heat_note = ("<b>Heatmap</b> (Grad-CAM of the classifier on the original image): red marks the regions "
+            where = ("on the crop it classified, shown in place in the whole image: the white frame marks the "
+                     "crop, the greyed area outside it was not seen by the classifier" if cropped
+                     else "on the original image")
+            heat_note = (f"<b>Heatmap</b> (Grad-CAM of the classifier {where}): red marks the regions "
                          "that most raised the 'severe' score, blue regions had little influence. It shows where "
                          "the model looked, not a diagnosis.")
         else:
             heat_note = f"<b>Heatmaps unavailable:</b> {escape(maker.reason or '')}."
+        legend = ("<b>green</b> = lesion: contour and translucent fill mark the area the lesion segmenter "
+                  "delineated as lesion")
+        if cropped:
+            legend += ("; <b>blue</b> = cervix outline and crop: the cervix as the cervix finder outlined it, and "
+                       "the square crop box (the part of the image that was segmented and classified)")
         story.append(Paragraph(
-            "Left: the original image. Middle: <b>lesion overlay</b> — green contour and translucent fill mark the "
-            "area the segmentation model delineated as lesion. Right: " + heat_note, st["small"]))
+            "Left: the original image. Middle: <b>lesion overlay</b> — " + legend + ". Right: " + heat_note,
+            st["small"]))
         story.append(Spacer(1, 2 * mm))
         from reportlab.platypus import Table, TableStyle
 
@@ -833,8 +987,11 @@ def _patient_report(so: ScreenOutput, p: dict, opts: _Options, maker: HeatmapMak
             hpath = so.out / "heatmaps" / _file_name(pid) / f"{_file_name(stem)}.jpg"
             if maker is not None and maker.available and orig is not None:
                 try:
-                    heat = maker.overlay(orig)
+                    heat = maker.overlay(orig, _row_box(r))
                     _save_heatmap(so.out, pid, stem, heat)
+                except CervscanError as e:
+                    log.warning("%s/%s: heatmap not computed: %s", pid, name, e)
+                    heat, heat_why = None, str(e)
                 except Exception as e:  # noqa: BLE001 - one image must not stop the report
                     log.warning("%s/%s: heatmap failed: %s", pid, name, e)
                     heat, heat_why = None, f"failed: {type(e).__name__}"
@@ -843,7 +1000,8 @@ def _patient_report(so: ScreenOutput, p: dict, opts: _Options, maker: HeatmapMak
                     heat, heat_why = _read_rgb(hpath, max_side)
                 else:
                     heat_why = "classifier unavailable" if not maker.available else "original image not found"
-            blocks.append([_image_block(r, orig, why, ovl, ovl_why or "", heat, heat_why or "", st, width)])
+            blocks.append([_image_block(r, orig, why, ovl, ovl_why or "", heat, heat_why or "", st, width,
+                                        crop_mode)])
         # One row per image (image triple + caption never split), column heads repeated on every page.
         grid = Table(blocks, colWidths=[width], repeatRows=1)
         grid.setStyle(TableStyle([("LEFTPADDING", (0, 0), (-1, -1), 0), ("RIGHTPADDING", (0, 0), (-1, -1), 0),
@@ -880,7 +1038,6 @@ def _summary_report(so: ScreenOutput, opts: _Options, font: str, st: dict) -> Pa
 
     run = so.run
     width = _text_width(opts.page_size)
-    models = run.get("models") or {}
     thr = _f(run.get("threshold"))
     if thr is None and so.patients:
         thr = _f(so.patients[0].get("threshold"))
@@ -905,8 +1062,7 @@ def _summary_report(so: ScreenOutput, opts: _Options, font: str, st: dict) -> Pa
         ("Report date", escape(opts.report_date)),
         ("Input", escape(", ".join(str(x) for x in run.get("inputs") or []) or "–")),
         ("Software", _software_line(run)),
-        ("Segmentation model", _model_line(models.get("segmenter") or {})),
-        ("Classifier", _model_line(models.get("classifier") or {})),
+        *_model_rows(run),
         ("Threshold", (f"{thr:.3f}. " if thr is not None else "") + _threshold_meaning(run, thr)),
     ], st, width))
     story.append(Spacer(1, 4 * mm))
@@ -934,6 +1090,9 @@ def _summary_report(so: ScreenOutput, opts: _Options, font: str, st: dict) -> Pa
             note.append(q)
         if _i(p.get("n_failed")):
             note.append(f"{_i(p.get('n_failed'))} image(s) failed")
+        n_no_cx = _n_no_cervix(p, [r for r in so.images_of(p.get("patient_id", "")) if r.get("status") == "ok"])
+        if n_no_cx:
+            note.append(f"cervix not found in {n_no_cx} image(s)")
         if d == "error" and p.get("error"):
             note.append("see below")
         data.append([
