@@ -340,14 +340,20 @@ class Pipeline:
         return make_variants(p.original, p.segmented, self.cfg.voting)
 
     def classify(self, images: list[np.ndarray]) -> np.ndarray:
-        """P(severe) (temperature-scaled) of each image, one batched forward pass."""
+        """P(severe) (temperature-scaled) of each image, in forward passes of ``cfg.classify_batch`` images
+        (on a CPU larger batches are no faster per image and cost memory)."""
         import torch
 
         m = self.models["classifier"]
-        x = to_tensor_batch([resize_square(im, m.size) for im in images], m.ckpt["mean"], m.ckpt["std"]).to(self.device)
-        with torch.inference_mode():
-            logits = m.net(x).float() / self.temperature
-            return torch.softmax(logits, dim=1)[:, 1].cpu().numpy()
+        n = max(1, int(self.cfg.classify_batch)) if self.device.type == "cpu" else max(1, len(images))
+        out = []
+        for i in range(0, len(images), n):
+            x = to_tensor_batch([resize_square(im, m.size) for im in images[i:i + n]], m.ckpt["mean"],
+                                m.ckpt["std"]).to(self.device)
+            with torch.inference_mode():
+                logits = m.net(x).float() / self.temperature
+                out.append(torch.softmax(logits, dim=1)[:, 1].cpu().numpy())
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
 
     def score(self, p_severe: dict[str, float]) -> float:
         return weighted_score(p_severe, self.cfg.voting)
