@@ -519,6 +519,9 @@ def batch(
     except CervscanError as e:
         fail(e, 1)
     s = res.summary
+    if s["failed"]:  # also with --quiet / --json: cron mails what reaches stderr
+        err_console.print(f"[yellow]warning:[/yellow] {s['failed']} visit(s) failed ({', '.join(s['failed_ids'][:20])}"
+                          f"{' ...' if s['failed'] > 20 else ''}); see {out / 'patients.csv'} and {out / 'images.csv'}")
     if as_json:
         sys.stdout.write(json.dumps(s, default=str) + "\n")
     elif not quiet:
