@@ -605,7 +605,7 @@ def models_install(
 
 @models_app.command("rollback")
 def models_rollback(
-    role: Annotated[Optional[str], typer.Option(help="segmenter | classifier (default both).")] = None,
+    role: Annotated[Optional[str], typer.Option(help="stage | cervix | segmenter | classifier (default all).")] = None,
 ) -> None:
     """Go back to the shipped models (installed files are kept)."""
     from . import weights as W

@@ -1,6 +1,6 @@
 """Where models come from, their manifests and sha256 checks. No torch import.
 
-Resolution order for each role (segmenter, classifier):
+Resolution order for each role (stage, cervix, segmenter, classifier):
 
 1. an explicit path (``--seg-model`` / ``--cls-model``);
 2. ``$CERVSCAN_SEG_MODEL`` / ``$CERVSCAN_CLS_MODEL`` (a file), or
