@@ -148,7 +148,8 @@ def main() -> None:
         "",
         "## Classifier",
         "",
-        f"{cls['arch']}, trained on original and segmented images of every patient "
+        f"{cls['arch']}, trained on original and segmented images of every patient"
+        f"{' (the original being the cervix crop of the pipeline, the segmented image the lesion region of that crop)' if cls.get('crop') == 'cervix' else ''} "
         f"({cls['train_summary'].get('samples')} samples), {cls['train_summary'].get('epochs')} epochs, "
         f"lr {cls['train_summary'].get('lr')}, input {cls['input_size'][0]} px, ImageNet-pretrained: "
         f"{cls['train_summary'].get('pretrained')}. Final model: {cls['train_summary'].get('final_model')}.",
@@ -186,9 +187,9 @@ def main() -> None:
         rows.append((f"`{name}`", alt.get("config") or alt["summary"], ho_alt, alt.get("operating_point") or {}))
     if len(rows) > 1:
         srcs = sorted(ho.get("by_source") or {})
-        lines += ["", "### How this classifier was chosen", "",
-                  "Every candidate was cross-validated on the same five patient-wise folds, and the rule for the choice "
-                  "(`docs/model-selection.md`) was fixed before any result of the input-size, epoch and head candidates was known.", "",
+        lines += ["", "### Compared with other classifiers on the same folds", "",
+                  "Every run below was cross-validated on the same five patient-wise folds (seed 0, stratified by label "
+                  "and source). " + (man.get("comparison_note") or "The rule for the choice is in `docs/model-selection.md`."), "",
                   "| run | architecture | init | input | epochs | AUC (95 % CI) | " + " | ".join(f"AUC {s}" for s in srcs)
                   + " | specificity at 90 % sensitivity |",
                   "|---|---|---|---|---|---|" + "---|" * len(srcs) + "---|"]

@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--version", required=True, help="Version of the shipped weights, e.g. 1.1.0.")
     ap.add_argument("--seg-version", help="Version of the segmenter file when it is unchanged (default: --version).")
     ap.add_argument("--why", help="Why the classifier is the default (one paragraph, for the model card).")
+    ap.add_argument("--comparison-note", help="What the --cls-compare runs are (one sentence, for the model card).")
     ap.add_argument("--out", type=Path, default=ROOT / "weights")
     a = ap.parse_args()
 
@@ -133,6 +134,8 @@ def main() -> None:
     man = {"format": 1, "version": a.version, "models": entries}
     if a.why:
         man["why"] = a.why.strip()
+    if a.comparison_note:
+        man["comparison_note"] = a.comparison_note.strip()
     (out / "manifest.json").write_text(json.dumps(man, indent=2) + "\n")
     print(f"wrote {out}/manifest.json")
 
