@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-ATTRIBUTION = ("Trained on AnnoCerv (Minciuna et al., github.com/iclx/AnnoCerv, CC BY 4.0) and the IARC Colposcopy "
+ATTRIBUTION = ("Trained on AnnoCerv (Minciuna et al., github.com/iclx/AnnoCerv, CC BY 4.0), Jhpiego VIA training flash cards (cervix and lesion polygons, for research and education) and the IARC Colposcopy "
                "Image Bank (International Agency for Research on Cancer, screening.iarc.fr, published for education "
                "and research).")
 
