@@ -38,11 +38,12 @@ P_V = [f"p_v{i}" for i in range(1, 7)]
 
 # column -> how it is compared; a column absent from the expected CSV is skipped
 PATIENT_CHECKS = {"decision": "exact", "threshold": THRESHOLD_TOL, "score": PROB_TOL, "n_images": "int",
-                  "n_used": "int", "n_failed": "int", "n_empty_mask": "int", "n_no_cervix": "int", "stages": "exact"}
+                  "n_used": "int", "n_failed": "int", "n_empty_mask": "int", "n_no_cervix": "int", "stages": "exact",
+                  "n_eligible": "int", "reason": "exact"}
 IMAGE_CHECKS = {"status": "exact", "decision": "exact", "threshold": THRESHOLD_TOL, "score": PROB_TOL,
                 **{c: PROB_TOL for c in P_V}, "empty_mask": "bool", "lesion_fraction": FRACTION_TOL,
                 "stage": "exact", "stage_confidence": PROB_TOL, "cervix_found": "exact", "crop_box": "box",
-                "cervix_fraction": FRACTION_TOL}
+                "cervix_fraction": FRACTION_TOL, "eligible": "bool", "reason": "exact"}
 REQUIRED = ("decision", "score", "threshold")
 
 

@@ -531,7 +531,8 @@ def test_decodable_case_in_the_batch(bad_run, case):
     name, _, (w, h), mask_hw = DECODABLE[case]
     pid = f"ok-{case}" if case != "unicode_name" else "Ana María Ñúñez"
     pat = _rows(out, "patients.csv")[pid]
-    assert pat["decision"] in ("severe", "mildly_normal") and pat["n_used"] == "1", pat
+    # decoded and screened; flat test patterns (a solid colour, bands) are not fit to decide from: inadequate
+    assert pat["decision"] in ("severe", "mildly_normal", "inadequate") and pat["n_used"] == "1", pat
     row = next(r for r in read_csv(out / "images.csv") if r["patient_id"] == pid)
     assert row["image"] == name and row["status"] == "ok" and row["error"] == ""
     assert (int(row["width"]), int(row["height"])) == (w, h)  # upright original size

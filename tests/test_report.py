@@ -295,10 +295,14 @@ def test_real_images_report(real):
         pdf = out / "reports" / f"{p['patient_id']}.pdf"
         txt = _flat(_text(pdf))
         assert p["patient_id"] in txt and f"Score {p['score']:.3f}" in txt
-        assert sum(len(pg.images) for pg in _pages(pdf)) == 3 * p["n_used"]
+        # original, overlay and heatmap per image used; no heatmap of an image the quality gate left out
+        n_out = p["n_used"] - p["n_eligible"]
+        assert sum(len(pg.images) for pg in _pages(pdf)) == 3 * p["n_eligible"] + 2 * n_out
     summary = _flat(_text(out / "reports" / "summary.pdf"))
     assert "iarc-AAAW" in summary and "annocerv-C1" in summary and "2 patient(s)" in summary
-    assert (out / "heatmaps" / "iarc-AAAW" / "AAAW4.jpg").is_file()
+    # a heatmap for every image used for the decision (AAAW4, Lugol's iodine, has strong glare: left out)
+    for r in res.images:
+        assert (out / "heatmaps" / r["patient_id"] / f"{Path(r['image']).stem}.jpg").is_file() == r["eligible"]
 
 
 # --------------------------------------------------------------------------- Grad-CAM
@@ -564,8 +568,8 @@ def test_older_output_without_new_columns_still_renders(cropped, tmp_path, monke
     from cervscan.transforms import to_tensor_batch
 
     new_img = {"stage", "stage_confidence", "cervix_found", "cervix_fraction", "crop_box", "cervix_mask",
-               "stage_model", "cervix_model"}
-    new_pat = {"n_no_cervix", "stages", "stage_model", "cervix_model"}
+               "stage_model", "cervix_model", "eligible", "reason", "overexposed", "glare", "cervix_px"}
+    new_pat = {"n_no_cervix", "stages", "stage_model", "cervix_model", "n_eligible", "reason"}
     out = tmp_path / "old"
     shutil.copytree(cropped["out"], out, ignore=shutil.ignore_patterns("heatmaps", "reports", "cervix"))
     for name, drop in (("images.csv", new_img), ("patients.csv", new_pat)):

@@ -133,7 +133,7 @@ def test_run_json(synthetic_run, tiny_models):
     assert run["counts"] == {"patients": 3, "images": 6, "images_failed": 0, "patients_error": 0,
                              "severe": sum(p["decision"] == "severe" for p in res.patients),
                              "mildly_normal": sum(p["decision"] == "mildly_normal" for p in res.patients),
-                             "no_cervix": 0, "skipped_files": 0}
+                             "inadequate": 0, "images_ineligible": 0, "no_cervix": 0, "skipped_files": 0}
     assert run["counts"]["severe"] + run["counts"]["mildly_normal"] == 3
     assert json.loads(json.dumps(res.run)) == run
     json.dumps(res.summary())

@@ -32,7 +32,8 @@ class ScreenResult:
 
     def summary(self) -> dict:
         return {k: self.run[k] for k in ("out", "counts", "timings", "models", "threshold")} | {
-            "patients": [{k: p.get(k) for k in ("patient_id", "decision", "score", "n_used", "n_failed", "error")}
+            "patients": [{k: p.get(k) for k in ("patient_id", "decision", "score", "n_used", "n_eligible", "n_failed",
+                                                  "reason", "error")}
                          for p in self.patients], "exit_code": self.exit_code}
 
 
@@ -82,6 +83,22 @@ def _resolve_crop(cls_ckpt: dict, file_cfg: dict, overrides: dict, provenance: d
     return crop
 
 
+def _gate_from(file_cfg: dict, overrides: dict, provenance: dict):
+    """The quality gate: defaults (``GateConfig``) < config file < options (``quality_gate`` False for
+    ``--no-quality-gate``). Records where each changed value came from in ``provenance``."""
+    from .config import GATE_KEYS, GateConfig
+
+    vals: dict[str, Any] = {}
+    for layer_name, layer in (("config", file_cfg), ("option", overrides)):
+        for key, fld in GATE_KEYS.items():
+            v = layer.get(key)
+            if v is None:
+                continue
+            vals[fld] = tuple(v) if fld == "decision_stages" else v
+            provenance[key] = layer_name
+    return GateConfig(**vals)
+
+
 def load_pipeline(*, seg_model: str | None = None, cls_model: str | None = None, cervix_model: str | None = None,
                   stage_model: str | None = None, config_file: str | None = None, overrides: dict | None = None,
                   device: str | None = None, num_workers: int | None = None, batch_images: int | None = None,
@@ -113,9 +130,10 @@ def load_pipeline(*, seg_model: str | None = None, cls_model: str | None = None,
             log.warning("no exam-stage model (%s); stage left empty", e)
         else:
             models["stage"] = load_model("stage", refs["stage"].path, dev, refs["stage"])
+    gate = _gate_from(file_cfg, overrides, provenance)
     base = ScreenConfig()
     cfg = dataclasses.replace(
-        base, voting=voting, threshold=threshold, device=str(dev), crop=crop,
+        base, voting=voting, threshold=threshold, device=str(dev), crop=crop, gate=gate,
         num_workers=num_workers if num_workers is not None else int(file_cfg.get("num_workers", base.num_workers)),
         batch_images=batch_images or int(file_cfg.get("batch_images", base.batch_images)),
         **{k: type(getattr(base, k))(file_cfg[k]) for k in ("max_side", "max_pixels", "min_side", "cervix_margin",
@@ -188,18 +206,30 @@ def screen(paths: list[str | Path], out: str | Path, *, seg_model: str | None = 
 
     n_failed_img = sum(r["status"] != "ok" for r in records)
     n_err_pat = sum(p["decision"] == "error" for p in patients)
-    exit_code = 3 if (n_failed_img or n_err_pat) else 0
+    n_inadequate = sum(p["decision"] == "inadequate" for p in patients)
+    exit_code = exit_code_of(n_failed_img + n_err_pat, n_inadequate)
     run = _run_record("screen", out, paths, pipe, refs, provenance, {
         "load_models_s": round(load_s, 3), "screen_s": round(t_screened - t_loaded, 3),
         "total_s": round(time.time() - t0, 3), "images_per_s": round(len(items) / max(1e-9, t_screened - t_loaded), 3)})
     run["counts"] = {"patients": len(patients), "images": len(records), "images_failed": n_failed_img,
                      "patients_error": n_err_pat, "severe": sum(p["decision"] == "severe" for p in patients),
                      "mildly_normal": sum(p["decision"] == "mildly_normal" for p in patients),
+                     "inadequate": n_inadequate,
+                     "images_ineligible": sum(r["status"] == "ok" and r.get("eligible") is False for r in records),
                      "no_cervix": sum(r.get("cervix_found") is False for r in records),
                      "skipped_files": len(skipped)}
     run["exit_code"] = exit_code
     writer.finish(patients, records, skipped, run)
     return ScreenResult(out, patients, records, skipped, run, exit_code)
+
+
+#: Exit codes of a run that finished: all decided; some image or patient failed; some patient inadequate.
+EXIT_OK, EXIT_FAILED, EXIT_INADEQUATE = 0, 3, 5
+
+
+def exit_code_of(n_failed: int, n_inadequate: int) -> int:
+    """3 when anything failed (it wins), else 5 when a patient is ``inadequate`` (retake), else 0."""
+    return EXIT_FAILED if n_failed else (EXIT_INADEQUATE if n_inadequate else EXIT_OK)
 
 
 def _run_record(command: str, out: Path, paths, pipe, refs: dict, provenance: dict, timings: dict) -> dict:
@@ -223,6 +253,7 @@ def _run_record(command: str, out: Path, paths, pipe, refs: dict, provenance: di
         "command": command, "cervscan_version": __version__, "out": str(out),
         "inputs": [str(Path(p).resolve()) for p in paths],
         "config": pipe.cfg.to_dict(), "threshold": pipe.cfg.threshold, "provenance": provenance,
+        "quality_gate": pipe.cfg.gate.enabled,
         "models": {role: model_info(role) for role in refs if role in pipe.models},
         "versions": {"cervscan": __version__, "torch": torch.__version__, "timm": timm.__version__,
                      "segmentation_models_pytorch": smp.__version__, "python": platform.python_version()},
@@ -239,7 +270,8 @@ def evaluate(visits: list[str | Path], labels: str | Path, out: str | Path, *, n
     Writes OUT/metrics.json, OUT/roc.png, OUT/confusion.png, OUT/predictions.csv
     (the screen outputs go to OUT/screen unless ``screen_out`` is given).
     Patients with an empty label are skipped and counted; patients whose
-    screening failed (decision ``error``) are counted and left out of the metrics.
+    screening failed (decision ``error``) are counted and left out of the metrics, and so are
+    patients without an eligible image (decision ``inadequate``: listed in ``inadequate``).
     """
     import csv
 
@@ -280,11 +312,14 @@ def evaluate(visits: list[str | Path], labels: str | Path, out: str | Path, *, n
         res = screen(visits, screen_dir, **screen_kwargs)
         screened, run = res.patients, res.run
     thr = run["threshold"]
-    preds, errors, not_labelled = [], [], []
+    preds, errors, not_labelled, inadequate = [], [], [], []
     for p in screened:
         pid = p["patient_id"]
         if pid not in lab:
             not_labelled.append(pid)
+            continue
+        if p["decision"] == "inadequate":
+            inadequate.append({"patient_id": pid, "label": lab[pid], "reason": p.get("reason", "")})
             continue
         if p["decision"] == "error" or p["score"] is None:
             errors.append({"patient_id": pid, "error": p["error"]})
@@ -302,6 +337,8 @@ def evaluate(visits: list[str | Path], labels: str | Path, out: str | Path, *, n
     m.update({
         "skipped_unlabelled_rows": unlabelled, "screened_without_label": len(not_labelled),
         "patients_failed": len(errors), "failed": errors,
+        "patients_inadequate": len(inadequate), "inadequate": inadequate,
+        "quality_gate": run.get("quality_gate", True),
         "models": {k: {"label": v["label"], "sha256": v["sha256"], "path": v["path"]} for k, v in run["models"].items()},
         "operating_point": run["models"]["classifier"].get("operating_point"),
         "labels": str(lab_path), "visits": [str(v) for v in visits], "bootstrap": {"n": n_bootstrap, "seed": seed},

@@ -82,6 +82,8 @@ log = logging.getLogger(__name__)
 EXIT_LOCKED = 4
 #: Exit code when some visit screened in this run failed (as ``screen``).
 EXIT_FAILED = 3
+#: Exit code when no visit screened in this run failed but some came out ``inadequate`` (as ``screen``).
+EXIT_INADEQUATE = 5
 STATE_DIR = ".cervscan"
 JOURNAL_NAME = "batch.sqlite"
 LOCK_NAME = "batch.lock"
@@ -592,17 +594,18 @@ def write_if_changed(path: Path, data: bytes, journal: Path) -> bool:
 
 
 def write_tables(out: Path, journal: Journal, stray: list[dict]) -> dict[str, int]:
-    """images.csv, patients.csv and skipped.csv from the journal, each atomically (images first)."""
+    """skipped.csv, images.csv and patients.csv from the journal, each atomically; patients.csv last, so
+    that once it exists the other two exist as well."""
     from .pipeline import IMAGE_COLUMNS, PATIENT_COLUMNS
     from .writer import SKIPPED_COLUMNS
 
     patients, images, skipped = journal.tables()
     log.info("tables: writing %d patient(s), %d image(s)", len(patients), len(images))
+    write_if_changed(out / "skipped.csv", render_csv(stray + skipped, SKIPPED_COLUMNS), journal.path)
     write_if_changed(out / "images.csv", render_csv(images, IMAGE_COLUMNS), journal.path)
     _pause("tables:images.csv")
     write_if_changed(out / "patients.csv", render_csv(patients, PATIENT_COLUMNS), journal.path)
     _pause("tables:patients.csv")
-    write_if_changed(out / "skipped.csv", render_csv(stray + skipped, SKIPPED_COLUMNS), journal.path)
     log.info("tables: written")
     return {"patients": len(patients), "images": len(images), "skipped": len(stray) + len(skipped),
             "images_failed": sum(r.get("status") != "ok" for r in images),
@@ -692,10 +695,12 @@ class _Screener:
     @staticmethod
     def _log_visit(v, patient: dict, plan: Plan) -> None:
         why = plan.reasons.get(v.patient_id)
-        log.info("screened %s (%s): %s, score %s, %d/%d image(s) used%s", v.patient_id,
+        log.info("screened %s (%s): %s, score %s, %d/%d image(s) used%s%s", v.patient_id,
                  "changed: " + "+".join(why) if why else "new", patient["decision"],
-                 "n/a" if patient.get("score") is None else f"{patient['score']:.3f}", patient["n_used"],
-                 patient["n_images"], f"; error: {patient['error']}" if patient.get("error") else "")
+                 "n/a" if patient.get("score") is None else f"{patient['score']:.3f}",
+                 patient.get("n_eligible", patient["n_used"]), patient["n_images"],
+                 f"; {patient['reason']}" if patient.get("reason") else "",
+                 f"; error: {patient['error']}" if patient.get("error") else "")
 
 
 def _check_inputs(root: Path, config_file, overrides: dict | None, device: str | None) -> None:
@@ -867,6 +872,7 @@ def _summary(root: Path, out: Path, plan: Plan, patients: list[dict], n_images: 
              t_loaded: float, t_screened: float, waited: float) -> dict:
     """The night in numbers (``--json``)."""
     failed = [p["patient_id"] for p in patients if _failed(p)]
+    inadequate = [p["patient_id"] for p in patients if p.get("decision") == "inadequate"]
     screen_s = max(1e-9, t_screened - t_loaded)
     why: dict[str, int] = {}
     for r in plan.reasons.values():
@@ -875,11 +881,12 @@ def _summary(root: Path, out: Path, plan: Plan, patients: list[dict], n_images: 
     return {
         "root": str(root.resolve()), "out": str(out.resolve()),
         "new": len(plan.new), "changed": len(plan.changed), "unchanged": len(plan.unchanged),
-        "failed": len(failed), "inadequate": sum(p.get("decision") == "inadequate" for p in patients),
+        "failed": len(failed), "inadequate": len(inadequate),
         "removed": len(plan.removed), "duration_s": round(time.time() - t0, 3), "images": n_images,
         "images_per_s": round(n_images / screen_s, 3) if n_images else 0.0,
         "changed_because": why, "failed_ids": failed, "patients_total": counts["patients"],
-        "lock_wait_s": round(waited, 3), "exit_code": EXIT_FAILED if failed else 0,
+        "lock_wait_s": round(waited, 3),
+        "exit_code": EXIT_FAILED if failed else (EXIT_INADEQUATE if inadequate else 0),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -935,4 +942,5 @@ def log_to_file(path: str | Path | None, console_level: int) -> Iterator[None]:
 
 
 __all__ = ["run_batch", "BatchResult", "BatchLock", "BatchLockedError", "Journal", "EXIT_LOCKED", "EXIT_FAILED",
+           "EXIT_INADEQUATE",
            "log_to_file", "make_plan", "files_fingerprint", "models_fingerprint", "config_fingerprint"]

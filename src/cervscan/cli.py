@@ -20,8 +20,9 @@ from . import __version__
 from .errors import CervscanError
 
 EXIT_CODES = (
-    "[b]Exit codes:[/b] 0 all screened; 3 finished but some images or patients failed; "
-    "1 error (no model, unwritable output, bad config, ...); 2 usage error."
+    "[b]Exit codes:[/b] 0 all screened and decided; 3 finished but some images or patients failed; "
+    "5 finished, nothing failed, but some patients are inadequate (no eligible image: retake); "
+    "3 wins over 5 when both apply; 1 error (no model, unwritable output, bad config, ...); 2 usage error."
 )
 DISCLAIMER = "cervscan assists a clinician; it does not diagnose."
 
@@ -85,10 +86,13 @@ def main_callback(
 
 # --------------------------------------------------------------------------- screen
 
-def _overrides(threshold, weights, brightness, brightness_from_flipped, variants, crop=None) -> dict:
+def _overrides(threshold, weights, brightness, brightness_from_flipped, variants, crop=None,
+               no_quality_gate: bool = False) -> dict:
     from .config import CROP_MODES, parse_variants, parse_weights
 
     o: dict = {}
+    if no_quality_gate:
+        o["quality_gate"] = False
     if crop is not None:
         if crop not in CROP_MODES:
             raise CervscanError(f"--crop must be one of {', '.join(CROP_MODES)}, not {crop!r}")
@@ -124,6 +128,8 @@ BrightFlipOpt = Annotated[Optional[bool], typer.Option("--brightness-from-flippe
                                                        help="Build variants 5/6 from the flipped images.")]
 VariantsOpt = Annotated[Optional[str], typer.Option("--variants", help="all | original | original+segmented | comma list of variant names.")]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="JSON or TOML file with screening settings.")]
+NoGateOpt = Annotated[bool, typer.Option("--no-quality-gate", help="Score every image, also blurred, badly exposed, "
+                                         "wrong-stage or cervix-less ones (research; recorded in run.json).")]
 
 
 @app.command(epilog=EXIT_CODES)
@@ -143,6 +149,7 @@ def screen(
     brightness_from_flipped: BrightFlipOpt = None,
     variants: VariantsOpt = None,
     config: ConfigOpt = None,
+    no_quality_gate: NoGateOpt = False,
     workers: Annotated[Optional[int], typer.Option("--workers", help="Image-decoding worker processes (default 0: one decoding thread, no extra process).")] = None,
     no_masks: Annotated[bool, typer.Option("--no-masks", help="Do not write masks/ and overlays/.")] = False,
     report: Annotated[bool, typer.Option("--report", help="Also write PDF reports (cervscan report).")] = False,
@@ -158,7 +165,7 @@ def screen(
     from . import api
 
     try:
-        ov = _overrides(threshold, weights, brightness, brightness_from_flipped, variants, crop)
+        ov = _overrides(threshold, weights, brightness, brightness_from_flipped, variants, crop, no_quality_gate)
     except CervscanError as e:  # a malformed --variants / --weights value is a usage error (exit 2)
         raise typer.BadParameter(str(e)) from None
     try:
@@ -204,13 +211,15 @@ def _print_summary(res) -> None:
     t = Table(title=f"cervscan screen -> {res.out}", caption=DISCLAIMER)
     t.add_column("patient", no_wrap=True, min_width=8)
     t.add_column("decision", no_wrap=True)
-    for c in ("score", "threshold", "images used", "failed", "quality", "note"):
+    for c in ("score", "threshold", "images decided on", "failed", "quality", "note"):
         t.add_column(c, overflow="fold")
-    style = {"severe": "bold red", "mildly_normal": "green", "error": "yellow"}
-    for p in sorted(res.patients, key=lambda p: ({"severe": 0, "error": 1}.get(p["decision"], 2), p["patient_id"])):
+    style = {"severe": "bold red", "mildly_normal": "green", "error": "yellow", "inadequate": "yellow"}
+    order = {"severe": 0, "inadequate": 1, "error": 2}
+    for p in sorted(res.patients, key=lambda p: (order.get(p["decision"], 3), p["patient_id"])):
         t.add_row(p["patient_id"], f"[{style.get(p['decision'], '')}]{p['decision']}[/]",
                   "" if p["score"] is None else f"{p['score']:.3f}", f"{p['threshold']:.3f}",
-                  f"{p['n_used']}/{p['n_images']}", str(p["n_failed"]), p.get("quality") or "", p.get("error") or "")
+                  f"{p.get('n_eligible', p['n_used'])}/{p['n_images']}", str(p["n_failed"]), p.get("quality") or "",
+                  "; ".join(x for x in (p.get("reason"), p.get("error")) if x))
     console.print(t)
     m = res.run["models"]
     c = res.run["counts"]
@@ -220,6 +229,11 @@ def _print_summary(res) -> None:
     if c["images_failed"] or c["skipped_files"]:
         console.print(f"[yellow]{c['images_failed']} image(s) failed, {c['skipped_files']} file(s) skipped: "
                       f"see images.csv and skipped.csv[/yellow]")
+    if c.get("inadequate"):
+        console.print(f"[yellow]{c['inadequate']} patient(s) inadequate (no eligible image): retake, see the "
+                      f"reason column of patients.csv[/yellow]")
+    if not res.run.get("quality_gate", True):
+        console.print("[yellow]quality gate off (--no-quality-gate): every image was scored[/yellow]")
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -242,6 +256,7 @@ def evaluate(
     brightness_from_flipped: BrightFlipOpt = None,
     variants: VariantsOpt = None,
     config: ConfigOpt = None,
+    no_quality_gate: NoGateOpt = False,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% CIs.")] = 2000,
     cv_run: Annotated[Optional[Path], typer.Option("--cv-run", help="A 'train-cls --folds K' run: screen each patient with the fold model that did not see it (reproduces cross-validation).")] = None,
     seed: Annotated[int, typer.Option()] = 0,
@@ -252,7 +267,7 @@ def evaluate(
     from . import api
 
     try:
-        ov = _overrides(threshold, weights, brightness, brightness_from_flipped, variants, crop)
+        ov = _overrides(threshold, weights, brightness, brightness_from_flipped, variants, crop, no_quality_gate)
         m = api.evaluate(visits, labels, out, seg_model=seg_model, cls_model=cls_model, cervix_model=cervix_model,
                          stage_model=stage_model, use_stage=not no_stage, config_file=config,
                          overrides=ov, device=device, n_bootstrap=bootstrap, seed=seed, cv_run=cv_run)
@@ -280,6 +295,9 @@ def _print_metrics(m: dict) -> None:
         row(s, d)
     console.print(t)
     console.print(f"threshold {m['threshold']:.3f}")
+    if m.get("patients_inadequate"):
+        console.print(f"[yellow]{m['patients_inadequate']} patient(s) inadequate (no eligible image), left out of "
+                      "the metrics; see metrics.json 'inadequate'[/yellow]")
 
 
 # --------------------------------------------------------------------------- training
@@ -456,7 +474,8 @@ def train_stage_cmd(
 
 # --------------------------------------------------------------------------- batch
 
-@app.command(epilog=EXIT_CODES + " For batch also: 4 another batch run holds OUT's lock (see --wait).")
+@app.command(epilog=EXIT_CODES + " For batch they count the visits screened in this run; also: 4 another batch "
+                                 "run holds OUT's lock (see --wait).")
 def batch(
     root: Annotated[Path, typer.Argument(help="Folder that receives one visit folder per patient (it may grow every day).")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Output folder; one per ROOT (the run journal lives in OUT/.cervscan/).")] = Path("cervscan-batch"),
@@ -473,6 +492,7 @@ def batch(
     brightness_from_flipped: BrightFlipOpt = None,
     variants: VariantsOpt = None,
     config: ConfigOpt = None,
+    no_quality_gate: NoGateOpt = False,
     workers: Annotated[Optional[int], typer.Option("--workers", help="Image-decoding worker processes (default 0: one decoding thread).")] = None,
     no_masks: Annotated[bool, typer.Option("--no-masks", help="Do not write masks/ and overlays/.")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for a run that holds OUT's lock instead of exiting with code 4.")] = False,
@@ -495,7 +515,7 @@ def batch(
     from .batch import BatchLockedError, log_to_file
 
     try:
-        ov = _overrides(threshold, weights, brightness, brightness_from_flipped, variants, crop)
+        ov = _overrides(threshold, weights, brightness, brightness_from_flipped, variants, crop, no_quality_gate)
     except CervscanError as e:  # a malformed --variants / --weights value is a usage error (exit 2)
         raise typer.BadParameter(str(e)) from None
 
@@ -526,7 +546,8 @@ def batch(
         sys.stdout.write(json.dumps(s, default=str) + "\n")
     elif not quiet:
         console.print(f"batch {root} -> {out}: {s['new']} new, {s['changed']} changed, {s['unchanged']} unchanged, "
-                      f"{s['failed']} failed, {s['removed']} removed (kept); {s['images']} image(s) in "
+                      f"{s['failed']} failed, {s['inadequate']} inadequate (retake), {s['removed']} removed (kept); "
+                      f"{s['images']} image(s) in "
                       f"{s['duration_s']:.1f}s; {s['patients_total']} patient(s) in {out / 'patients.csv'}")
     raise typer.Exit(res.exit_code)
 

@@ -28,6 +28,8 @@ DEFAULT_THRESHOLD = 0.5
 
 #: What the lesion segmenter and the classifier look at (see ScreenConfig.crop).
 CROP_MODES = ("cervix", "centre", "frame")
+#: Exam stages (the stage model's classes; ``cervscan.stage_training.STAGES``).
+STAGES: tuple[str, ...] = ("acetic", "lugol", "green", "saline", "other")
 
 VARIANT_SETS = {
     "all": VARIANT_NAMES,
@@ -81,8 +83,61 @@ class VotingConfig:
 
 
 @dataclass(frozen=True)
+class GateConfig:
+    """The image quality and eligibility gate (:mod:`cervscan.quality`).
+
+    Thresholds chosen by ``benchmarks/quality_gate.py`` on the development data's real
+    acetic-acid images and degraded copies of them (``benchmarks/RESULTS.md``, block
+    ``quality_gate``): each is the strictest value that rejects at most 1 % of the original
+    images (the five rules together: at most 5 %).
+    """
+
+    #: False (``--no-quality-gate``, config ``quality_gate = false``): every image decides (research).
+    enabled: bool = True
+    #: Sharpness (0-1, :func:`cervscan.quality.sharpness`) inside the cervix at a fixed scale (its longer
+    #: side ``measure_side`` px).
+    min_sharpness: float = 0.46
+    #: Mean grey level inside the cervix, 0-255.
+    min_brightness: float = 82.0
+    #: Fraction of the cervix clipped (>= 250) in at least one colour channel.
+    max_overexposed: float = 0.45
+    #: Fraction of the cervix covered by specular highlights (clipped in all three channels).
+    max_glare: float = 0.016
+    #: Cervix size, sqrt of its area, in pixels of the decoded image.
+    min_cervix_px: float = 250.0
+    #: Exam stages whose images decide; an image of another stage is not eligible (reason
+    #: ``stage:<stage>``) when the stage model is at least ``stage_min_confidence`` sure of it (0.80:
+    #: the stage model's cross-validated predictions put at most 2 % of the deciding stages' images at
+    #: that confidence on another stage, for both the acetic and the acetic + Lugol policy).
+    decision_stages: tuple[str, ...] = STAGES
+    stage_min_confidence: float = 0.8
+    #: The cervix's bounding box is scaled down to this longer side before measuring sharpness.
+    measure_side: int = 256
+
+    def __post_init__(self) -> None:
+        bad = [s for s in self.decision_stages if s not in STAGES]
+        if bad or not self.decision_stages:
+            raise CervscanError(f"decision_stages: unknown {bad or 'empty list'}; choose from {', '.join(STAGES)}")
+        if not 0.0 <= self.stage_min_confidence <= 1.0:
+            raise CervscanError(f"stage_min_confidence must be within [0, 1], got {self.stage_min_confidence}")
+        for k in ("max_overexposed", "max_glare"):
+            if not 0.0 <= getattr(self, k) <= 1.0:
+                raise CervscanError(f"{k} must be a fraction within [0, 1], got {getattr(self, k)}")
+        if self.measure_side < 16:
+            raise CervscanError(f"measure_side must be at least 16, got {self.measure_side}")
+
+
+#: Config-file keys of the gate -> GateConfig field.
+GATE_KEYS = {"quality_gate": "enabled", "min_sharpness": "min_sharpness", "min_brightness": "min_brightness",
+             "max_overexposed": "max_overexposed", "max_glare": "max_glare", "min_cervix_px": "min_cervix_px",
+             "decision_stages": "decision_stages", "stage_min_confidence": "stage_min_confidence"}
+
+
+@dataclass(frozen=True)
 class ScreenConfig:
     voting: VotingConfig = field(default_factory=VotingConfig)
+    #: The image quality and eligibility gate.
+    gate: GateConfig = field(default_factory=GateConfig)
     threshold: float = DEFAULT_THRESHOLD
     device: str = "auto"
     batch_images: int = 4
@@ -134,7 +189,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         "weights", "brightness", "brightness_from_flipped", "variants", "crop_margin",
         "min_lesion_fraction", "mask_threshold", "threshold", "device", "batch_images",
         "num_workers", "max_side", "max_pixels", "min_side", "clinic", "next_step",
-        "cervix_margin", "cervix_min_fraction", "centre_crop", "crop",
+        "cervix_margin", "cervix_min_fraction", "centre_crop", "crop", *GATE_KEYS,
     }
     unknown = sorted(set(data) - known)
     if unknown:
@@ -143,7 +198,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 
 _FLOAT_KEYS = {"brightness", "crop_margin", "min_lesion_fraction", "mask_threshold", "threshold",
-               "cervix_margin", "cervix_min_fraction", "centre_crop"}
+               "cervix_margin", "cervix_min_fraction", "centre_crop", "min_sharpness", "min_brightness",
+               "max_overexposed", "max_glare", "min_cervix_px", "stage_min_confidence"}
 _INT_KEYS = {"batch_images", "num_workers", "max_side", "max_pixels", "min_side"}
 
 
@@ -163,7 +219,7 @@ def _check_types(p: Path, data: dict[str, Any]) -> dict[str, Any]:
                 out[k] = v = int(v)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise CervscanError(f"{p}: '{k}' must be a whole number, got {v!r}")
-        elif k == "brightness_from_flipped":
+        elif k in ("brightness_from_flipped", "quality_gate"):
             if not isinstance(v, bool):
                 raise CervscanError(f"{p}: '{k}' must be true or false, got {v!r}")
         elif k == "crop":
@@ -208,8 +264,22 @@ def parse_weights(spec: str) -> tuple[float, ...]:
     return w
 
 
+def parse_stages(spec: str) -> tuple[str, ...]:
+    """'acetic,lugol' -> ('acetic', 'lugol'); 'all' -> every stage."""
+    spec = spec.strip()
+    if spec == "all":
+        return STAGES
+    names = tuple(s.strip() for s in spec.replace("+", ",").split(",") if s.strip())
+    bad = [n for n in names if n not in STAGES]
+    if bad or not names:
+        raise CervscanError(f"decision_stages: unknown {bad or spec!r}; use all or a comma list of {', '.join(STAGES)}")
+    return names
+
+
 #: List-valued config keys: (parser for the command-line string form, item check, description).
 _LIST_KEYS = {
+    "decision_stages": (parse_stages, lambda x: isinstance(x, str) and x in STAGES,
+                        f"a list of exam stages ({', '.join(STAGES)})"),
     "variants": (parse_variants, lambda x: isinstance(x, str), "a list of variant names"),
     "weights": (parse_weights, lambda x: isinstance(x, (int, float)) and not isinstance(x, bool), "a list of 6 numbers"),
 }

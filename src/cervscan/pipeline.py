@@ -4,24 +4,27 @@ One object, :class:`Pipeline`, owns the steps. ``screen``, ``evaluate``,
 ``train-cls`` (data preparation) and ``report`` (Grad-CAM input) all go
 through it, so training cannot drift from screening::
 
-    decode -> quality -> stage -> cervix -> crop -> lesion -> variants -> classify -> score
-    (per image)                                                          aggregate (per patient)
+    decode -> stage -> cervix -> crop -> lesion -> quality gate -> variants -> classify -> score
+    (per image; eligible images only from 'variants' on)                   aggregate (per patient)
 
 Where each step lives (a new step gets a method here and a call in
 :meth:`Pipeline.process`):
 
 - ``decode``: :func:`cervscan.io.read_image` (EXIF, colour modes, size guards);
-- ``quality``: :func:`cervscan.transforms.image_quality` (measures and flags);
 - ``stage``: the exam-stage model (``stage`` role: acetic, lugol, green, saline, other), whole frame;
 - ``cervix``: the cervix finder (``cervix`` role, a U-Net++), whole frame; largest connected
   component; :func:`cervix_box` turns it into the crop box, or the documented centre crop
   (:func:`centre_box`) when no cervix is found;
 - ``crop``: the square box around the cervix plus a margin, clipped to the image;
 - ``lesion``: the lesion segmenter (``segmenter`` role, a U-Net++) on the crop;
+- ``quality`` / ``gate``: :func:`cervscan.quality.measure` (sharpness at a fixed scale, exposure, glare
+  inside the cervix, cervix size) and :func:`cervscan.quality.gate` (eligible or not, and why; the exam
+  stage under ``decision_stages``); ineligible images are kept with their measures but not classified;
 - ``variants``: the study's segmented image (:func:`cervscan.variants.segment_region`) and the
   six variants (:func:`cervscan.variants.make_variants`) at the classifier's input size;
 - ``classify`` / ``score``: one batched classifier pass, temperature, weighted vote;
-- ``aggregate``: :meth:`Pipeline.aggregate` (mean of image scores, threshold).
+- ``aggregate``: :meth:`Pipeline.aggregate` (mean of the eligible images' scores, threshold; ``inadequate``
+  with a retake instruction when no image is eligible).
 
 Writing files is not a step: :class:`cervscan.writer.OutputWriter` does it.
 """
@@ -38,7 +41,8 @@ import numpy as np
 from .config import VARIANT_NAMES, ScreenConfig
 from .errors import CervscanError, ImageError
 from .io import read_image
-from .transforms import image_quality, quality_flags, resize_square, to_tensor_batch
+from . import quality as Q
+from .transforms import resize_square, to_tensor_batch
 from .variants import aggregate_patient, decide, make_variants, segment_region, weighted_score
 
 log = logging.getLogger(__name__)
@@ -54,10 +58,10 @@ ROLE_KIND = {"stage": ("stage", None), "cervix": ("segmenter", "cervix"),
 IMAGE_COLUMNS = ["patient_id", "image", "path", "status", "error", "width", "height",
                  "stage", "stage_confidence", "cervix_found", "cervix_fraction", "crop_box",
                  "lesion_fraction", "empty_mask", *[f"p_v{i}" for i in range(1, 7)], "score", "threshold", "decision",
-                 "sharpness", "brightness", "quality_flags", "mask", "cervix_mask", "overlay",
-                 "stage_model", "cervix_model", "seg_model", "cls_model"]
-PATIENT_COLUMNS = ["patient_id", "decision", "score", "threshold", "n_images", "n_used", "n_failed",
-                   "n_empty_mask", "n_no_cervix", "stages", "quality", "error",
+                 "eligible", "reason", "sharpness", "brightness", "overexposed", "glare", "cervix_px", "quality_flags",
+                 "mask", "cervix_mask", "overlay", "stage_model", "cervix_model", "seg_model", "cls_model"]
+PATIENT_COLUMNS = ["patient_id", "decision", "score", "threshold", "n_images", "n_used", "n_eligible", "n_failed",
+                   "n_empty_mask", "n_no_cervix", "stages", "quality", "reason", "error",
                    "stage_model", "cervix_model", "seg_model", "cls_model", "cervscan_version"]
 
 
@@ -257,10 +261,32 @@ class Pipeline:
         c = self.cfg
         return read_image(path, max_side=c.max_side, max_pixels=c.max_pixels, min_side=c.min_side)
 
-    # ---- step: quality
-    @staticmethod
-    def quality(rgb: np.ndarray) -> dict:
-        return image_quality(rgb)
+    # ---- step: quality (measures; needs the cervix step's mask and crop box)
+    def quality(self, rgb: np.ndarray, p: "Prepared | None" = None) -> dict:
+        """Quality measures inside the cervix when one was found, else inside the crop box (the whole
+        frame without ``p``); :func:`cervscan.quality.measure`."""
+        mask = p.cervix_mask if p is not None and p.cervix_found else None
+        box = p.crop_box if p is not None else None
+        return Q.measure(rgb, mask, box, side=self.cfg.gate.measure_side)
+
+    # ---- step: gate
+    def gate(self, q: dict, p: "Prepared | None" = None) -> list[str]:
+        """Why the image is not eligible (empty list: eligible); :func:`cervscan.quality.gate`. The cervix
+        rules apply when a trained cervix finder ran, the stage rule when the stage model ran."""
+        if p is None:
+            return Q.gate(q, self.cfg.gate)
+        ran_stage = self.has("stage") and bool(p.stage)
+        return Q.gate(q, self.cfg.gate, stage=p.stage if ran_stage else "",
+                      stage_confidence=p.stage_confidence if ran_stage else None,
+                      cervix_found=p.cervix_found if self.trained_cervix_finder else None)
+
+    @property
+    def trained_cervix_finder(self) -> bool:
+        """A cervix finder ran whose checkpoint records its training (every ``train-seg`` checkpoint does);
+        only such a finder's verdict (no cervix, cervix too small) can make an image ineligible. A stand-in
+        without one (random test or benchmark models) only crops."""
+        m = self.models.get("cervix")
+        return m is not None and self.cfg.crop == "cervix" and bool(m.ckpt.get("train_summary"))
 
     # ---- step: stage
     def stage(self, rgbs: list[np.ndarray]) -> list[tuple[str, float | None]]:
@@ -363,18 +389,22 @@ class Pipeline:
         """``decoded``: dicts with patient_id, path, rgb, width, height (from :meth:`iter_decoded`)."""
         rgbs = [d["rgb"] for d in decoded]
         prepared = self.prepare(rgbs)
+        measures = [self.quality(im, p) for im, p in zip(rgbs, prepared)]
+        reasons = [self.gate(q, p) for q, p in zip(measures, prepared)]
         all_vars, spans = [], []
-        for p in prepared:
+        for p, why in zip(prepared, reasons):
+            if why:  # not eligible: kept with its measures, not classified
+                spans.append((len(all_vars), []))
+                continue
             vs = self.variants(p)
             spans.append((len(all_vars), list(vs)))
             all_vars.extend(vs.values())
-        probs = self.classify(all_vars)
+        probs = self.classify(all_vars) if all_vars else np.zeros(0, np.float32)
         thr = self.cfg.threshold
         out = []
-        for d, p, (start, names) in zip(decoded, prepared, spans):
+        for d, p, (start, names), q, why in zip(decoded, prepared, spans, measures, reasons):
             pv = {n: float(probs[start + k]) for k, n in enumerate(names)}
-            s = self.score(pv)
-            q = self.quality(d["rgb"])
+            s = self.score(pv) if names else None
             rec = {
                 "patient_id": d["patient_id"], "image": Path(d["path"]).name, "path": str(Path(d["path"]).resolve()),
                 "status": "ok", "error": "", "width": d["width"], "height": d["height"],
@@ -382,8 +412,11 @@ class Pipeline:
                 "cervix_found": p.cervix_found, "cervix_fraction": p.cervix_fraction, "crop_box": format_box(p.crop_box),
                 "lesion_fraction": p.lesion_fraction, "empty_mask": p.empty_mask,
                 **{f"p_v{i + 1}": pv.get(n) for i, n in enumerate(VARIANT_NAMES)},
-                "score": s, "threshold": thr, "decision": decide(s, thr),
-                "sharpness": q["sharpness"], "brightness": q["brightness"], "quality_flags": ";".join(quality_flags(q)),
+                "score": s, "threshold": thr, "decision": decide(s, thr) if s is not None else "ineligible",
+                "eligible": not why, "reason": ";".join(why),
+                "sharpness": q["sharpness"], "brightness": q["brightness"], "overexposed": q["overexposed"],
+                "glare": q["glare"], "cervix_px": q["cervix_px"],
+                "quality_flags": ";".join(Q.problems(q, self.cfg.gate)),
             }
             out.append(ImageResult(rec, d["rgb"], p))
         return out
@@ -418,11 +451,19 @@ class Pipeline:
 
     # ---- per patient
     def aggregate(self, patient_id: str, results: list[dict], visit_error: str = "") -> dict:
-        """Patient row from its image records: mean of the image scores against the threshold."""
+        """Patient row from its image records: mean of the eligible images' scores against the threshold;
+        ``inadequate`` (no score, a retake instruction in ``reason``) when images were screened but none is
+        eligible; ``error`` when none could be screened."""
         thr = self.cfg.threshold
         ok = [r for r in results if r["status"] == "ok"]
         failed = [r for r in results if r["status"] != "ok"]
-        score, decision = aggregate_patient([r["score"] for r in ok], thr)
+        eligible = [r for r in ok if _eligible(r)]
+        left_out = [r.get("reason") or "" for r in ok if not _eligible(r)]
+        score, decision = aggregate_patient([r["score"] for r in eligible], thr)
+        reason = Q.excluded_note(left_out)
+        if ok and not eligible:
+            decision, score = "inadequate", None
+            reason = Q.patient_reason(left_out, self.cfg.gate.decision_stages)
         err = visit_error
         if not err and not ok:
             err = f"all {len(results)} image(s) failed: " + "; ".join(r["error"] for r in failed[:3])
@@ -438,15 +479,23 @@ class Pipeline:
         labels = self.labels()
         return {
             "patient_id": patient_id, "decision": decision if not visit_error else "error", "score": score,
-            "threshold": thr, "n_images": len(results), "n_used": len(ok), "n_failed": len(failed),
+            "threshold": thr, "n_images": len(results), "n_used": len(ok), "n_eligible": len(eligible),
+            "n_failed": len(failed),
             "n_empty_mask": sum(bool(r.get("empty_mask")) for r in ok),
             "n_no_cervix": sum(r.get("cervix_found") is False for r in ok),
             "stages": ";".join(f"{k}:{n}" for k, n in sorted(stages.items())),
-            "quality": quality if ok else "", "error": err,
+            "quality": quality if ok else "", "reason": reason if not visit_error else "", "error": err,
             "stage_model": labels.get("stage", ""), "cervix_model": labels.get("cervix", ""),
             "seg_model": labels.get("segmenter", ""), "cls_model": labels.get("classifier", ""),
             "cervscan_version": _version(),
         }
+
+
+def _eligible(rec: dict) -> bool:
+    """An image record counts towards the score unless the gate marked it ineligible (older records,
+    without the column, count)."""
+    v = rec.get("eligible")
+    return not (v is False or str(v).strip().lower() in ("false", "0"))
 
 
 def _version() -> str:

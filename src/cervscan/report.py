@@ -70,8 +70,12 @@ DECISION_COLOURS = {"severe": "#c62828", "mildly_normal": "#2e7d32", "error": "#
 DECISION_TINTS = {"severe": "#fdecea", "mildly_normal": "#e8f5e9", "error": "#fff4e0", "inadequate": "#fff4e0"}
 #: Order in the summary: severe first, patients without a usable result last.
 DECISION_ORDER = {"severe": 0, "inadequate": 1, "mildly_normal": 2, "error": 3}
-QUALITY_WORDS = {"blurry": "blurry (low sharpness)", "dark": "dark (underexposed)",
-                 "glare": "glare (overexposed areas)"}
+QUALITY_WORDS = {"blurry": "blurry (low sharpness)", "blurred": "blurred (low sharpness)",
+                 "dark": "dark (underexposed)", "overexposed": "overexposed (clipped colours)",
+                 "glare": "strong glare (specular highlights)"}
+#: Why an image was not eligible (images.csv ``reason``), in words.
+REASON_WORDS = {"blurred": "blurred", "dark": "too dark", "overexposed": "overexposed", "glare": "strong glare",
+                "no_cervix": "cervix not found", "cervix_too_small": "cervix too small in the picture"}
 #: Exam stages (the ``stage`` model's classes) in words.
 STAGE_WORDS = {"acetic": "acetic acid", "lugol": "Lugol's iodine", "green": "green filter", "saline": "saline",
                "other": "other view"}
@@ -751,6 +755,8 @@ def _decision_box(p: dict, run: dict, st: dict, width: float, next_step: dict[st
     score, thr = _f(p.get("score")), _f(p.get("threshold"))
     dstyle = ParagraphStyle("d", parent=st["decision"], textColor=colors.HexColor(colour))
     rows = [[Paragraph(escape(head), dstyle)]]
+    if decision == "inadequate" and p.get("reason"):  # the retake instruction first
+        rows.append([Paragraph(f"<b>What to do: {escape(str(p['reason']))}</b>", st["base"])])
     if expl:
         rows.append([Paragraph(escape(expl), st["base"])])
     if score is not None:
@@ -761,7 +767,12 @@ def _decision_box(p: dict, run: dict, st: dict, width: float, next_step: dict[st
             f"<b>Score {score:.{nd}f}</b> (from 0 to 1; higher means a severe lesion is more likely); "
             f"threshold <b>{thr_s}</b>. "
             f"The score is {rel} the threshold; a patient is called severe when the score is above it. "
-            f"The score is the mean of the image scores ({_i(p.get('n_used'))} image(s) used).", st["base"])])
+            f"The score is the mean of the image scores ({_i(p.get('n_eligible', p.get('n_used')))} image(s) used"
+            + (f"; {escape(str(p['reason']))}" if p.get("reason") else "") + ").", st["base"])])
+    elif decision == "inadequate":
+        rows.append([Paragraph("No score: no image of this patient was fit to decide from (blurred, badly exposed, "
+                               "cervix not in view or not a deciding exam stage); the images are shown greyed "
+                               "below with the reason.", st["base"])])
     else:
         rows.append([Paragraph("No score: no image of this patient could be assessed.", st["base"])])
     if p.get("error"):
@@ -782,6 +793,33 @@ def _decision_box(p: dict, run: dict, st: dict, width: float, next_step: dict[st
     return t
 
 
+def _eligible(r: dict) -> bool:
+    """Whether the image counted towards the decision (older outputs, without the column: yes)."""
+    return str(r.get("eligible", "")).strip().lower() not in ("false", "0")
+
+
+def _reason_words(reason: str) -> str:
+    """'stage:saline;blurred' -> 'saline stage, blurred'."""
+    out = []
+    for item in (reason or "").split(";"):
+        item = item.strip()
+        if item.startswith("stage:"):
+            out.append(f"{_stage_words(item.split(':', 1)[1])} stage (not a deciding stage)")
+        elif item:
+            out.append(REASON_WORDS.get(item, item.replace("_", " ")))
+    return ", ".join(out)
+
+
+def _grey_out(rgb: np.ndarray | None) -> np.ndarray | None:
+    """An image shown greyed (an image that was not used for the decision)."""
+    if rgb is None:
+        return None
+    import cv2
+
+    grey = cv2.cvtColor(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+    return cv2.addWeighted(grey, 0.5, np.full_like(rgb, 225), 0.5, 0)
+
+
 def _quality_words(q: str) -> str:
     """'glare:1/4;dark:2/4' -> 'glare (overexposed areas) in 1 of 4 images; dark (underexposed) in 2 of 4 images'."""
     if not q or q == "ok":
@@ -797,6 +835,9 @@ def _quality_words(q: str) -> str:
 def _caption(r: dict, crop: str | None = None) -> str:
     """One image's caption. ``crop``: the run's crop mode (run.json config 'crop'; None for older outputs)."""
     parts = [f"<b>{escape(r.get('image', ''))}</b>"]
+    if not _eligible(r):
+        parts.append("<font color='#b35c00'><b>not used for the decision: "
+                     + escape(_reason_words(r.get("reason") or "") or "not eligible") + "</b></font>")
     stage = (r.get("stage") or "").strip()
     if stage:
         conf = _f(r.get("stage_confidence"))
@@ -910,6 +951,10 @@ def _patient_report(so: ScreenOutput, p: dict, opts: _Options, maker: HeatmapMak
     if opts.clinic:
         story.append(Paragraph(escape(opts.clinic), st["clinic"]))
     story.append(Paragraph("Colposcopy screening report", st["title"]))
+    if p.get("decision") == "inadequate":  # what to do, before anything else
+        story.append(Paragraph(f"<font color='{_decision_colour('inadequate')}'><b>No result – "
+                               f"{escape(str(p.get('reason') or 'retake: no usable image'))}</b></font>", st["base"]))
+        story.append(Spacer(1, 2 * mm))
     story.append(_info_table([
         ("Patient ID", f"<b>{escape(pid)}</b>"),
         ("Exam date", escape(exam)),
@@ -923,7 +968,11 @@ def _patient_report(so: ScreenOutput, p: dict, opts: _Options, maker: HeatmapMak
     ok_rows = [r for r in rows if r.get("status") == "ok"]
     failed = [r for r in rows if r.get("status") != "ok"]
     n_img = _i(p.get("n_images"), len(rows))
-    facts = [f"{len(ok_rows)} of {n_img} image(s) used"]
+    not_eligible = [r for r in ok_rows if not _eligible(r)]
+    facts = [f"{len(ok_rows) - len(not_eligible)} of {n_img} image(s) used"]
+    if not_eligible:
+        facts.append(f"<font color='#b35c00'><b>{len(not_eligible)} image(s) not fit to decide from</b></font> "
+                     "(shown greyed, with the reason)")
     if failed:
         facts.append(f"<font color='#b35c00'><b>{len(failed)} image(s) could not be used</b></font> (listed below)")
     n_empty = sum(_true(r.get("empty_mask")) for r in ok_rows)
@@ -977,6 +1026,7 @@ def _patient_report(so: ScreenOutput, p: dict, opts: _Options, maker: HeatmapMak
         for r in ok_rows:
             name = r.get("image", "")
             stem = stems[name]
+            used = _eligible(r)
             orig, why = _read_rgb(paths.get(name), max_side)
             if paths.get(name) is None:
                 why = "original image not found"
@@ -985,7 +1035,9 @@ def _patient_report(so: ScreenOutput, p: dict, opts: _Options, maker: HeatmapMak
                 ovl, ovl_why = _read_rgb(so.out / r["overlay"], max_side)
             heat, heat_why = None, "not computed"
             hpath = so.out / "heatmaps" / _file_name(pid) / f"{_file_name(stem)}.jpg"
-            if maker is not None and maker.available and orig is not None:
+            if not used:
+                heat_why = "not classified: the image was not used for the decision"
+            elif maker is not None and maker.available and orig is not None:
                 try:
                     heat = maker.overlay(orig, _row_box(r))
                     _save_heatmap(so.out, pid, stem, heat)
@@ -1000,6 +1052,8 @@ def _patient_report(so: ScreenOutput, p: dict, opts: _Options, maker: HeatmapMak
                     heat, heat_why = _read_rgb(hpath, max_side)
                 else:
                     heat_why = "classifier unavailable" if not maker.available else "original image not found"
+            if not used:
+                orig, ovl, heat = _grey_out(orig), _grey_out(ovl), None
             blocks.append([_image_block(r, orig, why, ovl, ovl_why or "", heat, heat_why or "", st, width,
                                         crop_mode)])
         # One row per image (image triple + caption never split), column heads repeated on every page.
@@ -1093,6 +1147,8 @@ def _summary_report(so: ScreenOutput, opts: _Options, font: str, st: dict) -> Pa
         n_no_cx = _n_no_cervix(p, [r for r in so.images_of(p.get("patient_id", "")) if r.get("status") == "ok"])
         if n_no_cx:
             note.append(f"cervix not found in {n_no_cx} image(s)")
+        if p.get("reason"):
+            note.append(str(p["reason"]))
         if d == "error" and p.get("error"):
             note.append("see below")
         data.append([
@@ -1101,7 +1157,7 @@ def _summary_report(so: ScreenOutput, opts: _Options, font: str, st: dict) -> Pa
             Paragraph(f"<font color='{_decision_colour(d)}'><b>{escape(_decision_words(d)[0].lower())}</b></font>",
                       st["cell"]),
             Paragraph(_fmt(_f(p.get("score"))), st["cell"]),
-            Paragraph(f"{_i(p.get('n_used'))} of {_i(p.get('n_images'))}", st["cell"]),
+            Paragraph(f"{_i(p.get('n_eligible', p.get('n_used')))} of {_i(p.get('n_images'))}", st["cell"]),
             Paragraph(escape("; ".join(note)), st["cell"]),
         ])
         if d in DECISION_TINTS:
