@@ -88,7 +88,8 @@ def main() -> None:
             "",
             "Accuracy per source: " + ", ".join(f"{k} {v:.3f}" for k, v in sm_["accuracy_by_source"].items())
             + ". Saline and 'other' views are often confused with each other and with acetic acid; green-filter "
-              "views with acetic acid. The stage is reported per image; it does not change the decision in this version.",
+              "views with acetic acid. The stage is reported per image; it decides eligibility only when the "
+              "`decision_stages` setting excludes a stage (by default every stage decides).",
             "",
         ]
     if cervix:
@@ -236,7 +237,8 @@ def main() -> None:
         "  camera, size and aspect ratio; performance differs by source (table above).",
         "- Images from other devices, clinics and populations were not seen in training; expect lower performance",
         "  and check locally with `cervscan evaluate` before use.",
-        "- Image quality and exam stage are measured and reported but do not gate the decision in this version.",
+        "- The image quality gate (README, Screen) keeps blurred, badly exposed or glaring images and images without",
+        "  a cervix out of the decision; the exam stage is reported and decides only under `decision_stages`.",
         "- The cervix finder learned from 107 printed flash cards; on some colposcopy frames it leaves out red",
         "  columnar epithelium or blood at the os, and then the crop may cut part of the transformation zone.",
         "- The study this method comes from reported 83 % patient accuracy on private data; these numbers are not",
