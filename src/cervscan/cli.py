@@ -110,6 +110,12 @@ def _overrides(threshold, weights, brightness, brightness_from_flipped, variants
     return o
 
 
+def _pipeline_kwargs(seg_model, cls_model, cervix_model, stage_model, no_stage, config, device, overrides) -> dict:
+    """The model, configuration and device arguments that screen, evaluate and batch pass to ``api`` alike."""
+    return {"seg_model": seg_model, "cls_model": cls_model, "cervix_model": cervix_model, "stage_model": stage_model,
+            "use_stage": not no_stage, "config_file": config, "overrides": overrides, "device": device}
+
+
 SegOpt = Annotated[Optional[str], typer.Option("--seg-model", envvar="CERVSCAN_SEG_MODEL",
                                                help="Segmenter checkpoint (file or run folder).")]
 ClsOpt = Annotated[Optional[str], typer.Option("--cls-model", envvar="CERVSCAN_CLS_MODEL",
@@ -169,11 +175,10 @@ def screen(
     except CervscanError as e:  # a malformed --variants / --weights value is a usage error (exit 2)
         raise typer.BadParameter(str(e)) from None
     try:
+        kw = dict(_pipeline_kwargs(seg_model, cls_model, cervix_model, stage_model, no_stage, config, device, ov),
+                  num_workers=workers, write_masks=not no_masks, write_overlays=not no_masks)
         if quiet or as_json:
-            res = api.screen(paths, out, seg_model=seg_model, cls_model=cls_model, cervix_model=cervix_model,
-                             stage_model=stage_model, use_stage=not no_stage, config_file=config,
-                             overrides=ov, device=device, num_workers=workers,
-                             write_masks=not no_masks, write_overlays=not no_masks)
+            res = api.screen(paths, out, **kw)
         else:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -183,17 +188,14 @@ def screen(
                 task = prog.add_task("images", total=None, rate="")
                 import time as _t
 
-                t0 = [_t.time()]
+                t0 = _t.time()
 
                 def cb(kind, done, total):
-                    el = _t.time() - t0[0]
+                    el = _t.time() - t0
                     prog.update(task, completed=done, total=total,
                                 rate=f"{done / el:.1f} img/s" if el > 0 and done else "")
 
-                res = api.screen(paths, out, seg_model=seg_model, cls_model=cls_model, cervix_model=cervix_model,
-                             stage_model=stage_model, use_stage=not no_stage, config_file=config,
-                                 overrides=ov, device=device, num_workers=workers,
-                                 write_masks=not no_masks, write_overlays=not no_masks, progress=cb)
+                res = api.screen(paths, out, **kw, progress=cb)
         if report:
             api.report(Path(out), config_file=config, clinic=os.environ.get("CERVSCAN_CLINIC"))
     except CervscanError as e:
@@ -268,9 +270,9 @@ def evaluate(
 
     try:
         ov = _overrides(threshold, weights, brightness, brightness_from_flipped, variants, crop, no_quality_gate)
-        m = api.evaluate(visits, labels, out, seg_model=seg_model, cls_model=cls_model, cervix_model=cervix_model,
-                         stage_model=stage_model, use_stage=not no_stage, config_file=config,
-                         overrides=ov, device=device, n_bootstrap=bootstrap, seed=seed, cv_run=cv_run)
+        m = api.evaluate(visits, labels, out, **_pipeline_kwargs(seg_model, cls_model, cervix_model, stage_model,
+                                                                   no_stage, config, device, ov),
+                         n_bootstrap=bootstrap, seed=seed, cv_run=cv_run)
     except CervscanError as e:
         _fail(e)
     if not quiet:
@@ -528,9 +530,9 @@ def batch(
     console_level = logging.DEBUG if verbose else (logging.ERROR if quiet or as_json else logging.INFO)
     try:
         with log_to_file(log_file, console_level):
-            res = api.batch(root, out, seg_model=seg_model, cls_model=cls_model, cervix_model=cervix_model,
-                            stage_model=stage_model, use_stage=not no_stage, config_file=config, overrides=ov,
-                            device=device, num_workers=workers, write_masks=not no_masks,
+            res = api.batch(root, out, **_pipeline_kwargs(seg_model, cls_model, cervix_model, stage_model, no_stage,
+                                                          config, device, ov),
+                            num_workers=workers, write_masks=not no_masks,
                             write_overlays=not no_masks, wait=wait, wait_timeout=wait_timeout, report=report,
                             report_options={"clinic": os.environ.get("CERVSCAN_CLINIC"), "config_file": config},
                             csv_every=csv_every)

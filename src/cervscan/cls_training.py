@@ -27,7 +27,7 @@ from torch import nn
 from . import __version__
 from .config import STUDY_WEIGHTS, VARIANT_NAMES, VotingConfig, DEFAULT_BRIGHTNESS
 from .errors import CervscanError, DataError
-from .io import atomic_write_csv, atomic_write_json, discover_visits, read_image
+from .io import atomic_write_csv, atomic_write_json, discover_visits, file_key, read_image
 from .metrics import binary_metrics, bootstrap_ci, full_report, plot_confusion, plot_roc, threshold_for_sensitivity
 from .models import (build_classifier, default_norm, load_lite0_into_timm, make_checkpoint, to_deploy)
 from .seg_training import seed_everything
@@ -147,8 +147,7 @@ def prepare_samples(cfg: ClsTrainConfig, progress=None) -> tuple[list[Sample], d
     todo = [(pid, p) for pid in sorted(labels) if pid in visits for p in visits[pid].images]
     t0 = time.time()
     for k, (pid, path) in enumerate(todo):
-        st = path.stat()
-        key = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:20]
+        key = file_key(path)
         f = cache / f"{key}.npz"
         if f.exists():
             z = np.load(f)

@@ -141,7 +141,8 @@ class ScreenConfig:
     threshold: float = DEFAULT_THRESHOLD
     device: str = "auto"
     batch_images: int = 4
-    #: Classifier forward-pass size on a CPU (six variants per image; on a GPU all variants of a batch go at once).
+    #: Classifier forward-pass size on a CPU (six variants = one image per pass, to bound peak memory; on a GPU
+    #: all variants of a batch go at once).
     classify_batch: int = 6
     #: 0 = decode in a background thread; N > 0 = DataLoader with N worker processes.
     num_workers: int = 0

@@ -256,6 +256,14 @@ def discover_visits(paths: Iterable[str | Path], stray: list[tuple[Path, str]] |
     return visits
 
 
+def file_key(path: Path) -> str:
+    """Short cache key of a file as it is now (resolved path, size, modification time)."""
+    import hashlib
+
+    st = Path(path).stat()
+    return hashlib.sha1(f"{Path(path).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:20]
+
+
 # --------------------------------------------------------------------------- decoding
 
 @dataclass

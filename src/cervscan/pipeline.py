@@ -367,7 +367,7 @@ class Pipeline:
 
     def classify(self, images: list[np.ndarray]) -> np.ndarray:
         """P(severe) (temperature-scaled) of each image, in forward passes of ``cfg.classify_batch`` images
-        (on a CPU larger batches are no faster per image and cost memory)."""
+        on a CPU (bounds peak memory), all at once on a GPU."""
         import torch
 
         m = self.models["classifier"]

@@ -12,7 +12,6 @@ standardisation folded in, so screening needs no scikit-learn.
 from __future__ import annotations
 
 import csv
-import hashlib
 import logging
 import os
 import time
@@ -24,7 +23,7 @@ import torch
 
 from . import __version__
 from .errors import CervscanError, DataError
-from .io import atomic_write_csv, atomic_write_json, discover_visits, read_image
+from .io import atomic_write_csv, atomic_write_json, file_key, read_image
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +134,7 @@ def train_stage(cfg: StageTrainConfig) -> dict:
     cache.mkdir(parents=True, exist_ok=True)
     feats = []
     for r in rows:
-        st = r["path"].stat()
-        key = hashlib.sha1(f"{r['path'].resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:20]
+        key = file_key(r["path"])
         f = cache / f"{key}.npy"
         if f.exists():
             feats.append(np.load(f))
