@@ -44,7 +44,7 @@ def _voting_from(ckpt: dict, file_cfg: dict, overrides: dict, seg_ckpt: dict | N
     if seg_ckpt and seg_ckpt.get("mask_threshold") is not None:
         vals["mask_threshold"], src["mask_threshold"] = float(seg_ckpt["mask_threshold"]), "segmenter checkpoint"
     ck_vote = ckpt.get("voting") or {}
-    for key in ("weights", "brightness", "brightness_from_flipped"):
+    for key in ("weights", "brightness", "brightness_from_flipped", "variants", "pooling"):
         if key in ck_vote:
             vals[key], src[key] = ck_vote[key], "checkpoint"
     thr, src["threshold"] = 0.5, "default"
@@ -83,12 +83,16 @@ def _resolve_crop(cls_ckpt: dict, file_cfg: dict, overrides: dict, provenance: d
     return crop
 
 
-def _gate_from(file_cfg: dict, overrides: dict, provenance: dict):
-    """The quality gate: defaults (``GateConfig``) < config file < options (``quality_gate`` False for
+def _gate_from(file_cfg: dict, overrides: dict, provenance: dict, cls_ckpt: dict | None = None):
+    """The quality gate: defaults (``GateConfig``) < the classifier checkpoint's ``decision_stages`` (the
+    stages its model was fitted and chosen on) < config file < options (``quality_gate`` False for
     ``--no-quality-gate``). Records where each changed value came from in ``provenance``."""
     from .config import GATE_KEYS, GateConfig
 
     vals: dict[str, Any] = {}
+    if cls_ckpt and cls_ckpt.get("decision_stages"):
+        vals["decision_stages"] = tuple(cls_ckpt["decision_stages"])
+        provenance["decision_stages"] = "classifier checkpoint"
     for layer_name, layer in (("config", file_cfg), ("option", overrides)):
         for key, fld in GATE_KEYS.items():
             v = layer.get(key)
@@ -130,10 +134,17 @@ def load_pipeline(*, seg_model: str | None = None, cls_model: str | None = None,
             log.warning("no exam-stage model (%s); stage left empty", e)
         else:
             models["stage"] = load_model("stage", refs["stage"].path, dev, refs["stage"])
-    gate = _gate_from(file_cfg, overrides, provenance)
+    gate = _gate_from(file_cfg, overrides, provenance, models["classifier"].ckpt)
+    view, provenance["classify_view"] = "crop", "default"
+    for layer_name, layer in (("classifier checkpoint", models["classifier"].ckpt), ("config", file_cfg),
+                              ("option", overrides)):
+        if layer.get("classify_view"):
+            view, provenance["classify_view"] = str(layer["classify_view"]), layer_name
+    if view not in ("crop", "frame"):
+        raise CervscanError(f"classify_view must be 'crop' or 'frame', not {view!r}")
     base = ScreenConfig()
     cfg = dataclasses.replace(
-        base, voting=voting, threshold=threshold, device=str(dev), crop=crop, gate=gate,
+        base, voting=voting, threshold=threshold, device=str(dev), crop=crop, gate=gate, classify_view=view,
         num_workers=num_workers if num_workers is not None else int(file_cfg.get("num_workers", base.num_workers)),
         batch_images=batch_images or int(file_cfg.get("batch_images", base.batch_images)),
         **{k: type(getattr(base, k))(file_cfg[k]) for k in ("max_side", "max_pixels", "min_side", "cervix_margin",
@@ -368,6 +379,14 @@ def train_cls(**kwargs) -> dict:
 
     progress = kwargs.pop("progress", None)
     return _train(ClsTrainConfig(**kwargs), progress=progress)
+
+
+def train_decision(**kwargs) -> dict:
+    """``cervscan train-decision``: keyword arguments of :class:`cervscan.decision_training.DecisionTrainConfig`."""
+    from .decision_training import DecisionTrainConfig, train_decision as _train
+
+    progress = kwargs.pop("progress", None)
+    return _train(DecisionTrainConfig(**kwargs), progress=progress)
 
 
 def train_stage(**kwargs) -> dict:

@@ -446,6 +446,72 @@ def train_cls_cmd(
     console.print_json(json.dumps(m.get("summary", {}), default=str))
 
 
+@app.command("train-decision")
+def train_decision_cmd(
+    visits: Annotated[Path, typer.Argument(help="Folder of visit folders.")],
+    labels: Annotated[Path, typer.Option("--labels", help="CSV patient_id,label[,source].")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Run folder.")],
+    backbone: Annotated[str, typer.Option(help="Frozen ImageNet backbone: lite0 | lite1 | lite2.")] = "lite0",
+    input_size: Annotated[int, typer.Option(help="Classifier input size (px).")] = 384,
+    classify_view: Annotated[str, typer.Option("--classify-view", help="The original views show the cervix crop (crop) or the whole image (frame); segmented views always come from the crop.")] = "crop",
+    variants: Annotated[str, typer.Option(help="Screened variants: all | original | original+segmented, or a comma list.")] = "all",
+    weights: Annotated[Optional[str], typer.Option(help="Six voting weights, comma-separated (default: the study's).")] = None,
+    train_variants: Annotated[str, typer.Option("--train-variants", help="Variants whose patient features are training rows (comma list).")] = "original,segmented",
+    stages: Annotated[str, typer.Option("--stages", help="Exam stages whose images decide (comma list).")] = "acetic",
+    c: Annotated[float, typer.Option("--C", help="Inverse regularisation strength of the logistic regression.")] = 0.01,
+    folds: Annotated[int, typer.Option(help="Patient-wise cross-validation folds.")] = 5,
+    repeats: Annotated[int, typer.Option(help="Repeats of the cross-validation (seeds seed, seed+1, ...).")] = 3,
+    seed: Annotated[int, typer.Option()] = 0,
+    target_sensitivity: Annotated[float, typer.Option()] = 0.90,
+    seg_model: SegOpt = None,
+    cervix_model: CervixOpt = None,
+    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Where image features are cached.")] = None,
+    threads: Annotated[int, typer.Option("--threads", help="Torch threads (0 = torch's default).")] = 0,
+    model_name: Annotated[str, typer.Option("--model-name", help="Name recorded in the checkpoint.")] = "cervscan-decision-lite0",
+    model_version: Annotated[str, typer.Option("--model-version", help="Version recorded in the checkpoint.")] = "0.0.0-local",
+) -> None:
+    """Train the classifier the 2.0.0 way: frozen EfficientNet-Lite features of the screened inputs, a logistic
+    regression over each patient's mean feature, repeated patient-wise cross-validation, calibration and the
+    operating point; writes model.pt (install with 'cervscan models install') and the fold models."""
+    _fast_malloc_reexec()
+    _setup_logging(False, False)
+    from . import api
+    from .config import STAGES, VARIANT_NAMES, VARIANT_SETS
+
+    vs = VARIANT_SETS.get(variants) or tuple(v.strip() for v in variants.split(",") if v.strip())
+    tv = tuple(v.strip() for v in train_variants.split(",") if v.strip())
+    st = tuple(s.strip() for s in stages.split(",") if s.strip())
+    bad = [v for v in (*vs, *tv) if v not in VARIANT_NAMES] + [s for s in st if s not in STAGES]
+    if bad or not vs or not tv or not st:
+        _fail(CervscanError(f"unknown or empty variants/stages: {bad or 'empty list'}; variants: "
+                            f"{', '.join(VARIANT_NAMES)}; stages: {', '.join(STAGES)}"))
+    try:
+        w = tuple(float(x) for x in weights.split(",")) if weights else None
+    except ValueError:
+        _fail(CervscanError(f"--weights must be six comma-separated numbers, not {weights!r}"))
+    if w is not None and len(w) != 6:
+        _fail(CervscanError(f"--weights needs 6 values, got {len(w)}"))
+    if classify_view not in ("crop", "frame"):
+        _fail(CervscanError(f"--classify-view must be crop or frame, not {classify_view!r}"))
+    kw = dict(visits=str(visits), labels=str(labels), out=str(out), backbone=backbone, input_size=input_size,
+              classify_view=classify_view,
+              variants=vs, train_variants=tv, decision_stages=st, C=c, folds=folds, repeats=repeats, seed=seed,
+              target_sensitivity=target_sensitivity, seg_model=seg_model, cervix_model=cervix_model,
+              cache_dir=str(cache_dir) if cache_dir else None, threads=threads, name=model_name,
+              version=model_version)
+    if w is not None:
+        kw["weights"] = w
+    try:
+        m = api.train_decision(**kw)
+    except CervscanError as e:
+        _fail(e)
+    op = m["operating_point"]
+    console.print(f"cross-validated patient AUC {m['auc_mean_of_repeats']:.3f} (repeats "
+                  + ", ".join(f"{a:.3f}" for a in m["auc_repeats"]) + f"); threshold {op['threshold']:.3f}: "
+                  f"sensitivity {m['sensitivity_mean_of_repeats']:.2f}, specificity {m['specificity_mean_of_repeats']:.2f}"
+                  f" -> {out}/model.pt")
+
+
 @app.command("train-stage")
 def train_stage_cmd(
     visits: Annotated[Path, typer.Argument(help="Folder of visit folders with images.csv (patient_id,image,stage).")],

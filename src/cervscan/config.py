@@ -58,6 +58,10 @@ class VotingConfig:
     min_lesion_fraction: float = 0.002
     #: Threshold on the segmenter's sigmoid output.
     mask_threshold: float = 0.5
+    #: How variant probabilities are combined into the image score and image scores into the patient's:
+    #: "probability" (the study: weighted sum and mean of probabilities) or "logit" (the same sums over
+    #: log-odds; a classifier checkpoint fitted that way says so in its ``voting``).
+    pooling: str = "probability"
 
     def __post_init__(self) -> None:
         if len(self.weights) != 6:
@@ -69,6 +73,8 @@ class VotingConfig:
             raise CervscanError(
                 f"unknown variant(s) {bad}; choose from {', '.join(VARIANT_NAMES)}"
             )
+        if self.pooling not in ("probability", "logit"):
+            raise CervscanError(f"pooling must be 'probability' or 'logit', not {self.pooling!r}")
         if not 0 < self.brightness <= 4:
             raise CervscanError(f"brightness factor must be in (0, 4], got {self.brightness}")
         w = sum(self.weights[VARIANT_NAMES.index(v)] for v in self.variants)
@@ -155,6 +161,9 @@ class ScreenConfig:
     #: What the lesion segmenter and classifier see: "cervix" (crop found by the cervix finder,
     #: centre crop when none is found), "centre" (always the centre crop) or "frame" (whole image).
     crop: str = "frame"
+    #: What the classifier's original views (variants 1, 3, 5) show: "crop" (the crop above, as the
+    #: segmented views) or "frame" (the whole image; the segmented views still come from the crop).
+    classify_view: str = "crop"
     #: Margin around the cervix box, as a fraction of its longer side (the crop is square).
     cervix_margin: float = 0.10
     #: A cervix covering less of the frame than this counts as not found.
@@ -190,7 +199,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         "weights", "brightness", "brightness_from_flipped", "variants", "crop_margin",
         "min_lesion_fraction", "mask_threshold", "threshold", "device", "batch_images",
         "num_workers", "max_side", "max_pixels", "min_side", "clinic", "next_step",
-        "cervix_margin", "cervix_min_fraction", "centre_crop", "crop", *GATE_KEYS,
+        "cervix_margin", "cervix_min_fraction", "centre_crop", "crop", "pooling", "classify_view", *GATE_KEYS,
     }
     unknown = sorted(set(data) - known)
     if unknown:
@@ -223,6 +232,12 @@ def _check_types(p: Path, data: dict[str, Any]) -> dict[str, Any]:
         elif k in ("brightness_from_flipped", "quality_gate"):
             if not isinstance(v, bool):
                 raise CervscanError(f"{p}: '{k}' must be true or false, got {v!r}")
+        elif k == "classify_view":
+            if v not in ("crop", "frame"):
+                raise CervscanError(f"{p}: 'classify_view' must be \"crop\" or \"frame\", got {v!r}")
+        elif k == "pooling":
+            if v not in ("probability", "logit"):
+                raise CervscanError(f"{p}: 'pooling' must be \"probability\" or \"logit\", got {v!r}")
         elif k == "crop":
             if v not in CROP_MODES:
                 raise CervscanError(f"{p}: 'crop' must be one of {', '.join(CROP_MODES)}, got {v!r}")

