@@ -129,6 +129,9 @@ def candidates() -> list[dict]:
              select="all", variants=six),
         cand("F1 frame 384 + segmented cervix 384, acetic", "image model", [L0("cervix", 384)], select="acetic",
              variants={"original": 0.5, "segmented": 0.5}, vinput={"original": "frame"}),
+        cand("F1s frame 384 + segmented cervix 384, study weights (0.20 : 0.25), acetic", "image model",
+             [L0("cervix", 384)], select="acetic", variants={"original": 0.20, "segmented": 0.25},
+             vinput={"original": "frame"}),
         cand("F2 six variants, originals of the frame, segmented of the cervix, 384, acetic", "image model",
              [L0("cervix", 384)], select="acetic", variants=six,
              vinput={"original": "frame", "original_flip": "frame", "original_bright": "frame"}),
@@ -510,6 +513,40 @@ def choose(rows: list[dict]) -> tuple[dict | None, list[str]]:
     return best, why
 
 
+#: Rule 3: (candidate without a part of the study's structure, the same candidate with it, the part)
+STRUCTURE = [("I1 ", "F1s ", "segmented images (study weights 0.20 : 0.25)"),
+             ("I3 ", "M5 ", "segmented images"), ("F1s ", "F2 ", "six variants"), ("M5 ", "M4 ", "six variants")]
+
+
+def structure(rows: list[dict], best: dict | None) -> tuple[dict | None, list[str]]:
+    """Rule 3: a part of the study's structure is added back to the chosen candidate unless it lowers AUC by
+    more than 2 x noise (or its candidate is not eligible); repeated while a pair applies."""
+    if best is None:
+        return None, []
+    by = {r["name"]: r for r in rows}
+    find = lambda prefix: next((r for n, r in by.items() if n.startswith(prefix)), None)  # noqa: E731
+    why, shipped, changed = [], best, True
+    while changed:
+        changed = False
+        for a, b, part in STRUCTURE:
+            ra, rb = find(a), find(b)
+            if ra is None or rb is None or ra["name"] != shipped["name"]:
+                continue
+            elig = min(rb["auc_iarc"], rb["auc_annocerv"]) >= 0.65 and rb["est_img_s"] >= 3.0
+            lower = ra["auc"] - rb["auc"]
+            if not elig:
+                why.append(f"{part}: {rb['name']} is not eligible ({rb['est_img_s']:.1f} img/s, lowest source AUC "
+                           f"{min(rb['auc_iarc'], rb['auc_annocerv']):.3f}); the part stays selectable, not default")
+            elif lower > 2 * noise(ra, rb):
+                why.append(f"{part}: lowers AUC by {lower:.3f} > 2 x noise {2 * noise(ra, rb):.3f}; left out of the default")
+            else:
+                why.append(f"{part}: kept ({rb['name']}: AUC {rb['auc']:.3f} against {ra['auc']:.3f}, "
+                           f"2 x noise {2 * noise(ra, rb):.3f})")
+                shipped, changed = rb, True
+                break
+    return shipped, why
+
+
 def render(rows: list[dict], best: dict | None, why: list[str], n_img: int, n_pat: int) -> str:
     L = [START, "## Patient decision: candidates (`benchmarks/decision.py`)", "",
          f"{n_pat} patients, {n_img} images of `../shared/data/visits`; 5-fold patient-wise cross-validation "
@@ -524,13 +561,21 @@ def render(rows: list[dict], best: dict | None, why: list[str], n_img: int, n_pa
          "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mark = " **(chosen)**" if best is not None and r["name"] == best["name"] else ""
+        if best is not None and r["name"] == structure(rows, best)[0]["name"] and r is not best:
+            mark = " **(shipped)**"
         L.append(f"| {r['name']}{mark} | {r['auc']:.3f} ({r['ci'][0]:.2f}–{r['ci'][1]:.2f}) | "
                  f"{' '.join(f'{a:.3f}' for a in r['auc_repeats'])} | {r['auc_iarc']:.3f} | {r['auc_annocerv']:.3f} | "
                  f"{100 * r['spec90']:.0f} % | {r['cost_ms_1thread']:.0f} | {r['est_img_s']:.1f} | "
                  f"{r['fit_seconds']:.0f} | {max(r['fallback_patients'])} |")
     L += ["", "Selection (rule in `docs/model-selection.md`):", ""] + [f"- {w}" for w in why]
     if best is not None:
-        L += ["", f"Chosen: **{best['name']}**."]
+        L += ["", f"Chosen by rules 1 and 2: **{best['name']}**."]
+        shipped, why3 = structure(rows, best)
+        L += ["", "Rule 3 (the study's structure):", ""] + [f"- {w}" for w in why3]
+        L += ["", f"Shipped as 2.0.0: **{shipped['name']}**: AUC {shipped['auc']:.3f} "
+                  f"({shipped['ci'][0]:.2f}–{shipped['ci'][1]:.2f}), IARC {shipped['auc_iarc']:.3f}, "
+                  f"AnnoCerv {shipped['auc_annocerv']:.3f}, specificity at 90 % sensitivity "
+                  f"{100 * shipped['spec90']:.0f} %."]
     L.append(END)
     return "\n".join(L) + "\n"
 
@@ -584,12 +629,17 @@ def cmd_run(cache: Path, names: list[str] | None, write: bool) -> list[dict]:
               f"anno {r['auc_annocerv']:.3f} spec90 {r['spec90']:.2f} ms {r['cost_ms_1thread']:.0f} "
               f"fit {r['fit_seconds']:.0f}s", flush=True)
     best, why = choose(rows)
-    (OUT / "table.json").write_text(json.dumps({"rows": rows, "chosen": best and best["name"], "why": why}, indent=1))
+    shipped, why3 = structure(rows, best)
+    (OUT / "table.json").write_text(json.dumps({"rows": rows, "chosen": best and best["name"], "why": why,
+                                                "shipped": shipped and shipped["name"], "why_structure": why3}, indent=1))
     if write and not names:
         write_block(render(rows, best, why, len(D.rows), len(D.patients)))
     for w in why:
         print(w)
     print("chosen:", best and best["name"])
+    for w in why3:
+        print(w)
+    print("shipped:", shipped and shipped["name"])
     return rows
 
 
