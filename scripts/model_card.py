@@ -38,7 +38,8 @@ def main() -> None:
     stage = next((m for m in man["models"] if m["role"] == "stage"), None)
     cervix = next((m for m in man["models"] if m["role"] == "cervix"), None)
     cv = cls["cross_validation"]
-    ho = cv["held_out"]
+    frozen = cls.get("recipe") == "frozen-linear"
+    ho = cv.get("held_out") or {}
     op = cls["operating_point"]
     sm = seg["metrics"]
     lines = [
@@ -147,6 +148,56 @@ def main() -> None:
         "",
         "Treat the lesion overlays as a pointer, not as a delineation.",
         "",
+    ]
+    if frozen:
+        lines += frozen_section(cls)
+    else:
+        lines += finetuned_section(cls, man, cv, ho, op)
+    if man.get("why"):
+        lines += ["", "**Why this default.** " + man["why"]]
+    lines += [
+        "",
+        "Reproduce the cross-validated numbers with the fold models (each patient screened by the model that did",
+        "not train on it), from a checkout with the training runs:",
+        "",
+        "```bash",
+        "cervscan evaluate ../shared/data/visits --labels ../shared/data/visits/labels.csv \\",
+        *([f"    --cv-run runs/{cv.get('run')} -o runs/eval-cv"] if frozen else [
+        f"    --seg-model runs/{seg['training'].get('out', 'runs/seg').split('/')[-1]}/model.pt "
+        f"{'--cervix-model runs/' + cervix['training'].get('out', 'runs/cervix').split('/')[-1] + '/model.pt ' if cervix else ''}"
+        f"--cv-run runs/{cv.get('run', 'cls-lite0')} -o runs/eval-cv"]),
+        "```",
+        "",
+        "and retrain everything with `scripts/train_shipped.sh`. The runs' metrics, per-patient predictions and",
+        "plots are kept in `docs/training-runs/`.",
+        "",
+        "## Known limits",
+        "",
+        "- Small training set: 203 patients from two public sources; confidence intervals are wide.",
+        "- AnnoCerv labels come from the Swede score (a colposcopic impression), IARC labels from histopathology where",
+        "  done, else the colposcopic impression. Both sources are represented in unequal proportions and differ in",
+        "  camera, size and aspect ratio; performance differs by source (table above).",
+        "- Images from other devices, clinics and populations were not seen in training; expect lower performance",
+        "  and check locally with `cervscan evaluate` before use.",
+        "- The image quality gate (README, Screen) keeps blurred, badly exposed or glaring images and images without",
+        "  a cervix out of the decision; the exam stage is reported and decides only under `decision_stages`.",
+        "- The cervix finder learned from 107 printed flash cards; on some colposcopy frames it leaves out red",
+        "  columnar epithelium or blood at the os, and then the crop may cut part of the transformation zone.",
+        "- The study this method comes from reported 83 % patient accuracy on private data; these numbers are not",
+        "  comparable to it.",
+        "",
+        "## Licence and attribution",
+        "",
+        f"Weights: {cls['license']}. {cls['attribution']}",
+        "",
+    ]
+    (wdir / "README.md").write_text("\n".join(lines))
+    print(f"wrote {wdir / 'README.md'}")
+
+
+def finetuned_section(cls, man, cv, ho, op) -> list[str]:
+    """The classifier section of a fine-tuned (train-cls) classifier."""
+    lines = [
         "## Classifier",
         "",
         f"{cls['arch']}, trained on original and segmented images of every patient"
@@ -212,45 +263,56 @@ def main() -> None:
                 lines.append(f"| {r['epoch']} | {r['auc']:.3f} | "
                              + " | ".join("n/a" if r.get(f"auc[{s}]") is None else f"{r[f'auc[{s}]']:.3f}" for s in srcs)
                              + f" | {pct(r.get('specificity_at_op'))} |")
-    if man.get("why"):
-        lines += ["", "**Why this default.** " + man["why"]]
-    lines += [
+    return lines
+
+
+def frozen_section(cls) -> list[str]:
+    """The classifier section of a train-decision classifier (frozen features + logistic regression)."""
+    cv = cls["cross_validation"]
+    op = cls["operating_point"]
+    ts = cls["train_summary"]
+    vote = cls["voting"]
+    r0 = cv.get("repeat0") or {}
+    view = "the whole frame" if cls.get("classify_view") == "frame" else "the cervix crop"
+    lines = [
+        "## Classifier (the patient decision)",
         "",
-        "Reproduce the cross-validated numbers with the fold models (each patient screened by the model that did",
-        "not train on it), from a checkout with the training runs:",
+        f"{ts.get('backbone')} features ({cls['arch']}, {cls['input_size'][0]} px) of {view} (variants "
+        f"{', '.join(v for v in vote['variants'] if v.startswith('original'))}) and of the segmented image, i.e. the "
+        f"lesion region of the cervix crop (variants {', '.join(v for v in vote['variants'] if v.startswith('segmented'))}). "
+        f"Head: {ts.get('head')}, folded into the network's last layer. Images: those of the stages "
+        f"{', '.join(cls.get('decision_stages') or [])} that the quality gate accepts. Image score: the weighted vote "
+        f"of the variants' log-odds (weights {vote['weights']} over the variants in use); patient score: the mean of "
+        f"the images' log-odds, which for this linear head equals its score of the patient's mean feature.",
         "",
-        "```bash",
-        "cervscan evaluate ../shared/data/visits --labels ../shared/data/visits/labels.csv \\",
-        f"    --seg-model runs/{seg['training'].get('out', 'runs/seg').split('/')[-1]}/model.pt "
-        f"{'--cervix-model runs/' + cervix['training'].get('out', 'runs/cervix').split('/')[-1] + '/model.pt ' if cervix else ''}"
-        f"--cv-run runs/{cv.get('run', 'cls-lite0')} -o runs/eval-cv",
-        "```",
+        f"### Cross-validated performance ({cv['evaluation']})",
         "",
-        "and retrain everything with `scripts/train_shipped.sh`. The runs' metrics, per-patient predictions and",
-        "plots are kept in `docs/training-runs/`.",
+        f"Operating point: threshold **{op['threshold']:.3f}** on the calibrated patient score, chosen on the pooled "
+        f"out-of-fold scores of all repeats for a target sensitivity of {pct(op['target_sensitivity'])}.",
         "",
-        "## Known limits",
+        f"Patient AUC, mean of the repeats: **{cv['auc_mean_of_repeats']:.3f}** (repeats "
+        + ", ".join(f"{a:.3f}" for a in cv["auc_repeats"]) + f"); at the threshold: sensitivity "
+        f"{pct(cv['sensitivity_mean_of_repeats'])}, specificity {pct(cv['specificity_mean_of_repeats'])}.",
         "",
-        "- Small training set: 203 patients from two public sources; confidence intervals are wide.",
-        "- AnnoCerv labels come from the Swede score (a colposcopic impression), IARC labels from histopathology where",
-        "  done, else the colposcopic impression. Both sources are represented in unequal proportions and differ in",
-        "  camera, size and aspect ratio; performance differs by source (table above).",
-        "- Images from other devices, clinics and populations were not seen in training; expect lower performance",
-        "  and check locally with `cervscan evaluate` before use.",
-        "- The image quality gate (README, Screen) keeps blurred, badly exposed or glaring images and images without",
-        "  a cervix out of the decision; the exam stage is reported and decides only under `decision_stages`.",
-        "- The cervix finder learned from 107 printed flash cards; on some colposcopy frames it leaves out red",
-        "  columnar epithelium or blood at the os, and then the crop may cut part of the transformation zone.",
-        "- The study this method comes from reported 83 % patient accuracy on private data; these numbers are not",
-        "  comparable to it.",
-        "",
-        "## Licence and attribution",
-        "",
-        f"Weights: {cls['license']}. {cls['attribution']}",
-        "",
+        "| patients (repeat 0) | n | severe | AUC (95 % CI) | sensitivity (95 % CI) | specificity (95 % CI) |",
+        "|---|---|---|---|---|---|",
     ]
-    (wdir / "README.md").write_text("\n".join(lines))
-    print(f"wrote {wdir / 'README.md'}")
+    if r0:
+        c = r0.get("ci95") or {}
+        lines.append(f"| all | {r0.get('patients')} | {r0.get('severe')} | {r0['auc']:.3f}{ci_auc(c.get('auc'))} | "
+                     f"{pct(r0['sensitivity'])}{ci(c.get('sensitivity'))} | {pct(r0['specificity'])}{ci(c.get('specificity'))} |")
+        for s_, d in (r0.get("by_source") or {}).items():
+            if "auc" in d:
+                dc = d.get("ci95") or {}
+                lines.append(f"| {s_} | {d['patients']} | {d['severe']} | {d['auc']:.3f}{ci_auc(dc.get('auc'))} | "
+                             f"{pct(d['sensitivity'])}{ci(dc.get('sensitivity'))} | {pct(d['specificity'])}{ci(dc.get('specificity'))} |")
+    lines += ["", "Per source, mean of the repeats: " + "; ".join(
+        f"{k}: AUC {v['auc']:.3f}, sensitivity {pct(v['sensitivity'])}, specificity {pct(v['specificity'])}"
+        for k, v in (cv.get("by_source") or {}).items()) + ".",
+        "", "How it was chosen among about forty candidates (inputs, images, backbones, variants, patient rules), "
+        "winners and losers: `benchmarks/RESULTS.md` (block *Patient decision*), rule in `docs/model-selection.md`.",
+        ""]
+    return lines
 
 
 if __name__ == "__main__":

@@ -38,8 +38,8 @@ def main() -> None:
     ap.add_argument("--stage", type=Path, help="train-stage run folder (exam-stage model)")
     ap.add_argument("--cervix", type=Path, help="train-seg --target cervix run folder (cervix finder)")
     ap.add_argument("--seg-comparison", type=Path, help="scripts/compare_lesion_seg.py output (JSON) for the card")
-    ap.add_argument("--seg", type=Path, required=True)
-    ap.add_argument("--cls", type=Path, required=True)
+    ap.add_argument("--seg", type=Path, help="train-seg run folder (lesion segmenter)")
+    ap.add_argument("--cls", type=Path, help="train-cls or train-decision run folder (classifier)")
     ap.add_argument("--seg-compare", type=Path)
     ap.add_argument("--cls-compare", type=Path, action="append", default=[])
     ap.add_argument("--fp16", action="store_true")
@@ -53,6 +53,14 @@ def main() -> None:
     out = a.out
     out.mkdir(exist_ok=True)
     entries = []
+    # a role without a run folder keeps its current file and manifest entry (same sha256, same version)
+    old = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").is_file() else {"models": []}
+    given = {"stage": a.stage, "cervix": a.cervix, "segmenter": a.seg, "classifier": a.cls}
+    for e in old["models"]:
+        if given.get(e["role"]) is None:
+            if sha256_file(out / e["file"]) != e["sha256"]:
+                sys.exit(f"{out / e['file']}: does not match its manifest sha256; give its run folder")
+            entries.append(e)
     roles = [("stage", a.stage, "stage.pt"), ("cervix", a.cervix, "cervix.pt"),
              ("segmenter", a.seg, "segmenter.pt"), ("classifier", a.cls, "classifier.pt")]
     for role, run, fname in [r for r in roles if r[1] is not None]:
@@ -102,6 +110,26 @@ def main() -> None:
                 mc = json.loads((a.seg_compare / "metrics.json").read_text())
                 e["metrics"]["comparison_" + a.seg_compare.name] = {k: mc.get(k) for k in (
                     "val_mean_iou", "val_mean_dice", "val_mean_iou_lesion_images", "val_iou_pooled", "init")}
+        elif ck.get("recipe") == "frozen-linear":
+            e["crop"] = ck.get("crop")
+            e["classify_view"] = ck.get("classify_view")
+            e["decision_stages"] = ck.get("decision_stages")
+            e["recipe"] = "frozen-linear"
+            e["training_data"] = ("../shared/data/visits: 203 patients / 798 images (IARC Colposcopy Image Bank 118, "
+                                  "AnnoCerv 85), labels.csv; images the quality gate and the stage policy accept")
+            e["threshold"] = ck.get("threshold")
+            e["operating_point"] = ck.get("operating_point")
+            e["temperature"] = ck.get("temperature")
+            e["voting"] = ck.get("voting")
+            e["cross_validation"] = {k: metrics.get(k) for k in (
+                "evaluation", "patients", "images", "eligible_images", "inadequate_patients", "auc_mean_of_repeats",
+                "auc_repeats", "by_source", "sensitivity_mean_of_repeats", "specificity_mean_of_repeats", "platt")}
+            r0 = metrics.get("repeat0") or {}
+            e["cross_validation"]["repeat0"] = {k: r0.get(k) for k in ("auc", "sensitivity", "specificity", "ci95",
+                                                                        "by_source", "patients", "severe")}
+            e["cross_validation"]["run"] = run.name
+            e["cross_validation"]["seconds"] = metrics.get("seconds")
+            e["selection"] = "benchmarks/decision.py (table in benchmarks/RESULTS.md, rule in docs/model-selection.md)"
         else:
             e["crop"] = ck.get("crop")
             e["training_data"] = ("../shared/data/visits: 203 patients / 798 images (IARC Colposcopy Image Bank 118, "
@@ -131,6 +159,8 @@ def main() -> None:
                                              "by_source": {k: {kk: v.get(kk) for kk in ("auc", "sensitivity", "specificity", "ci95")}
                                                            for k, v in (mc.get("held_out", {}).get("by_source") or {}).items()}}
         entries.append(e)
+    order = ["stage", "cervix", "segmenter", "classifier"]
+    entries.sort(key=lambda e: order.index(e["role"]) if e["role"] in order else len(order))
     man = {"format": 1, "version": a.version, "models": entries}
     if a.why:
         man["why"] = a.why.strip()

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=../shared/data
-VERSION=${VERSION:-1.2.0}
+VERSION=${VERSION:-2.0.0}
 export GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184
 export OMP_NUM_THREADS=1
 mkdir -p runs
@@ -29,21 +29,28 @@ python scripts/compare_lesion_seg.py $DATA/lesion-seg --val $LESION/val_iou.csv 
     --model "new=$LESION/model.pt:cervix=runs/cervix-192/model.pt" --model "old=${OLD_SEG:-runs/seg-1.0.0.pt}" \
     -o docs/training-runs/lesion-comparison.json
 
-# 4. classifier, the 1.1.0 recipe on the cervix crops: 5 patient-wise folds (stratified by label and source)
-#    and the all-patient model, in two processes; then one --resume run collects the folds and writes the metrics
-CLS="$DATA/visits --labels $DATA/visits/labels.csv --seg-model $LESION/model.pt --cervix-model runs/cervix-192/model.pt
-     --folds 5 --full --cache-dir runs/cls-cache --arch tf_efficientnet_lite0 --pretrained --lr 5e-4 --input-size 160
-     --epochs 12 --threads 1 --model-name cervscan-cls-lite0 --model-version $VERSION -o runs/cls-crop"
-cervscan train-cls $CLS --only-folds 1,2,3 > runs/cls-crop-a.log 2>&1 &
-sleep 300  # let the first process fill the cache of cervix crops and segmented images
-cervscan train-cls $CLS --only-folds 4,5,0 > runs/cls-crop-b.log 2>&1 &
-wait
-cervscan train-cls $CLS --resume > runs/cls-crop.log 2>&1
+# 4. the patient decision (classifier 2.0.0): every candidate of benchmarks/decision.py on the same 5 x 3
+#    repeated patient-wise folds (crops, masks and frozen features cached under runs/decision-cache), the
+#    choice by the rule of docs/model-selection.md, then the chosen candidate through train-decision, which
+#    writes the all-patient model, the fold models of repeat 0 (for evaluate --cv-run) and the calibration
+#    (the harness screens with the default stage, cervix and lesion models of weights/: when those were
+#    retrained above, package them first: package_weights.py --stage ... --cervix ... --seg ... --cls <current>)
+python benchmarks/decision.py all
+cervscan train-decision $DATA/visits --labels $DATA/visits/labels.csv -o runs/decision-2.0.0 \
+    --seg-model "$LESION/model.pt" --cervix-model runs/cervix-192/model.pt \
+    --backbone lite0 --input-size 384 --classify-view frame --variants original+segmented --stages acetic \
+    --C 0.01 --folds 5 --repeats 3 --threads 1 --cache-dir runs/decision-train-cache \
+    --model-name cervscan-decision-lite0 --model-version "$VERSION"
+# the same recipe without the quality gate (every image decides), for the gate's effect in the model card
+cervscan train-decision $DATA/visits --labels $DATA/visits/labels.csv -o runs/decision-nogate \
+    --seg-model "$LESION/model.pt" --cervix-model runs/cervix-192/model.pt \
+    --backbone lite0 --input-size 384 --classify-view frame --variants original+segmented --stages acetic \
+    --no-quality-gate --C 0.01 --folds 5 --repeats 3 --threads 1 --cache-dir runs/decision-train-cache
 
 # 5. package, model card, examples' expected outputs, report renders, contact sheet
-python scripts/package_weights.py --stage runs/stage --cervix runs/cervix-192 --seg "$LESION" --cls runs/cls-crop \
-    --seg-comparison docs/training-runs/lesion-comparison.json --cls-compare docs/training-runs/cls-lite0-160e12 \
-    --version "$VERSION" --why "${WHY:-the 1.1.0 classifier recipe retrained on the cervix crops of this pipeline}"
+python scripts/package_weights.py --stage runs/stage --cervix runs/cervix-192 --seg "$LESION" --cls runs/decision-2.0.0 \
+    --seg-comparison docs/training-runs/lesion-comparison.json --version "$VERSION" \
+    --why "${WHY:-the candidate chosen by the rule of docs/model-selection.md among those of benchmarks/decision.py}"
 python scripts/model_card.py
 python scripts/contact_sheet.py $DATA/visits -o docs/cervix-contact-sheet.png
 tests/update_golden.sh
@@ -51,4 +58,4 @@ scripts/render_report_examples.sh
 
 # 6. the cross-validated numbers again, through the screening path (each patient by its fold's model)
 cervscan evaluate $DATA/visits --labels $DATA/visits/labels.csv --seg-model "$LESION/model.pt" \
-    --cervix-model runs/cervix-192/model.pt --cv-run runs/cls-crop -o runs/eval-cv
+    --cervix-model runs/cervix-192/model.pt --cv-run runs/decision-2.0.0 -o runs/eval-cv

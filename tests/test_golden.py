@@ -198,13 +198,21 @@ def test_the_checkpoint_threshold_is_applied(golden_run, shipped_classifier, exp
 
 
 def _vote(ck: dict, row: dict) -> float:
-    """Score = the checkpoint's voting weights over the variants present, renormalised."""
+    """Score = the checkpoint's voting weights over the variants present, renormalised; over probabilities
+    (the study) or, when the checkpoint's ``voting.pooling`` is "logit", over log-odds."""
     from cervscan.config import STUDY_WEIGHTS
 
     weights = (ck.get("voting") or {}).get("weights") or STUDY_WEIGHTS
     pairs = [(float(w), _num(row.get(c))) for w, c in zip(weights, P_V)]
     pairs = [(w, p) for w, p in pairs if p is not None]
+    if _pooling(ck) == "logit":
+        z = sum(w * math.log(p / (1 - p)) for w, p in pairs) / sum(w for w, _ in pairs)
+        return 1 / (1 + math.exp(-z))
     return sum(w * p for w, p in pairs) / sum(w for w, _ in pairs)
+
+
+def _pooling(ck: dict) -> str:
+    return (ck.get("voting") or {}).get("pooling") or "probability"
 
 
 def test_scores_are_the_checkpoint_weighted_votes(golden_run, shipped_classifier, expected_images):
@@ -212,19 +220,22 @@ def test_scores_are_the_checkpoint_weighted_votes(golden_run, shipped_classifier
 
     for r in golden_run.images:
         assert r["score"] == pytest.approx(_vote(shipped_classifier, r), abs=1e-9), r["image"]
+    # 6-decimal probabilities carry up to ~20x their rounding into log-odds
+    tol = CSV_ROUNDING if _pooling(shipped_classifier) == "probability" else 10 * CSV_ROUNDING
     for e in expected_images[1].values():
-        assert float(e["score"]) == pytest.approx(_vote(shipped_classifier, e), abs=CSV_ROUNDING), e["image"]
-    # a patient's score is the mean of its images' scores, decided against the same threshold
+        assert float(e["score"]) == pytest.approx(_vote(shipped_classifier, e), abs=tol), e["image"]
+    # a patient's score is the mean of its images' scores (or log-odds), decided against the same threshold
     for p in golden_run.patients:
         scores = [r["score"] for r in golden_run.images if r["patient_id"] == p["patient_id"] and r["status"] == "ok"]
-        score, decision = aggregate_patient(scores, p["threshold"])
+        score, decision = aggregate_patient(scores, p["threshold"], _pooling(shipped_classifier))
         assert p["score"] == pytest.approx(score, abs=1e-12) and p["decision"] == decision, p["patient_id"]
 
 
-def _classifier_input(rec: dict, rgb):
-    """What variant 1 shows: the decoded image, cropped to the record's ``crop_box`` when it has one."""
+def _classifier_input(rec: dict, rgb, ck: dict | None = None):
+    """What variant 1 shows: the decoded image, cropped to the record's ``crop_box`` when it has one
+    (unless the checkpoint's ``classify_view`` is "frame": then the whole decoded image)."""
     box = str(rec.get("crop_box") or "").replace(",", " ").split()
-    if len(box) == 4:
+    if len(box) == 4 and (ck or {}).get("classify_view") != "frame":
         x0, y0, x1, y1 = (int(float(v)) for v in box)
         rgb = rgb[y0:y1, x0:x1]
     return rgb
@@ -244,7 +255,7 @@ def test_the_checkpoint_temperature_is_applied(golden_run, shipped_classifier):
     net = model_from_checkpoint(ck)
     recs = [r for r in golden_run.images if r["status"] == "ok"]
     size = tuple(ck["input_size"])
-    ims = [resize_square(_classifier_input(r, read_image(VISITS / r["patient_id"] / r["image"]).rgb), size)
+    ims = [resize_square(_classifier_input(r, read_image(VISITS / r["patient_id"] / r["image"]).rgb, ck), size)
            for r in recs]
     with torch.inference_mode():
         logits = net(to_tensor_batch(ims, ck["mean"], ck["std"])).float()

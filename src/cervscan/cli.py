@@ -458,6 +458,7 @@ def train_decision_cmd(
     weights: Annotated[Optional[str], typer.Option(help="Six voting weights, comma-separated (default: the study's).")] = None,
     train_variants: Annotated[str, typer.Option("--train-variants", help="Variants whose patient features are training rows (comma list).")] = "original,segmented",
     stages: Annotated[str, typer.Option("--stages", help="Exam stages whose images decide (comma list).")] = "acetic",
+    quality_gate: Annotated[bool, typer.Option("--quality-gate/--no-quality-gate", help="Train and cross-validate on the images the quality gate accepts (default), or on every image (to measure the gate's effect).")] = True,
     c: Annotated[float, typer.Option("--C", help="Inverse regularisation strength of the logistic regression.")] = 0.01,
     folds: Annotated[int, typer.Option(help="Patient-wise cross-validation folds.")] = 5,
     repeats: Annotated[int, typer.Option(help="Repeats of the cross-validation (seeds seed, seed+1, ...).")] = 3,
@@ -494,7 +495,7 @@ def train_decision_cmd(
     if classify_view not in ("crop", "frame"):
         _fail(CervscanError(f"--classify-view must be crop or frame, not {classify_view!r}"))
     kw = dict(visits=str(visits), labels=str(labels), out=str(out), backbone=backbone, input_size=input_size,
-              classify_view=classify_view,
+              classify_view=classify_view, quality_gate=quality_gate,
               variants=vs, train_variants=tv, decision_stages=st, C=c, folds=folds, repeats=repeats, seed=seed,
               target_sensitivity=target_sensitivity, seg_model=seg_model, cervix_model=cervix_model,
               cache_dir=str(cache_dir) if cache_dir else None, threads=threads, name=model_name,

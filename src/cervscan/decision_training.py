@@ -58,6 +58,8 @@ class DecisionTrainConfig:
     #: Variants whose patient features are training rows (the study trains on original + segmented).
     train_variants: tuple[str, ...] = ("original", "segmented")
     decision_stages: tuple[str, ...] = ("acetic",)
+    #: False: every image of a deciding stage counts, whatever its quality (to measure the gate's effect).
+    quality_gate: bool = True
     C: float = 0.01
     folds: int = 5
     repeats: int = 3
@@ -98,7 +100,8 @@ def _pipeline(cfg: DecisionTrainConfig):
     from .api import load_pipeline
 
     overrides = {"crop": "cervix", "classify_view": cfg.classify_view, "variants": list(cfg.variants), "weights": list(cfg.weights),
-                 "decision_stages": list(cfg.decision_stages), "pooling": "logit"}
+                 "decision_stages": list(cfg.decision_stages), "pooling": "logit",
+                 "quality_gate": cfg.quality_gate}
     pipe, refs, _, _ = load_pipeline(seg_model=cfg.seg_model, cervix_model=cfg.cervix_model,
                                      stage_model=cfg.stage_model, overrides=overrides,
                                      write_masks=False, write_overlays=False)
@@ -106,18 +109,34 @@ def _pipeline(cfg: DecisionTrainConfig):
 
 
 def _cache_key(cfg: DecisionTrainConfig, pipe, refs, weights_sha: str) -> str:
+    """Everything the cached values depend on: backbone, input, the pipeline's models, the variant and crop
+    settings and the quality measures' code (the gate's thresholds are applied when the cache is read)."""
+    from . import quality
+
     c = pipe.cfg
+    voting = {k: v for k, v in asdict(c.voting).items() if k not in ("weights", "pooling")}
+    qsrc = hashlib.sha256(Path(quality.__file__).read_bytes()).hexdigest()[:12]
     parts = [cfg.backbone, weights_sha, str(cfg.input_size), *(refs[r].sha256 for r in ("stage", "cervix", "segmenter")
                                                                 if r in refs),
-             json.dumps(asdict(c.voting), sort_keys=True, default=str), json.dumps(asdict(c.gate), sort_keys=True, default=str),
+             json.dumps(voting, sort_keys=True, default=str), str(c.gate.measure_side), qsrc,
              c.classify_view, str(c.cervix_margin), str(c.cervix_min_fraction), str(c.centre_crop), str(c.max_side)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def extract(cfg: DecisionTrainConfig, pipe, refs, items: list[tuple[str, Path]], progress=None) -> list[dict]:
-    """Per image: eligible, reason, stage, and the features of every screened variant (cached)."""
-    from .models import lite_imagenet_state_dict  # noqa: F401 - fails early without the weight package
+class _Found:
+    """What :meth:`Pipeline.gate` reads of a prepared image, from the cache."""
 
+    def __init__(self, stage: str, stage_confidence: float | None, cervix_found: bool | None):
+        self.stage, self.stage_confidence, self.cervix_found = stage, stage_confidence, cervix_found
+
+
+def _eligibility(pipe, rec: dict) -> list[str]:
+    return pipe.gate(rec["quality"], _Found(rec["stage"], rec["stage_confidence"], rec["cervix_found"]))
+
+
+def extract(cfg: DecisionTrainConfig, pipe, refs, items: list[tuple[str, Path]], progress=None) -> list[dict]:
+    """Per image: the quality measures, stage, whether a cervix was found, and the features of every
+    screened variant (cached); ``eligible``/``reason`` from the pipeline's gate with its current settings."""
     model = backbone(cfg.backbone)
     wsha = hashlib.sha256(b"".join(v.numpy().tobytes() for v in list(model.state_dict().values())[:8])).hexdigest()[:12]
     if cfg.cache_dir:
@@ -133,8 +152,8 @@ def extract(cfg: DecisionTrainConfig, pipe, refs, items: list[tuple[str, Path]],
         f = cache / f"{file_key(p)}.npz"
         if f.exists():
             z = np.load(f, allow_pickle=False)
-            out[i] = {"eligible": bool(z["eligible"]), "reason": str(z["reason"]), "stage": str(z["stage"]),
-                      "feats": {v: z[v] for v in cfg.variants if v in z.files}}
+            meta = json.loads(str(z["meta"]))
+            out[i] = {**meta, "feats": {v: z[v] for v in cfg.variants if v in z.files}}
             if len(out[i]["feats"]) == len(cfg.variants):
                 continue
         todo.append(i)
@@ -153,21 +172,26 @@ def extract(cfg: DecisionTrainConfig, pipe, refs, items: list[tuple[str, Path]],
             continue
         prepared = pipe.prepare(rgbs, size=cfg.input_size)
         for i, im, p in zip(ok, rgbs, prepared):
-            why = pipe.gate(pipe.quality(im, p), p)
+            q = pipe.quality(im, p)
             vs = pipe.variants(p)
             F = features(model, [vs[v] for v in cfg.variants], cfg.input_size)
-            rec = {"eligible": not why, "reason": ";".join(why), "stage": p.stage,
-                   "feats": {v: F[k] for k, v in enumerate(cfg.variants)}}
+            meta = {"quality": {k: (float(v) if isinstance(v, (int, float, np.floating)) and v is not None else v)
+                                for k, v in q.items()},
+                    "stage": p.stage, "stage_confidence": p.stage_confidence, "cervix_found": p.cervix_found}
+            rec = {**meta, "feats": {v: F[k] for k, v in enumerate(cfg.variants)}}
             out[i] = rec
             f = cache / f"{file_key(items[i][1])}.npz"
             tmp = cache / f".{f.stem}.{os.getpid()}.tmp.npz"
-            np.savez(tmp, eligible=np.array(rec["eligible"]), reason=np.array(rec["reason"]),
-                     stage=np.array(rec["stage"]), **rec["feats"])
+            np.savez(tmp, meta=np.array(json.dumps(meta, default=float)), **rec["feats"])
             tmp.replace(f)
         if progress:
             progress(min(n0 + 4, len(todo)), len(todo))
         if (n0 // 4) % 25 == 0:
             log.info("decision features %d/%d (%.0f s)", n0 + len(idx), len(todo), time.time() - t0)
+    for r in out:
+        if r is not None:
+            why = _eligibility(pipe, r)
+            r["eligible"], r["reason"] = not why, ";".join(why)
     return out  # type: ignore[return-value]
 
 
