@@ -22,13 +22,21 @@ through the pipeline's own steps: ``Pipeline.cervix`` (the cervix finder, crop m
 ``Pipeline.quality``; the eligibility is ``Pipeline.gate`` (no stage model: the stage rule is not
 measured here).
 
-Threshold rule (printed): the false rejects allowed on the original images are 5 %. The cervix
-finder's own verdict ("no cervix", ``cervix_min_fraction``, not tuned here) uses what it uses; the rest
-is shared equally by the five thresholds (sharpness, brightness, overexposed, glare, cervix size): each
-is the strictest value that rejects at most that share of the originals, rounded to two significant
-digits towards rejecting less. The degraded copies are not looked at when choosing. A 5-fold
-patient-wise cross-check (thresholds chosen on 4/5 of the patients, false rejects counted on the
-rest) estimates the false-reject rate on new images. Catch rate = share of the degraded copies the gate
+Threshold rule (printed): the false rejects allowed on new original images are 5 %. The cervix
+finder's own verdict ("no cervix", ``cervix_min_fraction``, not tuned here) uses what it uses on the
+originals; the rest is shared equally by the five thresholds (sharpness, brightness, overexposed, glare,
+cervix size). Each threshold is the k-th most extreme value of the n originals, k = floor(share x (n + 1))
+(at least 1), rounded to two significant digits towards rejecting less. A new image exchangeable with
+the n originals falls beyond the k-th most extreme of them with probability k / (n + 1) <= share (the
+rank argument of split-conformal prediction), so each threshold is expected to reject at most its share
+of new images and the five together at most the budget (union bound). The first rule took the strictest
+value rejecting at most the share *of the n originals themselves* (k = floor(share x n) + 1), which is
+expected to reject (floor(share x n) + 1) / (n + 1) of new images, more than the share; its patient-wise
+cross-check came out at 5.4 % and the rule was changed to this one (RESULTS.md keeps the history). Images
+of one patient are correlated, so the guarantee is approximate: the cross-check checks it. The degraded
+copies are not looked at when choosing. A 5-fold patient-wise cross-check (thresholds chosen by the same
+rule on 4/5 of the patients, false rejects counted on the rest) estimates the false-reject rate on new
+images. Catch rate = share of the degraded copies the gate
 rejects (for any reason), over the copies of originals that the gate accepts.
 
 Stage confidence: from the stage model's cross-validated predictions (``runs/stage/predictions.csv``,
@@ -265,16 +273,19 @@ def _round(v: float, direction: str) -> float:
         return 0.0
     e = math.floor(math.log10(abs(v))) - 1
     f = 10.0 ** e
-    return float((math.floor(v / f) if direction == "min" else math.ceil(v / f)) * f)
+    return round(float((math.floor(v / f) if direction == "min" else math.ceil(v / f)) * f), max(0, -e))
 
 
 def choose(values: list[float], direction: str, share: float) -> float:
-    """The strictest threshold rejecting at most ``share`` of ``values`` ('min': reject v < t)."""
+    """The k-th most extreme of the n ``values``, k = floor(share * (n + 1)) (at least 1), rounded towards
+    rejecting less ('min': reject v < t, the k-th smallest; 'max': reject v > t, the k-th largest). It
+    rejects k - 1 of the values themselves, and a new value exchangeable with them with probability
+    k / (n + 1) <= share."""
     v = np.sort(np.asarray([x for x in values if x is not None], float))
     if direction == "max":
         v = -v[::-1]
-    k = int(math.floor(share * len(v)))
-    t = float(v[min(k, len(v) - 1)])
+    k = max(1, int(math.floor(share * (len(v) + 1) + 1e-9)))
+    t = float(v[min(k, len(v)) - 1])
     t = t if direction == "min" else -t
     return _round(t, direction)
 
@@ -455,11 +466,15 @@ def render(res: dict) -> str:
              f"(`{res['visits']}`, recorded stage mapped by `stage_class`), cervix finder `{res['cervix_model']}` "
              f"(sha256 {res['cervix_sha'][:12]}), through `Pipeline.cervix`, `Pipeline.quality` and `Pipeline.gate`. "
              f"Degraded copies: seed {SEED}; parameters in the script's docstring and below.", "",
-             "**Rule** (fixed before looking at the degraded copies): at most "
-             f"{_pct(BUDGET)} of the originals may be rejected. The cervix finder's own 'no cervix' verdict rejects "
-             f"{_pct(how['no_cervix_rate'])} of them; the rest of the budget is shared by the five thresholds, "
-             f"{_pct(how['share_per_threshold'])} each: each threshold is the strictest value that rejects at most "
-             "that share of the originals, rounded to two significant digits towards rejecting less.", "",
+             "**Rule** (never looked at the degraded copies; changed once, after the first results, see the history "
+             f"below): at most {_pct(BUDGET)} of new original images may be rejected. The cervix finder's own "
+             f"'no cervix' verdict rejects {_pct(how['no_cervix_rate'])} of the originals; the rest of the budget is "
+             f"shared by the five thresholds, {_pct(how['share_per_threshold'])} each: each threshold is the k-th most "
+             f"extreme value of the n = {how['n']} originals, k = floor(share x (n + 1)) (at least 1), rounded to two "
+             "significant digits towards rejecting less. A new image exchangeable with the originals falls beyond it "
+             "with probability k / (n + 1) <= share (the rank argument of split-conformal prediction), so each "
+             "threshold is expected to reject at most its share of new images (it rejects k - 1 of the originals "
+             "themselves), and the five together at most the budget.", "",
              "| threshold (config key) | chosen (new default) | originals it rejects |", "|---|---|---|"]
     per = ev["originals_per_rule"]
     for measure, fld, direction, reason in RULES:
@@ -495,14 +510,44 @@ def render(res: dict) -> str:
               "83 %. Two of those were faults of the copies: the glare patches were feathered so widely that only "
               "about 2 % of the cervix ended up saturated (not the intended 10 %), and a fixed half-size window "
               "could not leave a cervix that fills the frame (AnnoCerv) out of it; both copies were fixed as "
-              "documented above. The measures were then changed once, to the re-blur sharpness (any direction, "
-              "contrast-free), glare as saturated white, and the mask's convex hull. The thresholds were always "
-              "chosen on the originals only; nothing was changed after this table.", "",
+              "documented above. The measures were then changed, to the re-blur sharpness (any direction, "
+              "contrast-free), glare as saturated white, and the mask's convex hull. That version caught motion "
+              "blur 94.0 % (short of the target) and rejected 3.6 % of the originals in-sample but 5.4 % in the "
+              "patient-wise cross-check (above the target). After those results two more things were changed, and "
+              "the numbers above are the fourth measurement: (1) the sharpness's diagonal directions re-blurred along "
+              "the diagonal of an 11 x 11 box (15.6 px long, not 11) and differentiated over a 2.8 px step, so a "
+              "diagonal motion blur lost less there and the minimum over the directions came, in effect, from 0 and "
+              "90 degrees (most missed copies were blurred at 30-65 or 110-135 degrees); now every direction "
+              "re-blurs with a line of the same 11 px length and uses the directional derivative. With those four "
+              "directions (third measurement, in the history) motion blur was caught 98.4 %, but a new test that "
+              "blurs real images at fixed angles found a sharp image whose copy blurred 22.5 degrees off every "
+              "direction measured 0.48, above the threshold; the measure now takes eight directions (every 22.5 "
+              "degrees). (2) The rule "
+              "allowed each threshold 1 % of the originals *in-sample* (the strictest value rejecting at most "
+              "floor(1 % x n) of them), which is expected to reject more than 1 % of new images; it now takes the "
+              "k = floor(1 % x (n + 1))-th most extreme value, as stated above. The rule was changed because the "
+              "cross-check was above the target, so the cross-check below is not a fresh, untouched estimate. The "
+              "thresholds are still chosen on the originals only, the degradation parameters were not changed, and "
+              "nothing was changed after this table.", "",
+              "History (false rejects in-sample / patient-wise cross-check; caught per kind: Gaussian blur, motion "
+              "blur, over-exposure, under-exposure, glare, out of frame):", "",
+              "- first version (Laplacian variance, bright colourless glare, finder's mask; copies before their "
+              "fixes): thresholds at 1 % of the originals in-sample; caught 100 / 67 / 98 / 100 / about 10 / 83 %.",
+              "- 2026-11-28 17:56 (re-blur sharpness with the longer diagonals, saturated glare, convex hull; rule "
+              "in-sample 1 % each): `min_sharpness` 0.46, `min_brightness` 82, `max_overexposed` 0.45, `max_glare` "
+              "0.016, `min_cervix_px` 250; false rejects 3.6 % / 5.4 %; caught 100 / 94.0 / 98.6 / 100 / 100 / 97.0 %.",
+              "- 2026-11-28 19:07 (equal-length directional re-blur in 4 directions; rule k = floor(share x (n + 1))): "
+              "`min_sharpness` 0.46, `min_brightness` 74, `max_overexposed` 0.52, `max_glare` 0.016, `min_cervix_px` "
+              "250; false rejects 2.5 % / 3.6 %; caught 100 / 98.4 / 97.7 / 100 / 100 / 97.0 %.",
+              f"- {res['when']} (this table: the same in 8 directions): "
+              + ", ".join(f"`{fld}` {th[fld]:g}" for _, fld, _, _ in RULES)
+              + f"; false rejects {_pct(ev['false_reject'])} / {_pct(res['crosscheck_false_reject'])}; caught "
+              + " / ".join(f"{100 * k['caught']:.1f}" for k in ev["kinds"].values()) + " %.", "",
               f"The patient-wise cross-check puts the false-reject rate on new images at "
               f"{_pct(res['crosscheck_false_reject'])}, "
-              + ("within" if res["crosscheck_false_reject"] <= BUDGET else "slightly above")
-              + f" the {_pct(BUDGET)} target: the thresholds sit at the 1 % tails of 447 images, which move "
-              "from sample to sample."]
+              + ("within" if res["crosscheck_false_reject"] <= BUDGET else "above")
+              + f" the {_pct(BUDGET)} target; the thresholds sit at the 1 % tails of {ev['n_originals']} images, "
+              "which move from sample to sample, and images of one patient are correlated."]
     sc = res["stage"]
     lines += ["", f"**Stage confidence** (`stage_min_confidence`), from the stage model's cross-validated predictions "
                   f"(`{sc['file']}`): the smallest confidence (0.05 steps) at which at most {_pct(STAGE_FALSE_REJECT)} "

@@ -53,6 +53,43 @@ def test_sharpness_falls_with_blur_and_is_measured_at_a_fixed_scale():
     assert Q.measure(big)["sharpness"] == pytest.approx(Q.measure(small)["sharpness"], rel=0.35)
 
 
+def _motion(rgb: np.ndarray, length: int, angle: float) -> np.ndarray:
+    """Camera shake: a line kernel of ``length`` px along ``angle`` degrees (as benchmarks/quality_gate.py)."""
+    import cv2
+
+    return cv2.filter2D(rgb, -1, _bench()._motion_kernel(length, angle), borderType=cv2.BORDER_REFLECT)
+
+
+def leaves(h: int = 512, w: int = 512, seed: int = 0, n: int = 600) -> np.ndarray:
+    """A 'dead leaves' picture: overlapping sharp-edged discs of many sizes (edges at every scale and in every
+    direction, like a photograph; pixel noise would not do: its re-blur ratio stays high under motion blur)."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    img = np.zeros((h, w, 3), np.uint8)
+    img[:] = (170, 90, 95)
+    for _ in range(n):
+        r = int(w * 0.3 * rng.uniform(0.02, 1) ** 2) + 2
+        col = tuple(int(v) for v in np.clip(np.array([170, 90, 95]) + rng.normal(0, 40, 3), 0, 255))
+        cv2.circle(img, (int(rng.integers(0, w)), int(rng.integers(0, h))), r, col, -1)
+    return img
+
+
+def test_sharpness_catches_motion_blur_in_any_direction():
+    """Motion blur along one direction is caught whatever the direction, and a diagonal blur measures like
+    an axis-aligned one (the re-blur has the same length in every direction; with the former diagonal of an
+    11 x 11 box, 45 and 135 degrees measured about 0.1 sharper than 0 and 90)."""
+    sharp = leaves()
+    assert Q.measure(sharp)["sharpness"] >= GATE.min_sharpness
+    length = int(round(0.04 * 512)) | 1  # the benchmark's motion blur: 4 % of the shorter side
+    values = {}
+    for angle in (0, 22.5, 30, 45, 60, 90, 120, 135, 160):
+        q = Q.measure(_motion(sharp, length, angle))
+        values[angle] = q["sharpness"]
+        assert "blurred" in Q.problems(q, GATE), (angle, q["sharpness"])
+    assert values[45] == pytest.approx(values[0], abs=0.06) and values[135] == pytest.approx(values[90], abs=0.06)
+
+
 def test_measures_look_inside_the_cervix_only():
     import cv2
 
@@ -357,6 +394,40 @@ def test_gate_on_degraded_copies_of_real_images(shared_data):
             if kind in ("gaussian_blur", "underexposed", "overexposed"):
                 assert why, (pid, name, kind)
     assert len(missed) <= 1, missed
+
+
+def test_gate_rejects_motion_blurred_real_images_as_blurred(shared_data):
+    """Motion-blurred copies of real acetic-acid images (the benchmark's length, 4 % of the shorter side), in
+    sixteen directions (every 11.25 degrees: on and half-way between the measure's directions), through the
+    pipeline's cervix, quality and gate steps: every original is eligible, every copy is rejected as blurred."""
+    bench = _bench()
+    visits = shared_data / "visits"
+    items = [it for it in REAL if (visits / it[0] / it[1]).is_file()]
+    if len(items) < 2:
+        pytest.skip("the chosen real images are not there")
+    pipe = bench._pipeline(_cervix_finder())
+    angles = tuple(float(a) for a in np.arange(0.0, 180.0, 11.25))
+    for pid, name in items:
+        rgb = pipe.decode(visits / pid / name).rgb
+        p0 = bench._located(pipe, [rgb])[0]
+        assert pipe.gate(pipe.quality(rgb, p0), p0) == [], (pid, name)
+        length = max(3, int(round(bench.PARAMS["motion_blur"]["length_of_shorter_side"] * min(rgb.shape[:2]))) | 1)
+        copies = [_motion(rgb, length, a) for a in angles]
+        for a, im, p in zip(angles, copies, bench._located(pipe, copies)):
+            q = pipe.quality(im, p)
+            assert "blurred" in pipe.gate(q, p), (pid, name, a, q["sharpness"])
+
+
+def test_threshold_rule_keeps_the_expected_share_of_new_images():
+    """Each threshold is the k-th most extreme of n values, k = floor(share * (n + 1)): it rejects k - 1 of
+    them and a new exchangeable value with probability k / (n + 1) <= share."""
+    bench = _bench()
+    vals = [float(v) for v in range(1, 448)]  # n = 447, share 1 %: k = 4
+    assert bench.choose(vals, "min", 0.01) == 4.0  # rejects 1, 2, 3 (v < 4)
+    assert bench.choose(vals, "max", 0.01) == 450.0  # the 4th largest, 444, rounded up to 2 digits
+    assert bench.choose(vals[:99], "min", 0.01) == 1.0  # k = 1 at n = 99: rejects none of them
+    assert bench.choose(vals[:50], "min", 0.01) == 1.0  # k at least 1
+    assert bench._round(0.4712, "min") == 0.47 and bench._round(0.0161, "max") == 0.017
 
 
 def test_an_untrained_cervix_finder_only_crops(tiny_models, tmp_path):

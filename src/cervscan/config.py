@@ -92,10 +92,12 @@ class VotingConfig:
 class GateConfig:
     """The image quality and eligibility gate (:mod:`cervscan.quality`).
 
-    Thresholds chosen by ``benchmarks/quality_gate.py`` on the development data's real
-    acetic-acid images and degraded copies of them (``benchmarks/RESULTS.md``, block
-    ``quality_gate``): each is the strictest value that rejects at most 1 % of the original
-    images (the five rules together: at most 5 %).
+    Thresholds chosen by ``benchmarks/quality_gate.py`` on the development data's 447 real
+    acetic-acid images only (``benchmarks/RESULTS.md``, block ``quality_gate``; the degraded
+    copies only check them): each is the k-th most extreme value of the n originals,
+    k = floor(1 % x (n + 1)), rounded to two significant digits towards rejecting less, so that
+    each is expected to reject at most 1 % of new original images and the five together at most
+    5 % (2.7 % of the originals in-sample, 3.8 % in a patient-wise 5-fold cross-check).
     """
 
     #: False (``--no-quality-gate``, config ``quality_gate = false``): every image decides (research).
@@ -104,9 +106,9 @@ class GateConfig:
     #: side ``measure_side`` px).
     min_sharpness: float = 0.46
     #: Mean grey level inside the cervix, 0-255.
-    min_brightness: float = 82.0
+    min_brightness: float = 74.0
     #: Fraction of the cervix clipped (>= 250) in at least one colour channel.
-    max_overexposed: float = 0.45
+    max_overexposed: float = 0.52
     #: Fraction of the cervix covered by specular highlights (clipped in all three channels).
     max_glare: float = 0.016
     #: Cervix size, sqrt of its area, in pixels of the decoded image.
