@@ -111,3 +111,50 @@ def test_train_decision_scores_are_what_screening_gives(tmp_path):
                             cache_dir=str(tmp_path / "cache"), threads=2)
     assert m2["auc_repeats"] == m["auc_repeats"]
     assert np.isclose(m2["operating_point"]["threshold"], m["operating_point"]["threshold"])
+
+
+def _row(name, auc, folds, cost, *, iarc=0.7, anno=0.7, ips=4.0, recorded=False):
+    return {"name": name, "auc": auc, "fold_auc": folds, "cost_ms_1thread": cost, "fit_seconds": 1.0,
+            "auc_iarc": iarc, "auc_annocerv": anno, "est_img_s": ips, "recorded_stage": recorded}
+
+
+def test_decision_rule_keeps_the_cheaper_candidate_within_noise():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import decision as H
+
+    rng = np.random.default_rng(0)
+    base = list(0.70 + 0.05 * rng.standard_normal(15))
+    noisy = [a + 0.02 + 0.10 * e for a, e in zip(base, rng.standard_normal(15))]  # +0.02 but noisy pairs
+    steady = [a + 0.02 for a in base]  # +0.02 on every fold: no noise
+    rows = [_row("cheap", 0.70, base, 10), _row("costly noisy", 0.72, noisy, 50)]
+    best, why = H.choose(rows)
+    assert best["name"] == "cheap" and any("does not replace" in w for w in why)
+    rows = [_row("cheap", 0.70, base, 10), _row("costly steady", 0.72, steady, 50)]
+    assert H.choose(rows)[0]["name"] == "costly steady"
+    # equal cost: the higher AUC wins outright
+    rows = [_row("a", 0.70, base, 10), _row("b", 0.701, noisy, 10)]
+    assert H.choose(rows)[0]["name"] == "b"
+    # not eligible: a weak source, too slow, or the recorded stage
+    rows = [_row("cheap", 0.70, base, 10), _row("weak source", 0.80, steady, 20, anno=0.6),
+            _row("slow", 0.80, steady, 30, ips=2.5), _row("recorded", 0.80, steady, 5, recorded=True)]
+    best, why = H.choose(rows)
+    assert best["name"] == "cheap" and sum(w.startswith("not eligible") for w in why) == 3
+
+
+def test_decision_rule_three_keeps_the_study_structure_unless_it_hurts():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import decision as H
+
+    base = [0.7] * 15
+    rows = [_row("I1 x", 0.72, [0.72] * 15, 90), _row("F1s x", 0.71, [0.71 + 0.05 * (-1) ** k for k in range(15)], 180),
+            _row("F2 x", 0.73, [0.73] * 15, 540, ips=2.4)]
+    shipped, why = H.structure(rows, rows[0])
+    assert shipped["name"] == "F1s x" and any("kept" in w for w in why) and any("not eligible" in w for w in why)
+    rows[1] = _row("F1s x", 0.60, [0.60] * 15, 180)  # the segmented view lowers the AUC by more than the noise
+    shipped, why = H.structure(rows, rows[0])
+    assert shipped["name"] == "I1 x" and any("left out" in w for w in why)
+    assert base  # the rows above are the whole input

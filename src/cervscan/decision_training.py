@@ -269,14 +269,24 @@ def train_decision(cfg: DecisionTrainConfig, progress=None) -> dict:
         w, b = linear_of(model)
         return sum(wt * (V[v][idx] @ w + b) for v, wt in vote.items())
 
-    strata = np.array([f"{a}-{b}" for a, b in zip(y, source)])
+    # folds over every labelled patient (sorted by id, stratified by label x source), so that they do not move
+    # when the gate leaves a patient without an eligible image (and match benchmarks/decision.py's); a patient
+    # without one is neither trained on nor scored
+    allp = sorted(pats)
+    strata = np.array([f"{lab[p]}-{src[p] or 'unknown'}" for p in allp])
+    pos = {p: i for i, p in enumerate(P)}
+    fold_all: dict[str, int] = {}
     oof = np.zeros((cfg.repeats, len(P)))
     fold_of = np.zeros(len(P), int)
     fold_models = []
     fold_auc = []
     for r in range(cfg.repeats):
         skf = StratifiedKFold(cfg.folds, shuffle=True, random_state=cfg.seed + r)
-        for k, (tr, te) in enumerate(skf.split(strata, strata)):
+        for k, (tr_all, te_all) in enumerate(skf.split(strata, strata)):
+            tr = np.array([pos[allp[i]] for i in tr_all if allp[i] in pos], int)
+            te = np.array([pos[allp[i]] for i in te_all if allp[i] in pos], int)
+            if r == 0:
+                fold_all.update({allp[i]: k + 1 for i in te_all})
             m = fit(tr)
             oof[r, te] = score(m, te)
             if len(set(y[te])) == 2:
@@ -347,8 +357,7 @@ def train_decision(cfg: DecisionTrainConfig, progress=None) -> dict:
                     "input_size": cfg.input_size, "classify_view": cfg.classify_view, "decision_stages": list(cfg.decision_stages),
                     "cv_auc": metrics["auc_mean_of_repeats"], "cv_auc_repeats": aucs,
                     "cv_by_source": by_src, "data": str(cfg.visits)}
-    fold_rows = [{"patient_id": p, "fold": int(f), "label": int(yy), "source": s}
-                 for p, f, yy, s in zip(P, fold_of, y, source)]
+    fold_rows = [{"patient_id": p, "fold": fold_all[p], "label": lab[p], "source": src[p]} for p in allp]
     for k, m in enumerate(fold_models):
         write(m, out / f"fold{k + 1}.pt", f"fold {k + 1} of {cfg.folds} (repeat 0): validation patients in folds.csv",
               {**base_summary, "patients": int((fold_of != k + 1).sum())})
