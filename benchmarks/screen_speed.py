@@ -259,7 +259,8 @@ def run_naive(spec: dict) -> dict:
             lm = segment("segmenter", crop, voting.mask_threshold)
             reg = segment_region(crop, lm, voting)
             probs = {}
-            for name, im in make_variants(resize_square(crop, S), resize_square(reg.image, S), voting).items():
+            view = rgb if cfg.classify_view == "frame" else crop
+            for name, im in make_variants(resize_square(view, S), resize_square(reg.image, S), voting).items():
                 logits = nets["classifier"](net_input("classifier", im)).float() / T
                 probs[name] = float(torch.softmax(logits, dim=1)[0, 1])
             s = weighted_score(probs, voting)
@@ -590,7 +591,8 @@ def measure(a, tmp: Path, load_before) -> dict:
     spec = {"visits": str(tmp / "visits"), "models": models, "overrides": overrides, "threads": a.threads,
             "batch_images": a.batch_images, "workers": 0, "config": config, "onnx_reps": a.onnx_reps}
     res: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "images": mix, "models": models, "crop": crop_note,
-                 "batch_images": config["batch_images"], "variants": list(config["voting"]["variants"])}
+                 "batch_images": config["batch_images"], "variants": list(config["voting"]["variants"]),
+                 "classify_view": config.get("classify_view", "crop"), "classify_batch": config.get("classify_batch")}
     res["naive"] = spawn("naive", {**spec, "out": str(tmp / "out-naive")}, tmp)
     res["optimised"] = spawn("optimised", {**spec, "out": str(tmp / "out-optimised")}, tmp)
     if a.workers:
@@ -698,7 +700,8 @@ Load average before the run: {', '.join(f'{x:.1f}' for x in mach['load_avg_befor
 (after: {', '.join(f'{x:.1f}' for x in mach['load_avg_after'])}).{busy}
 {res['images']['n']} real images from ../shared/data/visits: {res['images']['iarc']} IARC 800x600 and
 {res['images']['annocerv']} AnnoCerv 384x384, {res['images']['patients']} patients. Crop mode: {res['crop']};
-batches of {res['batch_images']} images; variants: all six ({', '.join(res['variants'])}).
+batches of {res['batch_images']} images; variants: {len(res['variants'])} ({', '.join(res['variants'])});
+original view: {res.get('classify_view', 'crop')}; classifier inputs per forward pass on a CPU: {res.get('classify_batch') or 'auto (' + str(max(1, 6 * 160 * 160 // (res['models']['classifier']['input_size'][0] * res['models']['classifier']['input_size'][1]))) + ' at this input size)'}.
 
 | role | model | architecture (form) | input | source |
 |---|---|---|---|---|

@@ -149,9 +149,9 @@ class ScreenConfig:
     threshold: float = DEFAULT_THRESHOLD
     device: str = "auto"
     batch_images: int = 4
-    #: Classifier forward-pass size on a CPU (six variants = one image per pass, to bound peak memory; on a GPU
-    #: all variants of a batch go at once).
-    classify_batch: int = 6
+    #: Classifier inputs per forward pass on a CPU, to bound peak memory (on a GPU all inputs of a batch go
+    #: at once). 0 (default): as many as hold 6 x 160 x 160 pixels (six at 160 px, one at 384 px).
+    classify_batch: int = 0
     #: 0 = decode in a background thread; N > 0 = DataLoader with N worker processes.
     num_workers: int = 0
     #: Longest side an image is decoded to (bigger images are scaled down on read).

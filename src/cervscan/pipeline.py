@@ -372,7 +372,12 @@ class Pipeline:
         import torch
 
         m = self.models["classifier"]
-        n = max(1, int(self.cfg.classify_batch)) if self.device.type == "cpu" else max(1, len(images))
+        if self.device.type != "cpu":
+            n = max(1, len(images))
+        elif self.cfg.classify_batch:
+            n = max(1, int(self.cfg.classify_batch))
+        else:  # bound the pixels per pass: six inputs at 160 px, one at 384 px
+            n = max(1, (6 * 160 * 160) // (m.size[0] * m.size[1]))
         out = []
         for i in range(0, len(images), n):
             x = to_tensor_batch([resize_square(im, m.size) for im in images[i:i + n]], m.ckpt["mean"],

@@ -284,6 +284,11 @@ class HeatmapMaker:
     def available(self) -> bool:
         return self.model is not None
 
+    @property
+    def frame_view(self) -> bool:
+        """The classifier's original view is the whole image (its checkpoint's ``classify_view``)."""
+        return bool(self.ckpt) and self.ckpt.get("classify_view") == "frame"
+
     def input_tensor(self, rgb: np.ndarray, box: tuple[int, int, int, int] | None = None):
         """The classifier's input for an image, built as in :meth:`cervscan.pipeline.Pipeline.prepare`:
         the crop (``box``, in the decoded image's pixels; the whole frame when None) squashed to the
@@ -294,6 +299,8 @@ class HeatmapMaker:
         ck = self.ckpt
         assert ck is not None
         size = tuple(int(s) for s in ck["input_size"])
+        if self.frame_view:  # the classifier's original view is the whole image (classify_view "frame")
+            box = None
         crop = rgb if box is None else crop_to_box(rgb, _check_box(box, rgb))
         original = resize_square(crop, size[0])  # Prepared.original: the crop at the classifier's size
         return to_tensor_batch([resize_square(original, size)], ck["mean"], ck["std"])
@@ -319,7 +326,7 @@ class HeatmapMaker:
         from .pipeline import crop_to_box
 
         cam = self.cam(rgb, box)
-        if box is None:
+        if box is None or self.frame_view:
             return heatmap_overlay(rgb, cam)
         x0, y0, x1, y1 = _check_box(box, rgb)
         h, w = rgb.shape[:2]
@@ -633,6 +640,16 @@ def _model_rows(run: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def _classify_view(run: dict) -> str:
+    """What the classifier's original views showed: 'crop' or 'frame' (older outputs: 'crop')."""
+    return str((run.get("config") or {}).get("classify_view") or "crop")
+
+
+def _pooling(run: dict) -> str:
+    """How image scores were combined: 'probability' (mean) or 'logit' (mean of log-odds)."""
+    return str(((run.get("config") or {}).get("voting") or {}).get("pooling") or "probability")
+
+
 def _crop_mode(run: dict) -> str:
     """What the classifier saw: 'cervix', 'centre' or 'frame' (older outputs: 'frame')."""
     return str((run.get("config") or {}).get("crop") or "frame")
@@ -767,7 +784,9 @@ def _decision_box(p: dict, run: dict, st: dict, width: float, next_step: dict[st
             f"<b>Score {score:.{nd}f}</b> (from 0 to 1; higher means a severe lesion is more likely); "
             f"threshold <b>{thr_s}</b>. "
             f"The score is {rel} the threshold; a patient is called severe when the score is above it. "
-            f"The score is the mean of the image scores ({_i(p.get('n_eligible', p.get('n_used')))} image(s) used"
+            + ("The score is the mean of the image scores, taken on the log-odds scale"
+               if _pooling(run) == "logit" else "The score is the mean of the image scores")
+            + f" ({_i(p.get('n_eligible', p.get('n_used')))} image(s) used"
             + (f"; {escape(str(p['reason']))}" if p.get("reason") else "") + ").", st["base"])])
     elif decision == "inadequate":
         rows.append([Paragraph("No score: no image of this patient was fit to decide from (blurred, badly exposed, "
@@ -995,13 +1014,15 @@ def _patient_report(so: ScreenOutput, p: dict, opts: _Options, maker: HeatmapMak
     if ok_rows:
         story.append(CondPageBreak(70 * mm))
         story.append(Paragraph("Images", st["h2"]))
-        cropped = crop_mode in ("cervix", "centre") and any(_row_box(r) for r in ok_rows)
+        boxed = crop_mode in ("cervix", "centre") and any(_row_box(r) for r in ok_rows)
+        frame_view = _classify_view(run) == "frame"
+        cropped = boxed and not frame_view
         if maker is None:
             heat_note = "Heatmaps were not requested."
         elif maker.available:
             where = ("on the crop it classified, shown in place in the whole image: the white frame marks the "
                      "crop, the greyed area outside it was not seen by the classifier" if cropped
-                     else "on the original image")
+                     else "on the whole image, its original view" if frame_view else "on the original image")
             heat_note = (f"<b>Heatmap</b> (Grad-CAM of the classifier {where}): red marks the regions "
                          "that most raised the 'severe' score, blue regions had little influence. It shows where "
                          "the model looked, not a diagnosis.")
@@ -1009,9 +1030,11 @@ def _patient_report(so: ScreenOutput, p: dict, opts: _Options, maker: HeatmapMak
             heat_note = f"<b>Heatmaps unavailable:</b> {escape(maker.reason or '')}."
         legend = ("<b>green</b> = lesion: contour and translucent fill mark the area the lesion segmenter "
                   "delineated as lesion")
-        if cropped:
+        if boxed:
             legend += ("; <b>blue</b> = cervix outline and crop: the cervix as the cervix finder outlined it, and "
-                       "the square crop box (the part of the image that was segmented and classified)")
+                       "the square crop box (the part of the image that was segmented"
+                       + (": the classifier saw the whole image and the segmented lesion region)" if frame_view
+                          else " and classified)"))
         story.append(Paragraph(
             "Left: the original image. Middle: <b>lesion overlay</b> — " + legend + ". Right: " + heat_note,
             st["small"]))
