@@ -708,7 +708,7 @@ original view: {res.get('classify_view', 'crop')}; classifier inputs per forward
 {model_rows}{stand_note}
 | path | images/s | peak RSS main process (MB) | peak RSS of its child processes (MB) |
 |---|---|---|---|
-| naive (image by image, training-form nets, NCHW, six classifier passes, decode in the main thread) | {nv['images_per_s']:.2f} | {nv['peak_rss_mb']:.0f} | {nv['peak_rss_children_mb']:.0f} |
+| naive (image by image, training-form nets, NCHW, one classifier pass per variant, decode in the main thread) | {nv['images_per_s']:.2f} | {nv['peak_rss_mb']:.0f} | {nv['peak_rss_children_mb']:.0f} |
 | optimised (`api.screen`, the pipeline) | {o['images_per_s']:.2f} | {o['peak_rss_mb']:.0f} | {o['peak_rss_children_mb']:.0f} |
 {extra}
 Speed-up (ratio, comparable across machines): **{res['speedup']:.2f}x**. Images/s from the time after the

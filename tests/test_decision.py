@@ -75,7 +75,6 @@ def _small_bank(tmp_path: Path, n_per_class: int = 4, images: int = 2) -> tuple[
     return visits, lab
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data")
 def test_train_decision_scores_are_what_screening_gives(tmp_path):
     from cervscan import api
