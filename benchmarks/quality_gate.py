@@ -559,7 +559,8 @@ def render(res: dict) -> str:
         lines.append(f"| {name} | {p['n_deciding']} / {p['n_other']} | {c['confidence']:.2f} | "
                      f"{_pct(c['deciding_rejected'])} | {_pct(c['others_rejected'])} |")
     lines += ["", f"Default `stage_min_confidence`: {res['stage_min_confidence']:.2f} (the stricter of the two); "
-                  "default `decision_stages`: all five (nothing is rejected on stage)."]
+                  "`decision_stages`: the classifier checkpoint's (acetic for weights 2.0.0, chosen by the "
+                  "patient-decision measurement, block `decision`); all five for a checkpoint that names none."]
     cv = res.get("cv_effect")
     if cv:
         lines += ["", f"### Effect on cross-validated patient AUC (`--cv-effect {cv['run']}`)", "",
@@ -567,9 +568,11 @@ def render(res: dict) -> str:
                   f"{cv['patients']} patients); each image's eligibility through the pipeline (stage model "
                   f"`{cv.get('stage_model', '')}`, cervix finder `{res['cervix_model']}`, the default thresholds above). "
                   f"Patient score = mean of the eligible images' scores, against the mean of all its images' scores "
-                  f"(no gate: AUC **{cv['auc_all_images']:.3f}**, {cv['patients']} patients). The default stage "
-                  "policy is `all` (every stage decides); the other two rows show what the stage policies would do, "
-                  f"with `stage_min_confidence` {res['stage_min_confidence']:.2f}.", "",
+                  f"(no gate: AUC **{cv['auc_all_images']:.3f}**, {cv['patients']} patients). The rows show what each "
+                  f"stage policy would do, with `stage_min_confidence` {res['stage_min_confidence']:.2f}, for this "
+                  "classifier (fine-tuned on every stage, weights 1.2.0). For the shipped 2.0.0 decision the gate's "
+                  "effect is measured by refitting it with and without the gate on the same folds (block `decision`, "
+                  "`cervscan train-decision --no-quality-gate`).", "",
                   "| stage policy | images not eligible (first reason) | patients without an eligible image (severe) "
                   "| AUC no gate, same patients | **AUC gate** | gate - no gate (95 % CI, paired bootstrap) "
                   "| AUC gate, inadequate counted as referred (all patients) |",
@@ -577,7 +580,7 @@ def render(res: dict) -> str:
         for name, c in cv["policies"].items():
             why = ", ".join(f"{k} {v}" for k, v in c["ineligible_by_reason"].items()) or "–"
             d = c["bootstrap_delta"]
-            lines.append(f"| {name}{' (default)' if name == 'all' else ''} | {c['images_ineligible']} ({why}) | "
+            lines.append(f"| {name} | {c['images_ineligible']} ({why}) | "
                          f"{c['patients_without_eligible']} ({c['patients_without_eligible_severe']}) | "
                          f"{c['auc_all_images_same_patients']:.3f} | **{c['auc_gate_decided']:.3f}** | "
                          f"{d['delta']:+.3f} ({d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f}) | "

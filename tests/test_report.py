@@ -631,3 +631,35 @@ def test_stage_and_cervix_words():
                                    "stage": {"name": "s", "version": "2"}, "segmenter": {"name": "l"}}})
     assert [k for k, _ in rows] == ["Exam-stage model", "Lesion segmenter", "Classifier"]
     assert rows[2][1].startswith("c@1") and "sha256 abababababab" in rows[2][1]
+
+
+def test_frame_view_heatmap_covers_the_whole_image(cropped, monkeypatch):
+    """A classifier whose original view is the whole image (checkpoint ``classify_view`` "frame", as weights
+    2.0.0): Grad-CAM's input is the whole frame even when the row has a crop box, and nothing is greyed."""
+    import cervscan.gradcam
+    from cervscan.io import read_image
+    from cervscan.pipeline import parse_box, resize_square
+    from cervscan.report import HeatmapMaker
+    from cervscan.transforms import to_tensor_batch
+
+    maker = HeatmapMaker(cropped["res"].run)
+    assert maker.available and not maker.frame_view
+    maker.ckpt = {**maker.ckpt, "classify_view": "frame"}
+    assert maker.frame_view
+    seen = []
+
+    def fake(m, x, class_idx=1, layer=None):
+        seen.append(x.detach().clone())
+        return np.ones(x.shape[-2:], np.float32)  # all red
+
+    monkeypatch.setattr(cervscan.gradcam, "grad_cam", fake)
+    r = next(r for r in cropped["res"].images if r["image"] == "cx1.png")
+    rgb = read_image(r["path"]).rgb
+    box = parse_box(r["crop_box"])
+    assert box != (0, 0, rgb.shape[1], rgb.shape[0])
+    out = maker.overlay(rgb, box)
+    S = int(maker.ckpt["input_size"][0])
+    want = to_tensor_batch([resize_square(rgb, S)], maker.ckpt["mean"], maker.ckpt["std"])
+    torch.testing.assert_close(seen[0], want, rtol=0, atol=1e-6)
+    px = out[3:-3, 3:-3].reshape(-1, 3).astype(int)
+    assert (px[:, 0] > px[:, 2] + 40).all()  # heat everywhere, no greyed margin
