@@ -163,14 +163,9 @@ Python start-up: {r['cli_rerun_ratio'] * 100:.1f} %. A night with nothing new lo
 command line, imports no torch) when the models' sha256, the config file and the options are those of the last
 finished run; it lists ROOT, stats every image and compares the CSVs it would write with the ones on disk.
 {END}"""
-    text = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmarks\n"
-    if START in text and END in text:
-        a, rest = text.split(START, 1)
-        _, b = rest.split(END, 1)
-        text = a + block + b
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    RESULTS.write_text(text, encoding="utf-8")
+    from results_md import replace_block
+
+    replace_block(START, END, block, RESULTS)
 
 
 if __name__ == "__main__":

@@ -639,13 +639,9 @@ def shipped_lines() -> list[str]:
 
 
 def write_block(text: str) -> None:
-    old = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmarks\n"
-    if START in old and END in old:
-        a, b = old.index(START), old.index(END) + len(END)
-        new = old[:a] + text.rstrip("\n") + old[b:]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text
-    RESULTS.write_text(new, encoding="utf-8")
+    from results_md import replace_block
+
+    replace_block(START, END, text, RESULTS)
 
 
 def cmd_features(cache: Path, only: list[str] | None = None) -> None:

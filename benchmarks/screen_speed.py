@@ -637,7 +637,6 @@ def _met(t: dict) -> str:
 
 
 def write_results(res: dict, a) -> None:
-    text = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmarks\n"
     start, end = "<!-- screen_speed:start -->", "<!-- screen_speed:end -->"
     mach, o, nv, st = res["machine"], res["optimised"], res["naive"], res["steps"]
     opts = "".join(f" --{flag} {getattr(a, attr)}" for flag, attr in (
@@ -737,11 +736,9 @@ the models in a background thread.
 For comparison, the optimised screening took {1000 / o['images_per_s']:.1f} ms per image (warm-up and
 decoding overlap included).
 {onnx_part}{end}"""
-    if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    RESULTS.write_text(text, encoding="utf-8")
+    from results_md import replace_block
+
+    replace_block(start, end, block, RESULTS)
 
 
 def _onnx_row(role: str, n: dict) -> str:
