@@ -174,6 +174,8 @@ def test_light_modules_do_not_import_torch():
     ('variants = "sideways"', "'variants'.*unknown"),
     ('weights = "0.2,0.25,x,0.2,0.11,0.09"', "'weights'.*6 comma-separated numbers"),
     ('weights = ["a", 1, 1, 1, 1, 1]', "'weights' must be a list of 6 numbers"),
+    ('pooling = "median"', "'pooling' must be"),
+    ('classify_view = "cervix"', "'classify_view' must be"),
 ])
 def test_config_values_of_the_wrong_type_name_the_file_and_key(tmp_path, line, msg):
     p = tmp_path / "site.toml"
@@ -191,3 +193,16 @@ def test_config_variants_and_weights_may_be_written_as_on_the_command_line(tmp_p
     v, _, src = _voting_from({}, d, {})
     assert v.variants == ("original", "segmented") and v.active_weights() == {"original": 0.5, "segmented": 0.5}
     assert src["variants"] == src["weights"] == "config"
+
+
+def test_pooling_and_variants_come_from_the_checkpoint_and_the_config_file_wins(tmp_path):
+    ck = {"voting": {"weights": list((0.2, 0.25, 0.15, 0.2, 0.11, 0.09)), "variants": ["original", "segmented"],
+                     "pooling": "logit"}}
+    v, _, src = _voting_from(ck, {}, {})
+    assert v.pooling == "logit" and v.variants == ("original", "segmented") and src["pooling"] == "checkpoint"
+    p = tmp_path / "site.toml"
+    p.write_text('pooling = "probability"\nclassify_view = "crop"\n')
+    cfg = load_config_file(p)
+    assert cfg == {"pooling": "probability", "classify_view": "crop"}
+    v, _, src = _voting_from(ck, cfg, {})
+    assert v.pooling == "probability" and src["pooling"] == "config"
