@@ -157,3 +157,15 @@ def test_decision_rule_three_keeps_the_study_structure_unless_it_hurts():
     shipped, why = H.structure(rows, rows[0])
     assert shipped["name"] == "I1 x" and any("left out" in w for w in why)
     assert base  # the rows above are the whole input
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data")
+def test_train_decision_refuses_too_few_patients_per_class(tmp_path):
+    from cervscan import api
+    from cervscan.errors import DataError
+
+    visits, lab = _small_bank(tmp_path, n_per_class=2, images=1)
+    with pytest.raises(DataError, match="needs at least 5 of each class"):
+        api.train_decision(visits=str(visits), labels=str(lab), out=str(tmp_path / "run"), input_size=64, folds=5,
+                           repeats=1, decision_stages=("acetic", "lugol", "green", "saline", "other"),
+                           cache_dir=str(tmp_path / "cache"), threads=2)

@@ -257,6 +257,11 @@ def train_decision(cfg: DecisionTrainConfig, progress=None) -> dict:
         feats[pid] = {v: np.mean([r["feats"][v] for r in el], 0) for v in cfg.variants}
     P = [p for p in pats if p in feats]
     y = np.array([lab[p] for p in P])
+    for cls in (0, 1):
+        if int((y == cls).sum()) < cfg.folds:
+            raise DataError(f"{cfg.labels}: {int((y == cls).sum())} patient(s) with label {cls} have an eligible image "
+                            f"under {cfg.visits}; {cfg.folds}-fold cross-validation needs at least {cfg.folds} of each "
+                            f"class ({len(inadequate)} patient(s) had none eligible)")
     source = np.array([src[p] or "unknown" for p in P])
     V = {v: np.stack([feats[p][v] for p in P]).astype(np.float64) for v in cfg.variants}
     vote = _vote(cfg)
