@@ -60,11 +60,13 @@ STAGE_SPEC = "lite0:frame:224:original"  # the stage model's input (whole frame,
 # --------------------------------------------------------------------------- candidates
 
 def cand(name, group, feats, *, select="all", stage="oof", pool="mean", variants=None, C=C_DEFAULT, note="",
-         conf=0.8, vinput=None):
+         conf=0.8, vinput=None, tune_votes=False):
     c = {"name": name, "group": group, "feats": list(feats), "select": select, "stage": stage, "pool": pool,
          "variants": variants, "C": C, "note": note}
     if conf != 0.8:  # the gate's stage_min_confidence; 0: an image counts only when its predicted stage decides
         c["conf"] = conf
+    if tune_votes:  # the vote weights chosen by an inner cross-validation on each training fold
+        c["tune_votes"] = True
     if vinput:  # variant -> input that replaces the first feature's input for it (e.g. original views of the frame)
         c["vinput"] = vinput
     return c
@@ -132,6 +134,9 @@ def candidates() -> list[dict]:
         cand("F1s frame 384 + segmented cervix 384, study weights (0.20 : 0.25), acetic", "image model",
              [L0("cervix", 384)], select="acetic", variants={"original": 0.20, "segmented": 0.25},
              vinput={"original": "frame"}),
+        cand("F4 frame 384 + segmented cervix 384, vote weights tuned inside each training fold, acetic",
+             "image model", [L0("cervix", 384)], select="acetic", variants={"original": 0.5, "segmented": 0.5},
+             vinput={"original": "frame"}, tune_votes=True),
         cand("F2 six variants, originals of the frame, segmented of the cervix, 384, acetic", "image model",
              [L0("cervix", 384)], select="acetic", variants=six,
              vinput={"original": "frame", "original_flip": "frame", "original_bright": "frame"}),
@@ -368,6 +373,25 @@ def mil_fit_predict(Xtr_list, ytr, Xte_list, seed=0, epochs=150):
         return np.array([float(net(torch.tensor((x - mu) / sd, dtype=torch.float32))) for x in Xte_list])
 
 
+def _tuned_votes(V: dict, y: np.ndarray, tr: np.ndarray, train_vs: list[str], names: list[str], C: float) -> dict:
+    """Vote weights of two variants (w, 1 - w; w in steps of 0.1) that maximise the out-of-fold AUC of an inner
+    5-fold split of the training patients only (the held-out fold never sees the choice)."""
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold
+
+    if len(names) != 2:
+        raise ValueError("vote tuning is implemented for two variants")
+    inner = {v: np.zeros(len(tr)) for v in names}
+    for a, b in StratifiedKFold(5, shuffle=True, random_state=0).split(tr, y[tr]):
+        m = fit_lr(np.concatenate([V[v][tr[a]] for v in train_vs]), np.concatenate([y[tr[a]]] * len(train_vs)), C)
+        for v in names:
+            inner[v][b] = lr_score(m, V[v][tr[b]])
+    grid = np.round(np.linspace(0, 1, 11), 2)
+    aucs = [roc_auc_score(y[tr], w * inner[names[0]] + (1 - w) * inner[names[1]]) for w in grid]
+    w = float(grid[int(np.argmax(aucs))])
+    return {names[0]: w, names[1]: 1 - w}
+
+
 def run_candidate(D: Data, c: dict, folds: list[np.ndarray]) -> dict:
     """Out-of-fold patient scores for every repeat, and the 15 fold AUCs."""
     from sklearn.metrics import roc_auc_score
@@ -426,8 +450,11 @@ def _score_fold(D, c, Xs, w, P, tr, te) -> np.ndarray:
         V = {v: pool(D, D.feat(f"{bb}:{c.get('vinput', {}).get(v, inp)}:{size}:{v}"), w) for v in c["variants"]}
         train_vs = [v for v in ("original", "segmented") if v in c["variants"]] or list(c["variants"])
         m = fit_lr(np.concatenate([V[v][tr] for v in train_vs]), np.concatenate([y[tr]] * len(train_vs)), c["C"])
-        tot = sum(c["variants"].values())
-        return sum(wt / tot * lr_score(m, V[v][te]) for v, wt in c["variants"].items())
+        weights = dict(c["variants"])
+        if c.get("tune_votes"):
+            weights = _tuned_votes(V, y, tr, train_vs, list(c["variants"]), c["C"])
+        tot = sum(weights.values())
+        return sum(wt / tot * lr_score(m, V[v][te]) for v, wt in weights.items())
     Xp = pool(D, X, w, "meanmax" if how == "meanmax" else "mean")
     if how == "stack":
         # inner 5-fold on the training patients gives their out-of-fold image score; a small regression then
@@ -626,7 +653,8 @@ M1-M9 and P1-P4 were defined before any candidate had run. After the first table
 predicted-stage rows I0, I0c and S6-S9 and the 224 px variant rows M10-M12 were added; then, because the whole
 frame beat the cervix crop for frozen features (I1 against I3, S7 against S6), the rows F1-F3 and F1s (the
 whole frame as the original view, the segmented view from the cervix crop; the pipeline's `classify_view`
-option was added for them). The recorded-stage clause of rule 1 was added after the first table, before the
+option was added for them). F4 (the two views' vote weights tuned by an inner cross-validation of each
+training fold) was added after 2.0.0 had been chosen and shipped. The recorded-stage clause of rule 1 was added after the first table, before the
 choice. Fine-tuned networks were not run as candidates on these folds: on two CPU cores one fine-tuning run
 of 12 epochs at 160 px over 5 folds took hours; the fine-tuned Lite0 of weights 1.2.0 (cervix crop, 160 px)
 scored 0.666 on its own 5 folds (seed 0), below every frozen 384 px candidate here."""
