@@ -191,6 +191,7 @@ class Data:
         self.STAGES = STAGES
         self.stage_rec = np.array([stage_class(r["stage_raw"]) or "" for r in self.rows])
         self._feat: dict[str, np.ndarray] = {}
+        self.stage_cache: dict[tuple, np.ndarray] = {}
         self.ms: dict[str, float] = {}
 
     def feat(self, spec: str) -> np.ndarray:
@@ -234,7 +235,15 @@ class Data:
 # --------------------------------------------------------------------------- stage out-of-fold
 
 def stage_oof(D: Data, train_pat: np.ndarray) -> np.ndarray:
-    """Stage probabilities of every image from a regression fitted on the training patients' images."""
+    """Stage probabilities of every image from a regression fitted on the training patients' images (fitted
+    once per set of training patients: every candidate shares the 15 folds)."""
+    key = tuple(sorted(int(i) for i in train_pat))
+    if key not in D.stage_cache:
+        D.stage_cache[key] = _fit_stage(D, train_pat)
+    return D.stage_cache[key]
+
+
+def _fit_stage(D: Data, train_pat: np.ndarray) -> np.ndarray:
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
@@ -248,36 +257,25 @@ def stage_oof(D: Data, train_pat: np.ndarray) -> np.ndarray:
     return P
 
 
-def image_weights(D: Data, c: dict, P: np.ndarray | None) -> np.ndarray:
-    """Weight of each image in its patient's pooling (0: left out)."""
+def image_weights(D: Data, c: dict, P: np.ndarray | None) -> tuple[np.ndarray, int]:
+    """Weight of each image in its patient's pooling (0: left out), and how many patients had no image left
+    (they fall back to all of their images)."""
     deciding = {"all": set(D.STAGES), "acetic": {"acetic"}, "acetic+lugol": {"acetic", "lugol"},
                 "weighted": set(D.STAGES)}[c["select"]]
     if c["stage"] == "recorded":
-        w = np.array([1.0 if s in deciding else 0.0 for s in D.stage_rec])
+        keep = np.array([s in deciding for s in D.stage_rec])
     else:
-        pred = np.array(D.STAGES)[P.argmax(1)]
-        conf = P.max(1)
-        # the gate's rule: left out when the stage model is at least 0.80 sure of a stage that does not decide
-        w = np.array([0.0 if (s not in deciding and q >= c.get("conf", 0.8)) else 1.0 for s, q in zip(pred, conf)])
-        if c["select"] == "weighted":
-            w = P[:, D.STAGES.index("acetic")] + 1e-3
-    # fall back to all of a patient's images when none is left
+        # the gate's rule: left out when the stage model is at least this sure of a stage that does not decide
+        pred, conf = np.array(D.STAGES)[P.argmax(1)], P.max(1)
+        keep = np.array([not (s not in deciding and q >= c.get("conf", 0.8)) for s, q in zip(pred, conf)])
+    w = P[:, D.STAGES.index("acetic")] + 1e-3 if c["select"] == "weighted" else keep.astype(float)
+    fallback = 0
     for p in range(len(D.patients)):
         m = D.img_patient == p
-        if w[m].sum() == 0:
+        if not keep[m].any():
+            fallback += 1
             w[m] = 1.0
-    return w
-
-
-def n_fallback(D: Data, c: dict, P) -> int:
-    deciding = {"all": set(D.STAGES), "acetic": {"acetic"}, "acetic+lugol": {"acetic", "lugol"},
-                "weighted": set(D.STAGES)}[c["select"]]
-    if c["stage"] == "recorded":
-        w = np.array([s in deciding for s in D.stage_rec])
-    else:
-        pred = np.array(D.STAGES)[P.argmax(1)]
-        w = np.array([not (s not in deciding and q >= c.get("conf", 0.8)) for s, q in zip(pred, P.max(1))])
-    return int(sum(1 for p in range(len(D.patients)) if not w[D.img_patient == p].any()))
+    return w, fallback
 
 
 def pool(D: Data, X: np.ndarray, w: np.ndarray, how: str = "mean") -> np.ndarray:
@@ -294,12 +292,10 @@ def pool(D: Data, X: np.ndarray, w: np.ndarray, how: str = "mean") -> np.ndarray
 # --------------------------------------------------------------------------- heads
 
 def fit_lr(X, y, C):
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
+    """Standardised, class-balanced logistic regression: the one ``train-decision`` fits."""
+    from cervscan.decision_training import fit_lr as fit
 
-    sc = StandardScaler().fit(X)
-    lr = LogisticRegression(C=C, max_iter=5000, class_weight="balanced").fit(sc.transform(X), y)
-    return sc, lr
+    return fit(X, y, C)
 
 
 def lr_score(model, X):
@@ -405,9 +401,9 @@ def run_candidate(D: Data, c: dict, folds: list[np.ndarray]) -> dict:
             te = np.where(f == k)[0]
             tr = np.where(f != k)[0]
             P = stage_oof(D, tr) if c["stage"] == "oof" else None
-            w = image_weights(D, c, P)
+            w, n_fb = image_weights(D, c, P)
             if k == 0:
-                fallback.append(n_fallback(D, c, P))
+                fallback.append(n_fb)
             oof[r, te] = _score_fold(D, c, Xs, w, P, tr, te)
             if len(set(D.y[te])) == 2:
                 fold_auc.append(float(roc_auc_score(D.y[te], oof[r, te])))
@@ -582,7 +578,9 @@ def render(rows: list[dict], best: dict | None, why: list[str], n_img: int, n_pa
          "EfficientNet-Lite features (offline weights), standardised, class-balanced logistic regression "
          f"(C = {C_DEFAULT} unless named). AUC: pooled out-of-fold patient AUC, mean of the repeats (95 % CI: "
          "patient bootstrap); spec@90: specificity at 90 % sensitivity; ms: backbone time per screened image, one "
-         "thread; img/s: the rule's estimate on two cores; fit: seconds for all 15 folds. Images are chosen by the "
+         "thread; img/s: the rule's estimate on two cores; fit: seconds for all 15 folds when the candidate "
+         "was first run (the 15 folds' stage regressions are now fitted once and shared, so a fresh run is faster). "
+         "Images are chosen by the "
          "stage model's out-of-fold prediction unless the row says recorded stage; 'fallback' counts patients "
          "with no selected image (they use all their images).", "",
          "| candidate | AUC (95 % CI) | repeats | IARC | AnnoCerv | spec@90 | ms | img/s | fit s | fallback |",
@@ -639,7 +637,7 @@ def cross_source(D: Data) -> list[dict]:
         except FileNotFoundError:
             continue
         P = P_all if c["stage"] == "oof" else None
-        w = image_weights(D, c, P)
+        w, _ = image_weights(D, c, P)
         row = {"name": c["name"]}
         for a, b in (("iarc", "annocerv"), ("annocerv", "iarc")):
             tr, te = np.where(D.source == a)[0], np.where(D.source == b)[0]

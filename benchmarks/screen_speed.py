@@ -163,7 +163,7 @@ def resolve_models(args, folder: Path) -> tuple[dict, dict, str]:
 def _load_kwargs(spec: dict) -> dict:
     kw = {OPTION[r]: m["path"] for r, m in spec["models"].items()}
     return {**kw, "overrides": dict(spec["overrides"]), "device": "cpu", "batch_images": spec.get("batch_images"),
-            "num_workers": spec.get("workers", 0)}
+            "num_workers": spec.get("workers", 0), "config_file": spec.get("config_file")}
 
 
 def _rss() -> dict:
@@ -550,6 +550,9 @@ def main() -> None:
     ap.add_argument("--cls-model", help="classifier checkpoint (file or run folder)")
     ap.add_argument("--onnx", action="store_true", help="also time onnxruntime against torch, network by network")
     ap.add_argument("--onnx-reps", type=int, default=5)
+    ap.add_argument("--classify-batch", type=int, default=None,
+                    help="classifier inputs per forward pass on a CPU (config key classify_batch; default: screen's, "
+                         "0 = as many as hold 6 x 160 x 160 pixels)")
     ap.add_argument("--no-write", action="store_true", help="do not rewrite benchmarks/RESULTS.md")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (outputs of every path)")
     ap.add_argument("--child", nargs=2, metavar=("MODE", "SPEC"), help=argparse.SUPPRESS)
@@ -577,9 +580,14 @@ def measure(a, tmp: Path, load_before) -> dict:
 
     mix = pick_images(a.images, tmp / "visits")
     models, overrides, crop_note = resolve_models(a, tmp)
-    # the configuration screen resolves (checkpoint < options), shared by every path
+    config_file = None
+    if a.classify_batch is not None:
+        config_file = tmp / "speed.toml"
+        config_file.write_text(f"classify_batch = {int(a.classify_batch)}\n", encoding="utf-8")
+    # the configuration screen resolves (checkpoint < config file < options), shared by every path
     pipe = api.load_pipeline(**{OPTION[r]: m["path"] for r, m in models.items()}, overrides=overrides,
-                             device="cpu", batch_images=a.batch_images)[0]
+                             device="cpu", batch_images=a.batch_images,
+                             config_file=str(config_file) if config_file else None)[0]
     for role, m in models.items():
         lm = pipe.models.get(role)
         if lm is not None:
@@ -589,6 +597,7 @@ def measure(a, tmp: Path, load_before) -> dict:
     config = pipe.cfg.to_dict()
     del pipe
     spec = {"visits": str(tmp / "visits"), "models": models, "overrides": overrides, "threads": a.threads,
+            "config_file": str(config_file) if config_file else None,
             "batch_images": a.batch_images, "workers": 0, "config": config, "onnx_reps": a.onnx_reps}
     res: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "images": mix, "models": models, "crop": crop_note,
                  "batch_images": config["batch_images"], "variants": list(config["voting"]["variants"]),

@@ -110,17 +110,15 @@ def main() -> None:
                 mc = json.loads((a.seg_compare / "metrics.json").read_text())
                 e["metrics"]["comparison_" + a.seg_compare.name] = {k: mc.get(k) for k in (
                     "val_mean_iou", "val_mean_dice", "val_mean_iou_lesion_images", "val_iou_pooled", "init")}
-        elif ck.get("recipe") == "frozen-linear":
-            e["crop"] = ck.get("crop")
+        else:  # classifier: what both recipes record, then each recipe's own cross-validation
+            for key in ("crop", "threshold", "operating_point", "temperature", "voting"):
+                e[key] = ck.get(key)
+        if role == "classifier" and ck.get("recipe") == "frozen-linear":
             e["classify_view"] = ck.get("classify_view")
             e["decision_stages"] = ck.get("decision_stages")
             e["recipe"] = "frozen-linear"
             e["training_data"] = ("../shared/data/visits: 203 patients / 798 images (IARC Colposcopy Image Bank 118, "
                                   "AnnoCerv 85), labels.csv; images the quality gate and the stage policy accept")
-            e["threshold"] = ck.get("threshold")
-            e["operating_point"] = ck.get("operating_point")
-            e["temperature"] = ck.get("temperature")
-            e["voting"] = ck.get("voting")
             e["cross_validation"] = {k: metrics.get(k) for k in (
                 "evaluation", "patients", "images", "eligible_images", "inadequate_patients", "auc_mean_of_repeats",
                 "auc_repeats", "by_source", "sensitivity_mean_of_repeats", "specificity_mean_of_repeats", "platt")}
@@ -130,14 +128,9 @@ def main() -> None:
             e["cross_validation"]["run"] = run.name
             e["cross_validation"]["seconds"] = metrics.get("seconds")
             e["selection"] = "benchmarks/decision.py (table in benchmarks/RESULTS.md, rule in docs/model-selection.md)"
-        else:
-            e["crop"] = ck.get("crop")
+        elif role == "classifier":
             e["training_data"] = ("../shared/data/visits: 203 patients / 798 images (IARC Colposcopy Image Bank 118, "
                                   "AnnoCerv 85), labels.csv")
-            e["threshold"] = ck.get("threshold")
-            e["operating_point"] = ck.get("operating_point")
-            e["temperature"] = ck.get("temperature")
-            e["voting"] = ck.get("voting")
             e["cross_validation"] = {"evaluation": metrics.get("evaluation"), "held_out": metrics.get("held_out"),
                                      "fold_summary": metrics.get("fold_summary"), "folds": metrics.get("folds"),
                                      "study_setting": metrics.get("study_setting"),

@@ -176,6 +176,7 @@ def test_light_modules_do_not_import_torch():
     ('weights = ["a", 1, 1, 1, 1, 1]', "'weights' must be a list of 6 numbers"),
     ('pooling = "median"', "'pooling' must be"),
     ('classify_view = "cervix"', "'classify_view' must be"),
+    ('classify_batch = "six"', "'classify_batch' must be a whole number"),
 ])
 def test_config_values_of_the_wrong_type_name_the_file_and_key(tmp_path, line, msg):
     p = tmp_path / "site.toml"

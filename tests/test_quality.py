@@ -369,20 +369,30 @@ def _cervix_finder() -> Path:
 REAL = [("iarc-AAAW", "AAAW3.jpg"), ("annocerv-C1", "C1Aceto_1.jpg"), ("annocerv-C5", "C5Aceto_1.jpg")]
 
 
-def test_gate_on_degraded_copies_of_real_images(shared_data):
+@pytest.fixture(scope="module")
+def real_originals():
+    """The benchmark module, its pipeline (cervix finder, quality, gate) and the REAL images, decoded and
+    located once (each on its own, as the benchmark does) for the tests below."""
+    visits = (REPO_ROOT.parent / "shared" / "data" / "visits").resolve()
+    items = [it for it in REAL if (visits / it[0] / it[1]).is_file()]
+    if len(items) < 2:
+        pytest.skip(f"the chosen real images are not under {visits}")
+    bench = _bench()
+    pipe = bench._pipeline(_cervix_finder())
+    out = []
+    for pid, name in items:
+        rgb = pipe.decode(visits / pid / name).rgb
+        out.append((pid, name, rgb, bench._located(pipe, [rgb])[0]))
+    return bench, pipe, out
+
+
+def test_gate_on_degraded_copies_of_real_images(real_originals):
     """The benchmark's degradations, regenerated from real images, through the pipeline's cervix, quality and
     gate steps with the default thresholds: every original accepted, every blurred / badly exposed copy and
     nearly every glare / out-of-frame copy rejected."""
-    bench = _bench()
-    visits = shared_data / "visits"
-    items = [it for it in REAL if (visits / it[0] / it[1]).is_file()]
-    if len(items) < 2:
-        pytest.skip("the chosen real images are not there")
-    pipe = bench._pipeline(_cervix_finder())
+    bench, pipe, originals = real_originals
     missed = []
-    for k, (pid, name) in enumerate(items):
-        rgb = pipe.decode(visits / pid / name).rgb
-        p0 = bench._located(pipe, [rgb])[0]
+    for k, (pid, name, rgb, p0) in enumerate(originals):
         assert p0.cervix_found, (pid, name)
         assert pipe.gate(pipe.quality(rgb, p0), p0) == [], (pid, name)
         rng = np.random.default_rng([bench.SEED, k])
@@ -396,20 +406,13 @@ def test_gate_on_degraded_copies_of_real_images(shared_data):
     assert len(missed) <= 1, missed
 
 
-def test_gate_rejects_motion_blurred_real_images_as_blurred(shared_data):
+def test_gate_rejects_motion_blurred_real_images_as_blurred(real_originals):
     """Motion-blurred copies of real acetic-acid images (the benchmark's length, 4 % of the shorter side), in
     sixteen directions (every 11.25 degrees: on and half-way between the measure's directions), through the
     pipeline's cervix, quality and gate steps: every original is eligible, every copy is rejected as blurred."""
-    bench = _bench()
-    visits = shared_data / "visits"
-    items = [it for it in REAL if (visits / it[0] / it[1]).is_file()]
-    if len(items) < 2:
-        pytest.skip("the chosen real images are not there")
-    pipe = bench._pipeline(_cervix_finder())
+    bench, pipe, originals = real_originals
     angles = tuple(float(a) for a in np.arange(0.0, 180.0, 11.25))
-    for pid, name in items:
-        rgb = pipe.decode(visits / pid / name).rgb
-        p0 = bench._located(pipe, [rgb])[0]
+    for pid, name, rgb, p0 in originals:
         assert pipe.gate(pipe.quality(rgb, p0), p0) == [], (pid, name)
         length = max(3, int(round(bench.PARAMS["motion_blur"]["length_of_shorter_side"] * min(rgb.shape[:2]))) | 1)
         copies = [_motion(rgb, length, a) for a in angles]

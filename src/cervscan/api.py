@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__
-from .config import VARIANT_NAMES, ScreenConfig, VotingConfig, load_config_file
+from .config import CROP_MODES, VARIANT_NAMES, ScreenConfig, VotingConfig, load_config_file
 from .errors import CervscanError
 
 log = logging.getLogger(__name__)
@@ -67,20 +67,18 @@ def _voting_from(ckpt: dict, file_cfg: dict, overrides: dict, seg_ckpt: dict | N
     return VotingConfig(**vals), thr, src
 
 
-def _resolve_crop(cls_ckpt: dict, file_cfg: dict, overrides: dict, provenance: dict) -> str:
-    """What the models look at: option > config file > the classifier checkpoint > 'frame'."""
-    from .config import CROP_MODES
-
-    crop, src = "frame", "default"
-    if cls_ckpt.get("crop"):
-        crop, src = str(cls_ckpt["crop"]), "classifier checkpoint"
-    for layer_name, layer in (("config", file_cfg), ("option", overrides)):
-        if layer.get("crop"):
-            crop, src = str(layer["crop"]), layer_name
-    if crop not in CROP_MODES:
-        raise CervscanError(f"crop must be one of {', '.join(CROP_MODES)}, not {crop!r}")
-    provenance["crop"] = src
-    return crop
+def _resolve_choice(key: str, choices: tuple[str, ...], default: str, cls_ckpt: dict, file_cfg: dict,
+                    overrides: dict, provenance: dict) -> str:
+    """A setting the classifier checkpoint records (``crop``, ``classify_view``): option > config file >
+    the classifier checkpoint > ``default``; where it came from goes to ``provenance``."""
+    val, src = default, "default"
+    for layer_name, layer in (("classifier checkpoint", cls_ckpt), ("config", file_cfg), ("option", overrides)):
+        if layer.get(key):
+            val, src = str(layer[key]), layer_name
+    if val not in choices:
+        raise CervscanError(f"{key} must be one of {', '.join(choices)}, not {val!r}")
+    provenance[key] = src
+    return val
 
 
 def _gate_from(file_cfg: dict, overrides: dict, provenance: dict, cls_ckpt: dict | None = None):
@@ -121,7 +119,7 @@ def load_pipeline(*, seg_model: str | None = None, cls_model: str | None = None,
     refs = {"segmenter": resolve("segmenter", seg_model), "classifier": resolve("classifier", cls_model)}
     models = {role: load_model(role, refs[role].path, dev, refs[role]) for role in ("segmenter", "classifier")}
     voting, threshold, provenance = _voting_from(models["classifier"].ckpt, file_cfg, overrides, models["segmenter"].ckpt)
-    crop = _resolve_crop(models["classifier"].ckpt, file_cfg, overrides, provenance)
+    crop = _resolve_choice("crop", CROP_MODES, "frame", models["classifier"].ckpt, file_cfg, overrides, provenance)
     if crop == "cervix":
         refs["cervix"] = resolve("cervix", cervix_model)
         models["cervix"] = load_model("cervix", refs["cervix"].path, dev, refs["cervix"])
@@ -135,20 +133,16 @@ def load_pipeline(*, seg_model: str | None = None, cls_model: str | None = None,
         else:
             models["stage"] = load_model("stage", refs["stage"].path, dev, refs["stage"])
     gate = _gate_from(file_cfg, overrides, provenance, models["classifier"].ckpt)
-    view, provenance["classify_view"] = "crop", "default"
-    for layer_name, layer in (("classifier checkpoint", models["classifier"].ckpt), ("config", file_cfg),
-                              ("option", overrides)):
-        if layer.get("classify_view"):
-            view, provenance["classify_view"] = str(layer["classify_view"]), layer_name
-    if view not in ("crop", "frame"):
-        raise CervscanError(f"classify_view must be 'crop' or 'frame', not {view!r}")
+    view = _resolve_choice("classify_view", ("crop", "frame"), "crop", models["classifier"].ckpt, file_cfg,
+                           overrides, provenance)
     base = ScreenConfig()
     cfg = dataclasses.replace(
         base, voting=voting, threshold=threshold, device=str(dev), crop=crop, gate=gate, classify_view=view,
         num_workers=num_workers if num_workers is not None else int(file_cfg.get("num_workers", base.num_workers)),
         batch_images=batch_images or int(file_cfg.get("batch_images", base.batch_images)),
         **{k: type(getattr(base, k))(file_cfg[k]) for k in ("max_side", "max_pixels", "min_side", "cervix_margin",
-                                                             "cervix_min_fraction", "centre_crop") if k in file_cfg},
+                                                             "cervix_min_fraction", "centre_crop", "classify_batch")
+           if k in file_cfg},
         write_masks=write_masks, write_overlays=write_overlays)
     return Pipeline(models, cfg, dev), refs, provenance, time.time() - t0
 

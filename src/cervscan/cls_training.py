@@ -132,11 +132,9 @@ def prepare_samples(cfg: ClsTrainConfig, progress=None) -> tuple[list[Sample], d
         log.warning("%d labelled patients have no visit folder (e.g. %s); skipped", len(missing), missing[:3])
     pipe, info = preparation_pipeline(cfg)
     S = cfg.input_size
-    if cfg.cache_dir:
-        cache = Path(cfg.cache_dir)
-    else:
-        from platformdirs import user_cache_dir
-        cache = Path(user_cache_dir("cervscan", appauthor=False))
+    from .io import cache_root
+
+    cache = cache_root(cfg.cache_dir)
     c = pipe.cfg
     key_src = "|".join([f"{r}:{i['sha256']}" for r, i in sorted(info.items())] + [
         f"S{S}", f"crop:{c.crop}:{c.cervix_margin}:{c.cervix_min_fraction}:{c.centre_crop}",

@@ -201,7 +201,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         "weights", "brightness", "brightness_from_flipped", "variants", "crop_margin",
         "min_lesion_fraction", "mask_threshold", "threshold", "device", "batch_images",
         "num_workers", "max_side", "max_pixels", "min_side", "clinic", "next_step",
-        "cervix_margin", "cervix_min_fraction", "centre_crop", "crop", "pooling", "classify_view", *GATE_KEYS,
+        "cervix_margin", "cervix_min_fraction", "centre_crop", "crop", "pooling", "classify_view", "classify_batch",
+        *GATE_KEYS,
     }
     unknown = sorted(set(data) - known)
     if unknown:
@@ -212,7 +213,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 _FLOAT_KEYS = {"brightness", "crop_margin", "min_lesion_fraction", "mask_threshold", "threshold",
                "cervix_margin", "cervix_min_fraction", "centre_crop", "min_sharpness", "min_brightness",
                "max_overexposed", "max_glare", "min_cervix_px", "stage_min_confidence"}
-_INT_KEYS = {"batch_images", "num_workers", "max_side", "max_pixels", "min_side"}
+_INT_KEYS = {"batch_images", "num_workers", "max_side", "max_pixels", "min_side", "classify_batch"}
 
 
 def _check_types(p: Path, data: dict[str, Any]) -> dict[str, Any]:

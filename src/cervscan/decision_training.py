@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +36,7 @@ import torch
 from . import __version__
 from .config import STUDY_WEIGHTS, VARIANT_NAMES
 from .errors import CervscanError, DataError
-from .io import atomic_write_csv, atomic_write_json, file_key
+from .io import atomic_write_csv, atomic_write_json, cache_root, file_key
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,6 @@ class DecisionTrainConfig:
     threads: int = 0
     name: str = "cervscan-decision-lite0"
     version: str = "0.0.0-local"
-    extra_summary: dict = field(default_factory=dict)
 
 
 def backbone(name: str):
@@ -86,14 +85,6 @@ def backbone(name: str):
     m = timm.create_model(f"tf_efficientnet_{name}", pretrained=False, num_classes=2)
     load_lite_into_timm(m, int(name[-1]))
     return m.eval()
-
-
-@torch.inference_mode()
-def features(model, images: list[np.ndarray], size: int) -> np.ndarray:
-    from .transforms import resize_square, to_tensor_batch
-
-    x = to_tensor_batch([resize_square(im, size) for im in images], (0.5,) * 3, (0.5,) * 3)
-    return model.forward_head(model.forward_features(x), pre_logits=True).float().numpy()
 
 
 def _pipeline(cfg: DecisionTrainConfig):
@@ -123,28 +114,24 @@ def _cache_key(cfg: DecisionTrainConfig, pipe, refs, weights_sha: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-class _Found:
-    """What :meth:`Pipeline.gate` reads of a prepared image, from the cache."""
-
-    def __init__(self, stage: str, stage_confidence: float | None, cervix_found: bool | None):
-        self.stage, self.stage_confidence, self.cervix_found = stage, stage_confidence, cervix_found
-
-
 def _eligibility(pipe, rec: dict) -> list[str]:
-    return pipe.gate(rec["quality"], _Found(rec["stage"], rec["stage_confidence"], rec["cervix_found"]))
+    """The pipeline's gate on a cached record (the fields :meth:`Pipeline.gate` reads of a prepared image)."""
+    from types import SimpleNamespace
+
+    return pipe.gate(rec["quality"], SimpleNamespace(stage=rec["stage"], stage_confidence=rec["stage_confidence"],
+                                                     cervix_found=rec["cervix_found"]))
 
 
-def extract(cfg: DecisionTrainConfig, pipe, refs, items: list[tuple[str, Path]], progress=None) -> list[dict]:
-    """Per image: the quality measures, stage, whether a cervix was found, and the features of every
-    screened variant (cached); ``eligible``/``reason`` from the pipeline's gate with its current settings."""
-    model = backbone(cfg.backbone)
+def extract(cfg: DecisionTrainConfig, pipe, refs, items: list[tuple[str, Path]], model,
+            progress=None) -> list[dict]:
+    """Per image: the quality measures, stage, whether a cervix was found, and ``model``'s features of every
+    screened variant (cached); ``eligible``/``reason`` from the pipeline's gate with its current settings.
+    Every image is extracted, eligible or not, so that a change of the gate's thresholds or stage policy
+    reuses the cache."""
+    from .models import pooled_features
+
     wsha = hashlib.sha256(b"".join(v.numpy().tobytes() for v in list(model.state_dict().values())[:8])).hexdigest()[:12]
-    if cfg.cache_dir:
-        root = Path(cfg.cache_dir)
-    else:
-        from platformdirs import user_cache_dir
-        root = Path(user_cache_dir("cervscan", appauthor=False))
-    cache = root / f"decision-{_cache_key(cfg, pipe, refs, wsha)}"
+    cache = cache_root(cfg.cache_dir) / f"decision-{_cache_key(cfg, pipe, refs, wsha)}"
     cache.mkdir(parents=True, exist_ok=True)
     out: list[dict | None] = [None] * len(items)
     todo = []
@@ -174,10 +161,9 @@ def extract(cfg: DecisionTrainConfig, pipe, refs, items: list[tuple[str, Path]],
         for i, im, p in zip(ok, rgbs, prepared):
             q = pipe.quality(im, p)
             vs = pipe.variants(p)
-            F = features(model, [vs[v] for v in cfg.variants], cfg.input_size)
-            meta = {"quality": {k: (float(v) if isinstance(v, (int, float, np.floating)) and v is not None else v)
-                                for k, v in q.items()},
-                    "stage": p.stage, "stage_confidence": p.stage_confidence, "cervix_found": p.cervix_found}
+            F = pooled_features(model, [vs[v] for v in cfg.variants], cfg.input_size)
+            meta = {"quality": q, "stage": p.stage, "stage_confidence": p.stage_confidence,
+                    "cervix_found": p.cervix_found}
             rec = {**meta, "feats": {v: F[k] for k, v in enumerate(cfg.variants)}}
             out[i] = rec
             f = cache / f"{file_key(items[i][1])}.npz"
@@ -206,16 +192,11 @@ def fit_lr(X: np.ndarray, y: np.ndarray, C: float):
 
 def linear_of(model) -> tuple[np.ndarray, float]:
     """The fitted (scaler, regression) as one linear map on raw features: score = f @ w + b."""
+    from .models import fold_standardisation
+
     sc, lr = model
-    w = lr.coef_[0] / sc.scale_
-    b = float(lr.intercept_[0] - (lr.coef_[0] * sc.mean_ / sc.scale_).sum())
-    return w, b
-
-
-def _vote(cfg: DecisionTrainConfig) -> dict[str, float]:
-    raw = {v: cfg.weights[VARIANT_NAMES.index(v)] for v in cfg.variants}
-    tot = sum(raw.values())
-    return {k: v / tot for k, v in raw.items()}
+    W, b = fold_standardisation(lr.coef_, lr.intercept_, sc.mean_, sc.scale_)
+    return W[0], float(b[0])
 
 
 def train_decision(cfg: DecisionTrainConfig, progress=None) -> dict:
@@ -243,7 +224,8 @@ def train_decision(cfg: DecisionTrainConfig, progress=None) -> dict:
         raise DataError(f"{cfg.labels}: need labelled visits of both classes under {cfg.visits}")
     items = [(v.patient_id, p) for v in visits for p in v.images]
     pipe, refs = _pipeline(cfg)
-    recs = extract(cfg, pipe, refs, items, progress)
+    net = backbone(cfg.backbone)  # feature extractor now; its head holds the fitted regression later
+    recs = extract(cfg, pipe, refs, items, net, progress)
 
     # patient features: mean over eligible images, per variant
     pats = [v.patient_id for v in visits]
@@ -264,7 +246,7 @@ def train_decision(cfg: DecisionTrainConfig, progress=None) -> dict:
                             f"class ({len(inadequate)} patient(s) had none eligible)")
     source = np.array([src[p] or "unknown" for p in P])
     V = {v: np.stack([feats[p][v] for p in P]).astype(np.float64) for v in cfg.variants}
-    vote = _vote(cfg)
+    vote = pipe.cfg.voting.active_weights()  # the screened variants' weights, renormalised as screening does
 
     def fit(tr):
         Xtr = np.concatenate([V[v][tr] for v in cfg.train_variants])
@@ -331,8 +313,6 @@ def train_decision(cfg: DecisionTrainConfig, progress=None) -> dict:
                                        for i, (p, yy, s, f) in enumerate(zip(P, y, source, fold_of))],
                      ["patient_id", "label", "source", "fold", *[f"score_r{r}" for r in range(cfg.repeats)]])
 
-    net = backbone(cfg.backbone)
-
     def write(model, path: Path, what: str, summary: dict) -> None:
         w, b = linear_of(model)
         head = net.get_classifier()
@@ -353,7 +333,7 @@ def train_decision(cfg: DecisionTrainConfig, progress=None) -> dict:
                                     "operating_point": {**op, "evaluated_on": metrics["evaluation"] + ", calibrated "
                                                         "out-of-fold scores of all repeats"},
                                     "recipe": "frozen-linear", "what": what,
-                                    "train_summary": {**summary, **cfg.extra_summary}})
+                                    "train_summary": summary})
         save_checkpoint(ck, path)
 
     base_summary = {"backbone": f"EfficientNet-{cfg.backbone.capitalize()}, ImageNet (frozen)",

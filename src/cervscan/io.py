@@ -256,6 +256,15 @@ def discover_visits(paths: Iterable[str | Path], stray: list[tuple[Path, str]] |
     return visits
 
 
+def cache_root(cache_dir: str | Path | None) -> Path:
+    """Where training caches live: ``cache_dir`` when given, else the user's cache folder for cervscan."""
+    if cache_dir:
+        return Path(cache_dir)
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("cervscan", appauthor=False))
+
+
 def file_key(path: Path) -> str:
     """Short cache key of a file as it is now (resolved path, size, modification time)."""
     import hashlib

@@ -238,13 +238,28 @@ def load_lite_into_timm(model: nn.Module, variant: int = 0, *, include_head: boo
 
 
 def load_lite0_into_timm(model: nn.Module, *, include_head: bool = False) -> None:
-    sd = lite0_imagenet_state_dict()
-    if not include_head:
-        sd = {k: v for k, v in sd.items() if not k.startswith("classifier.")}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not k.startswith("classifier.")]
-    if missing or unexpected:
-        raise CheckpointError(f"Lite0 weights did not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    load_lite_into_timm(model, 0, include_head=include_head)
+
+
+@torch.inference_mode()
+def pooled_features(model: nn.Module, images: list, size: int, mean=LITE0_MEAN, std=LITE0_STD):
+    """A timm classifier's pooled pre-logit features (N x num_features, NumPy) of RGB uint8 images, each
+    resized (squashed) to ``size`` x ``size`` and normalised with ``mean`` / ``std``."""
+    from .transforms import resize_square, to_tensor_batch
+
+    x = to_tensor_batch([resize_square(im, size) for im in images], mean, std)
+    return model.forward_head(model.forward_features(x), pre_logits=True).float().numpy()
+
+
+def fold_standardisation(coef, intercept, mean, scale):
+    """A linear model fitted on standardised features, (x - mean) / scale, as one linear map on raw features:
+    returns (W, b) with W x + b equal to coef (x - mean) / scale + intercept (rows of ``coef``: classes)."""
+    import numpy as np
+
+    coef = np.atleast_2d(np.asarray(coef, dtype=np.float64))
+    W = coef / scale
+    b = np.asarray(intercept, dtype=np.float64) - (coef * (mean / scale)).sum(1)
+    return W, b
 
 
 def load_lite0_into_smp_encoder(encoder: nn.Module) -> None:

@@ -133,6 +133,15 @@ def paste_box(crop_mask: np.ndarray, box: tuple[int, int, int, int], height: int
     return out
 
 
+def classifier_views(image: np.ndarray, crop: np.ndarray, lesion: np.ndarray, size: int, voting,
+                     view: str = "crop"):
+    """The classifier's two input images at ``size``: the original view (the crop, or the whole ``image`` with
+    ``view`` "frame") and the study's segmented image of the crop (:func:`cervscan.variants.segment_region`
+    with the crop's lesion mask). Returns (original, segmented, region)."""
+    reg = segment_region(crop, lesion, voting)
+    return resize_square(image if view == "frame" else crop, size), resize_square(reg.image, size), reg
+
+
 def format_box(box: tuple[int, int, int, int] | None) -> str:
     return "" if box is None else " ".join(str(int(v)) for v in box)
 
@@ -351,14 +360,12 @@ class Pipeline:
         lesions = self.lesion(crops)
         out = []
         for im, (st, conf), (cmask, box, found, cfrac), crop, lm in zip(rgbs, stages, cervices, crops, lesions):
-            reg = segment_region(crop, lm, self.cfg.voting)
+            original, segmented, reg = classifier_views(im, crop, lm, S, self.cfg.voting, self.cfg.classify_view)
             area = float(crop_to_box(cmask, box).sum()) if found else float(lm.size)
             frac = min(1.0, float(lm.sum()) / area) if area else 0.0
             h, w = im.shape[:2]
-            view = im if self.cfg.classify_view == "frame" else crop
-            out.append(Prepared(original=resize_square(view, S), segmented=resize_square(reg.image, S),
-                                empty_mask=reg.empty, lesion_fraction=frac, stage=st, stage_confidence=conf,
-                                cervix_found=found, cervix_fraction=cfrac, crop_box=box,
+            out.append(Prepared(original=original, segmented=segmented, empty_mask=reg.empty, lesion_fraction=frac,
+                                stage=st, stage_confidence=conf, cervix_found=found, cervix_fraction=cfrac, crop_box=box,
                                 lesion_mask=paste_box(lm, box, h, w), cervix_mask=cmask))
         return out
 

@@ -23,7 +23,7 @@ import torch
 
 from . import __version__
 from .errors import CervscanError, DataError
-from .io import atomic_write_csv, atomic_write_json, file_key, read_image
+from .io import atomic_write_csv, atomic_write_json, cache_root, file_key, read_image
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +77,11 @@ def _backbone():
     return m.eval()
 
 
-@torch.inference_mode()
 def frame_features(model, images: list[np.ndarray]) -> np.ndarray:
     """Pooled 1280-d features of whole frames at STAGE_INPUT px (mean = std = 0.5)."""
-    from .transforms import resize_square, to_tensor_batch
+    from .models import pooled_features
 
-    x = to_tensor_batch([resize_square(im, STAGE_INPUT) for im in images], (0.5,) * 3, (0.5,) * 3)
-    return model.forward_head(model.forward_features(x), pre_logits=True).float().numpy()
+    return pooled_features(model, images, STAGE_INPUT)
 
 
 def read_stage_rows(visits: Path, images_csv: Path) -> list[dict]:
@@ -115,7 +113,7 @@ def train_stage(cfg: StageTrainConfig) -> dict:
     from sklearn.model_selection import StratifiedGroupKFold
     from sklearn.preprocessing import StandardScaler
 
-    from .models import make_checkpoint, save_checkpoint
+    from .models import fold_standardisation, make_checkpoint, save_checkpoint
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -125,12 +123,7 @@ def train_stage(cfg: StageTrainConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     rows = read_stage_rows(visits, Path(cfg.images_csv) if cfg.images_csv else visits / "images.csv")
     model = _backbone()
-    if cfg.cache_dir:
-        cache = Path(cfg.cache_dir)
-    else:
-        from platformdirs import user_cache_dir
-        cache = Path(user_cache_dir("cervscan", appauthor=False))
-    cache = cache / f"stage-lite0-{STAGE_INPUT}"
+    cache = cache_root(cfg.cache_dir) / f"stage-lite0-{STAGE_INPUT}"
     cache.mkdir(parents=True, exist_ok=True)
     feats = []
     for r in rows:
@@ -189,8 +182,7 @@ def train_stage(cfg: StageTrainConfig) -> dict:
     sc, lr = fit(X, y)
     W = np.zeros((len(STAGES), X.shape[1]))
     b = np.full(len(STAGES), -1e4)  # a class absent from training can never win
-    W[lr.classes_] = lr.coef_ / sc.scale_
-    b[lr.classes_] = lr.intercept_ - (lr.coef_ * (sc.mean_ / sc.scale_)).sum(1)
+    W[lr.classes_], b[lr.classes_] = fold_standardisation(lr.coef_, lr.intercept_, sc.mean_, sc.scale_)
     head = model.get_classifier()
     with torch.no_grad():
         head.weight.copy_(torch.tensor(W, dtype=torch.float32))
