@@ -300,13 +300,24 @@ def test_removed_visit_keeps_its_last_result(root, tmp_path, models, caplog):
     out = tmp_path / "out"
     batch(root, out, models)
     pats0, imgs0 = rows_by(out)
-    shutil.rmtree(root / "V02")
+    shutil.move(root / "V02", tmp_path / "archived-V02")
     caplog.set_level(logging.INFO, logger="cervscan")
     res = batch(root, out, models)
     assert (res.summary["removed"], res.summary["unchanged"], res.screened) == (1, 2, [])
-    assert rows_by(out) == (pats0, imgs0)
+    pats, imgs = rows_by(out)
+    assert imgs == imgs0
+    assert {k: v for k, v in pats.items() if k != "V02"} == {k: v for k, v in pats0.items() if k != "V02"}
+    # the kept result says that its folder is gone, and nothing else of it changed
+    assert pats["V02"]["reason"] == B.removed_note(str((root / "V02").resolve()))
+    assert {k: v for k, v in pats["V02"].items() if k != "reason"} == {k: v for k, v in pats0["V02"].items()
+                                                                       if k != "reason"}
     assert "V02" in caplog.text and "no longer in ROOT" in caplog.text
     assert (out / "masks" / "V02").is_dir()
+    # the folder comes back unchanged: not screened again, and the note goes
+    shutil.move(tmp_path / "archived-V02", root / "V02")
+    res = batch(root, out, models)
+    assert res.screened == [] and res.summary["removed"] == 0
+    assert rows_by(out) == (pats0, imgs0)
 
 
 def test_failed_image_exits_3_once(root, tmp_path, models):

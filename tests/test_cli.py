@@ -257,7 +257,9 @@ def test_malformed_voting_options_are_usage_errors(runner, monkeypatch, opt):
 
 def test_models_install_list_verify_rollback(runner, tiny_models, tmp_path, monkeypatch):
     monkeypatch.setattr(W, "shipped_dir", lambda: None)
-    r = runner.invoke(app, ["models", "install", str(tiny_models["seg"]), str(tiny_models["cls"]), "--name", "clinic"])
+    # --force: the tiny classifier records no validation (refused without it, see test_safety_training.py)
+    r = runner.invoke(app, ["models", "install", str(tiny_models["seg"]), str(tiny_models["cls"]), "--name", "clinic",
+                            "--force"])
     assert r.exit_code == 0, r.output
     assert "installed segmenter" in r.stdout and "installed classifier" in r.stdout
 

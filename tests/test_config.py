@@ -163,20 +163,20 @@ def test_light_modules_do_not_import_torch():
 
 
 @pytest.mark.parametrize("line, msg", [
-    ('threshold = "high"', "'threshold' must be a number"),
-    ("threshold = true", "'threshold' must be a number"),
-    ('brightness = "x"', "'brightness' must be a number"),
-    ('max_side = "big"', "'max_side' must be a whole number"),
-    ("max_side = 10.5", "'max_side' must be a whole number"),
-    ('brightness_from_flipped = "yes"', "'brightness_from_flipped' must be true or false"),
-    ("device = 0", "'device' must be a string"),
-    ("variants = 3", "'variants' must be a list"),
-    ('variants = "sideways"', "'variants'.*unknown"),
-    ('weights = "0.2,0.25,x,0.2,0.11,0.09"', "'weights'.*6 comma-separated numbers"),
-    ('weights = ["a", 1, 1, 1, 1, 1]', "'weights' must be a list of 6 numbers"),
-    ('pooling = "median"', "'pooling' must be"),
-    ('classify_view = "cervix"', "'classify_view' must be"),
-    ('classify_batch = "six"', "'classify_batch' must be a whole number"),
+    ('threshold = "high"', 'threshold = "high": must be a finite number'),
+    ("threshold = true", "threshold = true: must be a finite number"),
+    ('brightness = "x"', 'brightness = "x": must be a finite number'),
+    ('max_side = "big"', 'max_side = "big": must be a whole number'),
+    ("max_side = 10.5", "max_side = 10.5: must be a whole number"),
+    ('brightness_from_flipped = "yes"', 'brightness_from_flipped = "yes": must be true or false'),
+    ("device = 0", "device = 0: must be a string"),
+    ("variants = 3", "variants = 3: must be a non-empty list"),
+    ('variants = "sideways"', 'variants = "sideways": unknown'),
+    ('weights = "0.2,0.25,x,0.2,0.11,0.09"', "weights = .*6 comma-separated numbers"),
+    ('weights = ["a", 1, 1, 1, 1, 1]', r'weights = \["a", 1, 1, 1, 1, 1\]: must be 6 finite numbers'),
+    ('pooling = "median"', 'pooling = "median": must be one of "probability", "logit"'),
+    ('classify_view = "cervix"', 'classify_view = "cervix": must be one of'),
+    ('classify_batch = "six"', 'classify_batch = "six": must be a whole number'),
 ])
 def test_config_values_of_the_wrong_type_name_the_file_and_key(tmp_path, line, msg):
     p = tmp_path / "site.toml"

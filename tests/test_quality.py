@@ -161,9 +161,9 @@ def test_patient_reasons_a_nurse_can_act_on():
 
 def test_gate_config_keys_in_a_config_file(tmp_path):
     f = tmp_path / "c.toml"
-    f.write_text('quality_gate = false\nmin_sharpness = 12.5\ndecision_stages = ["acetic", "lugol"]\n'
+    f.write_text('quality_gate = false\nmin_sharpness = 0.55\ndecision_stages = ["acetic", "lugol"]\n'
                  'stage_min_confidence = 0.9\n')
-    assert load_config_file(f) == {"quality_gate": False, "min_sharpness": 12.5,
+    assert load_config_file(f) == {"quality_gate": False, "min_sharpness": 0.55,
                                    "decision_stages": ["acetic", "lugol"], "stage_min_confidence": 0.9}
     f2 = tmp_path / "c.json"
     f2.write_text(json.dumps({"decision_stages": "acetic"}))

@@ -202,9 +202,13 @@ def test_custom_weights_and_brightness_options(varied_models, varied_visits, tmp
     assert any(abs(a["p_v5"] - b["p_v5"]) > 1e-4 for a, b in zip(res.images, ref.images))
 
 
-def test_empty_masks_fall_back_and_are_flagged(varied_models, varied_visits, tmp_path):
+def test_empty_masks_fall_back_and_are_flagged(varied_models, varied_visits, tmp_path, monkeypatch):
+    from cervscan.pipeline import Pipeline
+
+    # every lesion mask empty (a mask_threshold of 1 that would force it is refused as a setting)
+    monkeypatch.setattr(Pipeline, "lesion", lambda self, crops: [np.zeros(c.shape[:2], np.uint8) for c in crops])
     cfg = tmp_path / "c.json"
-    cfg.write_text(json.dumps({"mask_threshold": 1.0}))  # sigmoid never exceeds 1 -> every mask is empty
+    cfg.write_text(json.dumps({"mask_threshold": 0.9}))
     res = run_screen(varied_models, [varied_visits], tmp_path / "o", config_file=str(cfg))
     assert res.exit_code == 0
     for r in read_csv(tmp_path / "o" / "images.csv"):
@@ -292,7 +296,7 @@ def test_bad_config_and_bad_device_fail_before_writing(tiny_models, synthetic_ba
 def test_screen_uses_installed_models_when_none_given(tiny_models, synthetic_batch, tmp_path):
     from cervscan import weights as W
 
-    W.install([tiny_models["seg"], tiny_models["cls"]], name="t")
+    W.install([tiny_models["seg"], tiny_models["cls"]], name="t", force=True)  # the tiny classifier records no validation
     res = api.screen([synthetic_batch], tmp_path / "o", device="cpu", num_workers=0)
     assert res.run["models"]["segmenter"]["source"] == "installed"
     assert res.run["models"]["classifier"]["verified"] is True
@@ -363,9 +367,10 @@ def test_files_beside_the_visit_folders_are_listed_as_skipped(tiny_models, make_
     batch = tmp_path / "batch"
     make_visit(batch / "P1", n=1)
     (batch / "labels.csv").write_text("patient_id,label\nP1,0\n", encoding="utf-8")
-    (batch / ".nightly-state").write_text("{}", encoding="utf-8")  # hidden: tool state, not listed
+    (batch / ".nightly-state").write_text("{}", encoding="utf-8")  # hidden: listed as hidden, not screened
     res = run_screen(tiny_models, [batch], tmp_path / "out")
     rows = read_csv(tmp_path / "out" / "skipped.csv")
-    assert [(r["patient_id"], Path(r["file"]).name) for r in rows] == [("", "labels.csv")]
-    assert rows[0]["reason"] == "not an image file; outside any visit folder (not screened)"
-    assert res.run["counts"]["skipped_files"] == 1
+    assert [(r["patient_id"], Path(r["file"]).name) for r in rows] == [("", ".nightly-state"), ("", "labels.csv")]
+    assert rows[0]["reason"] == "hidden; outside any visit folder (not screened)"
+    assert rows[1]["reason"] == "not an image file; outside any visit folder (not screened)"
+    assert res.run["counts"]["skipped_files"] == 2

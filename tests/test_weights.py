@@ -178,7 +178,7 @@ def test_install_then_resolve_then_rollback(tiny_models, tmp_path, monkeypatch, 
     run.mkdir()
     shutil.copy(tiny_models["seg"], run / "model.pt")
 
-    res = W.install([run, tiny_models["cls"]], name="mine")
+    res = W.install([run, tiny_models["cls"]], name="mine", force=True)  # the tiny classifier records no validation
     assert set(res) == {"segmenter", "classifier"}
     for role in ("segmenter", "classifier"):
         r = W.resolve(role)
@@ -205,7 +205,7 @@ def test_install_then_resolve_then_rollback(tiny_models, tmp_path, monkeypatch, 
 
 
 def test_second_install_becomes_the_default_and_use_switches_back(tiny_models, tmp_path):
-    first = W.install([tiny_models["cls"]])
+    first = W.install([tiny_models["cls"]], force=True)
     other = tmp_path / "other.pt"
     # another valid classifier checkpoint with a different sha256
     import torch
@@ -215,7 +215,7 @@ def test_second_install_becomes_the_default_and_use_switches_back(tiny_models, t
     from cervscan.models import save_checkpoint
 
     save_checkpoint(ck, other)
-    second = W.install([other])
+    second = W.install([other], force=True)
     assert first["classifier"]["folder"] != second["classifier"]["folder"]  # same-second installs do not collide
     assert W.resolve("classifier").sha256 == second["classifier"]["sha256"] != first["classifier"]["sha256"]
     W.use("classifier", Path(first["classifier"]["folder"]).name)
@@ -240,7 +240,7 @@ def test_list_models(tiny_models, tmp_path, monkeypatch):
     shipped = fake_model_dir(tmp_path / "shipped", "shipped")
     monkeypatch.setattr(W, "shipped_dir", lambda: shipped)
     assert [(r["source"], r["role"]) for r in W.list_models()] == [("shipped", role) for role in W.ROLES]
-    res = W.install([tiny_models["cls"]], name="c")
+    res = W.install([tiny_models["cls"]], name="c", force=True)
     rows = W.list_models()
     inst = [r for r in rows if r["source"] == "installed"]
     assert len(inst) == 1 and inst[0]["role"] == "classifier"
@@ -252,7 +252,7 @@ def test_list_models(tiny_models, tmp_path, monkeypatch):
 
 
 def test_rollback_and_use_reject_unknown_roles_and_tags(tiny_models):
-    res = W.install([tiny_models["cls"]])
+    res = W.install([tiny_models["cls"]], force=True)
     with pytest.raises(CervscanError, match="unknown role 'segmentr'"):
         W.rollback("segmentr")
     assert W.resolve("classifier").source == "installed"  # nothing was rolled back

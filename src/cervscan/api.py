@@ -37,33 +37,51 @@ class ScreenResult:
                          for p in self.patients], "exit_code": self.exit_code}
 
 
+#: Where a value that fails its check came from, as the error names it (a config file is named by its path
+#: when it is loaded, :func:`cervscan.config.load_config_file`).
+_WHERE = {"config": "config file", "option": "command line"}
+
+
+def _checked(layer: dict, keys, layer_name: str) -> dict:
+    """The values of ``layer`` for ``keys`` (None: not given, left out), each checked against
+    :data:`cervscan.config.SETTINGS`; options are named as on the command line (``--threshold``)."""
+    from .config import check_setting
+
+    where = _WHERE.get(layer_name, layer_name)
+    return {k: check_setting(k, v, where, "--" + k.replace("_", "-") if layer_name == "option" else None)
+            for k, v in layer.items() if k in keys and v is not None}
+
+
 def _voting_from(ckpt: dict, file_cfg: dict, overrides: dict, seg_ckpt: dict | None = None) -> tuple[VotingConfig, float, dict]:
-    """Checkpoint defaults < config file < explicit options. Returns voting, threshold and provenance."""
+    """Checkpoint defaults < config file < explicit options. Returns voting, threshold and provenance.
+
+    Every value is checked (type, finiteness, range: :data:`cervscan.config.SETTINGS`) as it comes in, the
+    checkpoints' too; the error names where it came from (the checkpoint, the config file, the command line).
+    """
     src: dict[str, str] = {}
     vals: dict[str, Any] = {}
+    fields = {f.name for f in dataclasses.fields(VotingConfig)}
     if seg_ckpt and seg_ckpt.get("mask_threshold") is not None:
-        vals["mask_threshold"], src["mask_threshold"] = float(seg_ckpt["mask_threshold"]), "segmenter checkpoint"
-    ck_vote = ckpt.get("voting") or {}
-    for key in ("weights", "brightness", "brightness_from_flipped", "variants", "pooling"):
-        if key in ck_vote:
-            vals[key], src[key] = ck_vote[key], "checkpoint"
+        vals |= _checked({"mask_threshold": float(seg_ckpt["mask_threshold"])}, fields, "segmenter checkpoint")
+        src["mask_threshold"] = "segmenter checkpoint"
+    ck_vote = _checked(ckpt.get("voting") or {}, ("weights", "brightness", "brightness_from_flipped", "variants",
+                                                   "pooling"), "classifier checkpoint")
+    vals |= ck_vote
+    src |= dict.fromkeys(ck_vote, "checkpoint")
     thr, src["threshold"] = 0.5, "default"
     if ckpt.get("threshold") is not None:
-        thr, src["threshold"] = float(ckpt["threshold"]), "checkpoint"
+        thr = _checked({"threshold": float(ckpt["threshold"])}, ("threshold",), "classifier checkpoint")["threshold"]
+        src["threshold"] = "checkpoint"
     for layer_name, layer in (("config", file_cfg), ("option", overrides)):
-        for k, v in layer.items():
-            if v is None:
-                continue
+        for k, v in _checked(layer, fields | {"threshold"}, layer_name).items():
             if k == "threshold":
                 thr, src["threshold"] = float(v), layer_name
-            elif k in {f.name for f in dataclasses.fields(VotingConfig)}:
+            else:
                 vals[k], src[k] = v, layer_name
     if "weights" in vals:
         vals["weights"] = tuple(float(x) for x in vals["weights"])
     if "variants" in vals:
         vals["variants"] = tuple(vals["variants"])
-    if not 0.0 <= thr <= 1.0:
-        raise CervscanError(f"threshold must be within [0, 1], got {thr}")
     return VotingConfig(**vals), thr, src
 
 
@@ -89,13 +107,12 @@ def _gate_from(file_cfg: dict, overrides: dict, provenance: dict, cls_ckpt: dict
 
     vals: dict[str, Any] = {}
     if cls_ckpt and cls_ckpt.get("decision_stages"):
-        vals["decision_stages"] = tuple(cls_ckpt["decision_stages"])
+        stages = _checked({"decision_stages": cls_ckpt["decision_stages"]}, GATE_KEYS, "classifier checkpoint")
+        vals["decision_stages"] = tuple(stages["decision_stages"])
         provenance["decision_stages"] = "classifier checkpoint"
     for layer_name, layer in (("config", file_cfg), ("option", overrides)):
-        for key, fld in GATE_KEYS.items():
-            v = layer.get(key)
-            if v is None:
-                continue
+        for key, v in _checked(layer, GATE_KEYS, layer_name).items():
+            fld = GATE_KEYS[key]
             vals[fld] = tuple(v) if fld == "decision_stages" else v
             provenance[key] = layer_name
     return GateConfig(**vals)
@@ -107,17 +124,24 @@ def load_pipeline(*, seg_model: str | None = None, cls_model: str | None = None,
                   write_masks: bool = True, write_overlays: bool = True, use_stage: bool = True):
     """Resolve every model and the configuration (checkpoint < config file < options); return
     ``(pipeline, refs, provenance, seconds to load)``."""
+    from .config import SETTINGS
     from .device import resolve_device
     from .models import read_checkpoint
     from .pipeline import Pipeline, load_model
     from .weights import resolve
 
     overrides = dict(overrides or {})
+    _checked(overrides, SETTINGS, "option")  # every option, before any model is loaded
     file_cfg = load_config_file(config_file) if config_file else {}
     dev = resolve_device(overrides.pop("device", None) or device or file_cfg.get("device") or "auto")
     t0 = time.time()
     refs = {"segmenter": resolve("segmenter", seg_model), "classifier": resolve("classifier", cls_model)}
     models = {role: load_model(role, refs[role].path, dev, refs[role]) for role in ("segmenter", "classifier")}
+    val = models["classifier"].ckpt.get("validation")
+    if isinstance(val, dict) and not val.get("passed", False):
+        log.warning("%s: this classifier failed its validation (cross-validated patient AUC %s, 95 %% CI %s-%s) "
+                    "and was kept with --force: its decisions may be no better than chance",
+                    refs["classifier"].path, val.get("auc"), val.get("ci_low"), val.get("ci_high"))
     voting, threshold, provenance = _voting_from(models["classifier"].ckpt, file_cfg, overrides, models["segmenter"].ckpt)
     crop = _resolve_choice("crop", CROP_MODES, "frame", models["classifier"].ckpt, file_cfg, overrides, provenance)
     if crop == "cervix":
@@ -140,8 +164,9 @@ def load_pipeline(*, seg_model: str | None = None, cls_model: str | None = None,
         base, voting=voting, threshold=threshold, device=str(dev), crop=crop, gate=gate, classify_view=view,
         num_workers=num_workers if num_workers is not None else int(file_cfg.get("num_workers", base.num_workers)),
         batch_images=batch_images or int(file_cfg.get("batch_images", base.batch_images)),
-        **{k: type(getattr(base, k))(file_cfg[k]) for k in ("max_side", "max_pixels", "min_side", "cervix_margin",
-                                                             "cervix_min_fraction", "centre_crop", "classify_batch")
+        **{k: type(getattr(base, k))(file_cfg[k]) for k in ("max_side", "max_pixels", "min_side", "max_decode_mb",
+                                                             "cervix_margin", "cervix_min_fraction", "centre_crop",
+                                                             "classify_batch")
            if k in file_cfg},
         write_masks=write_masks, write_overlays=write_overlays)
     return Pipeline(models, cfg, dev), refs, provenance, time.time() - t0
@@ -156,25 +181,28 @@ def screen(paths: list[str | Path], out: str | Path, *, seg_model: str | None = 
     """Screen visit folders and write patients.csv, images.csv, masks, overlays and run.json to ``out``."""
     import torch
 
-    from .io import discover_visits
+    from .io import OutputLedger, check_overlap, discover_visits, display_id
     from .writer import OutputWriter
 
     from .device import resolve_device
 
     t0 = time.time()
-    # a bad config file or device fails before anything is written
+    # a bad option, config file or device fails before anything is written
+    from .config import SETTINGS
+
+    _checked(dict(overrides or {}), SETTINGS, "option")
     file_cfg = load_config_file(config_file) if config_file else {}
     resolve_device((overrides or {}).get("device") or device or file_cfg.get("device") or "auto")
     stray: list[tuple[Path, str]] = []
     visits = discover_visits(paths, stray)
     out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".cervscan-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise CervscanError(f"{out}: output folder is not writable ({e.strerror})") from None
+    # an output folder that is, holds or lies inside an input folder is refused before anything is written
+    check_overlap(paths, out)
+    refuse_overlapping_visits(visits, out)
+    probe_writable(out)
+    ledger = OutputLedger(out, inputs=[*paths, *(v.folder for v in visits)])
+    writer = OutputWriter(out, masks=write_masks, overlays=write_overlays, ledger=ledger)
+    writer.claim_tables()  # a patients.csv cervscan did not write fails here, before the models load
     if threads:
         torch.set_num_threads(threads)
     pipe, refs, provenance, load_s = load_pipeline(
@@ -184,9 +212,9 @@ def screen(paths: list[str | Path], out: str | Path, *, seg_model: str | None = 
     cfg = pipe.cfg
     t_loaded = time.time()
 
-    writer = OutputWriter(out, masks=cfg.write_masks, overlays=cfg.write_overlays)
+    writer.masks, writer.overlays = cfg.write_masks, cfg.write_overlays
     for v in visits:
-        writer.add_visit(v.patient_id, [p.name for p in v.images])
+        writer.add_visit(v.patient_id, [display_id(p.name) for p in v.images])
     items = [(v.patient_id, p) for v in visits for p in v.images]
     labels = pipe.labels()
     model_cols = {"stage_model": labels.get("stage", ""), "cervix_model": labels.get("cervix", ""),
@@ -195,9 +223,14 @@ def screen(paths: list[str | Path], out: str | Path, *, seg_model: str | None = 
         progress("images", 0, len(items))
     records: list[dict] = []
     for res in pipe.run(items):
-        if res.record["status"] != "ok":
-            log.warning("%s", res.record["error"])
-        records.append({**writer.image(res), **model_cols})
+        try:
+            rec = writer.image(res)
+        except OSError as e:  # the output folder as a whole (disk full, read-only): nothing more can be written
+            raise CervscanError(f"{display_id(str(out))}: cannot write the mask and overlay files "
+                                f"({e.strerror or e}); fix this and run again") from None
+        if rec["status"] != "ok":
+            log.warning("%s", rec["error"])
+        records.append({**rec, **model_cols})
         if progress:
             progress("images", len(records), len(items))
     t_screened = time.time()
@@ -205,8 +238,8 @@ def screen(paths: list[str | Path], out: str | Path, *, seg_model: str | None = 
     by_pid: dict[str, list[dict]] = {}
     for r in records:
         by_pid.setdefault(r["patient_id"], []).append(r)
-    patients = [pipe.aggregate(v.patient_id, by_pid.get(v.patient_id, []), v.error or "") for v in visits]
-    skipped = [{"patient_id": "", "file": str(p), "reason": why} for p, why in stray]
+    patients = [decide_patient(pipe, v.patient_id, by_pid.get(v.patient_id, []), v.error or "") for v in visits]
+    skipped = [{"patient_id": "", "file": display_id(str(p)), "reason": why} for p, why in stray]
     skipped += [{"patient_id": v.patient_id, "file": name, "reason": why} for v in visits for name, why in v.skipped]
 
     n_failed_img = sum(r["status"] != "ok" for r in records)
@@ -224,12 +257,60 @@ def screen(paths: list[str | Path], out: str | Path, *, seg_model: str | None = 
                      "no_cervix": sum(r.get("cervix_found") is False for r in records),
                      "skipped_files": len(skipped)}
     run["exit_code"] = exit_code
-    writer.finish(patients, records, skipped, run)
+    try:
+        writer.finish(patients, records, skipped, run)
+    except OSError as e:
+        raise CervscanError(f"{display_id(str(out))}: cannot write the result tables ({e.strerror or e}); "
+                            "fix this and run again") from None
     return ScreenResult(out, patients, records, skipped, run, exit_code)
+
+
+def probe_writable(out: Path) -> None:
+    """Create ``out`` and check that a file can be written in it (a uniquely named probe, removed)."""
+    import tempfile
+
+    from .io import display_id
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".cervscan-write-test.", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise CervscanError(f"{display_id(str(out))}: output folder is not writable ({e.strerror})") from None
+
+
+def refuse_overlapping_visits(visits: list, out: Path) -> None:
+    """A visit folder reached through a link that leads into ``out`` (or holds it) is not screened: it gets
+    decision ``error`` with the reason; the other visits go on."""
+    from .io import overlap_note
+
+    for v in visits:
+        note = overlap_note(v.folder, out)
+        if note:
+            log.error("%s", note)
+            v.images, v.error = [], note
+
+
+def decide_patient(pipe, patient_id: str, records: list[dict], visit_error: str = "") -> dict:
+    """The patient row (:meth:`Pipeline.aggregate`); a visit whose row cannot be computed gets decision
+    ``error`` with the reason instead of stopping the run."""
+    try:
+        return pipe.aggregate(patient_id, records, visit_error)
+    except Exception as e:  # noqa: BLE001 - one visit must not stop the others
+        from .io import clean_text
+
+        log.error("visit %s: cannot decide (%s: %s)", patient_id, type(e).__name__, e)
+        return {"patient_id": patient_id, "decision": "error", "score": None, "threshold": pipe.cfg.threshold,
+                "n_images": len(records), "n_used": 0, "n_eligible": 0, "n_failed": len(records),
+                "error": clean_text(f"cannot decide ({type(e).__name__}: {e})"), "cervscan_version": __version__}
 
 
 #: Exit codes of a run that finished: all decided; some image or patient failed; some patient inadequate.
 EXIT_OK, EXIT_FAILED, EXIT_INADEQUATE = 0, 3, 5
+#: Exit code of a classifier training (train-decision, train-cls) whose classifier failed its validation (no
+#: better than chance on held-out patients, see :mod:`cervscan.validation`): no installable model was written.
+EXIT_NOT_VALIDATED = 6
 
 
 def exit_code_of(n_failed: int, n_inadequate: int) -> int:
@@ -243,20 +324,23 @@ def _run_record(command: str, out: Path, paths, pipe, refs: dict, provenance: di
     import timm
     import torch
 
+    from .io import display_id
+
     def model_info(role):
         ref, ck = refs[role], pipe.models[role].ckpt
         return {"path": str(ref.path), "source": ref.source, "sha256": ref.sha256, "verified": ref.verified,
                 "label": ref.label, "name": ck.get("name"), "version": ck.get("version"), "arch": ck["arch"],
                 "form": ck["form"], "input_size": ck["input_size"], "dtype": ck.get("dtype"),
                 **({"threshold": ck.get("threshold"), "operating_point": ck.get("operating_point"),
-                    "temperature": ck.get("temperature"), "voting": ck.get("voting"), "crop": ck.get("crop")}
+                    "temperature": ck.get("temperature"), "voting": ck.get("voting"), "crop": ck.get("crop"),
+                    "validation": ck.get("validation")}
                    if ck["kind"] == "classifier" else {}),
                 **({"classes": ck.get("classes")} if ck["kind"] == "stage" else {}),
                 "train_summary": ck.get("train_summary")}
 
     return {
-        "command": command, "cervscan_version": __version__, "out": str(out),
-        "inputs": [str(Path(p).resolve()) for p in paths],
+        "command": command, "cervscan_version": __version__, "out": display_id(str(out)),
+        "inputs": [display_id(str(Path(p).resolve())) for p in paths],
         "config": pipe.cfg.to_dict(), "threshold": pipe.cfg.threshold, "provenance": provenance,
         "quality_gate": pipe.cfg.gate.enabled,
         "models": {role: model_info(role) for role in refs if role in pipe.models},
@@ -277,18 +361,23 @@ def evaluate(visits: list[str | Path], labels: str | Path, out: str | Path, *, n
     Patients with an empty label are skipped and counted; patients whose
     screening failed (decision ``error``) are counted and left out of the metrics, and so are
     patients without an eligible image (decision ``inadequate``: listed in ``inadequate``).
+    Duplicated patient ids of the labels file, labelled patients without a visit folder and visit folders
+    without a label are named (log) and listed in ``labels_check``. With ``cv_run``, ``in_sample`` says
+    what the training run fitted on these same out-of-fold scores (calibration, threshold).
     """
     import csv
 
     from .errors import DataError
     from .io import atomic_write_csv, atomic_write_json
     from .metrics import full_report, plot_confusion, plot_roc
+    from .validation import label_check
 
     out = Path(out)
     lab_path = Path(labels)
     from .io import read_labels
 
-    rows, unlabelled = read_labels(lab_path)
+    label_notes: list[dict] = []
+    rows, unlabelled = read_labels(lab_path, label_notes)
     lab = {r["patient_id"]: r["label"] for r in rows}
     src = {r["patient_id"]: r["source"] for r in rows}
     screen_dir = Path(screen_out) if screen_out else out / "screen"
@@ -299,10 +388,17 @@ def evaluate(visits: list[str | Path], labels: str | Path, out: str | Path, *, n
             with open(cv / "folds.csv", newline="", encoding="utf-8") as f:
                 fold_of = {r["patient_id"]: int(r["fold"]) for r in csv.DictReader(f)}
         except OSError as e:
-            raise CervscanError(f"{cv}/folds.csv: cannot read ({e.strerror}); --cv-run needs a 'train-cls --folds K' run") from None
+            raise CervscanError(f"{cv}/folds.csv: cannot read ({e.strerror}); --cv-run needs a train-decision or "
+                                f"'train-cls --folds K' run") from None
         from .io import discover_visits
 
         all_visits = discover_visits(visits)
+        visit_ids = [v.patient_id for v in all_visits]
+        without_images = [v.patient_id for v in all_visits if not v.images]
+        not_in_cv_run = sorted(v.patient_id for v in all_visits if v.patient_id not in fold_of)
+        if not_in_cv_run:
+            log.warning("%d visit folder(s) have no fold in %s/folds.csv and are not evaluated: %s",
+                        len(not_in_cv_run), cv, ", ".join(not_in_cv_run[:20]) + (" ..." if len(not_in_cv_run) > 20 else ""))
         screened, run = [], None
         for k in sorted(set(fold_of.values())):
             folders = [v.folder for v in all_visits if fold_of.get(v.patient_id) == k]
@@ -316,6 +412,10 @@ def evaluate(visits: list[str | Path], labels: str | Path, out: str | Path, *, n
     else:
         res = screen(visits, screen_dir, **screen_kwargs)
         screened, run = res.patients, res.run
+        visit_ids = [p["patient_id"] for p in screened]
+        without_images = [p["patient_id"] for p in screened if not p.get("n_images")]
+        not_in_cv_run = []
+    labels_check = label_check(rows, label_notes, visit_ids, without_images=without_images, labels=str(lab_path))
     thr = run["threshold"]
     preds, errors, not_labelled, inadequate = [], [], [], []
     for p in screened:
@@ -347,9 +447,13 @@ def evaluate(visits: list[str | Path], labels: str | Path, out: str | Path, *, n
         "models": {k: {"label": v["label"], "sha256": v["sha256"], "path": v["path"]} for k, v in run["models"].items()},
         "operating_point": run["models"]["classifier"].get("operating_point"),
         "labels": str(lab_path), "visits": [str(v) for v in visits], "bootstrap": {"n": n_bootstrap, "seed": seed},
+        "labels_check": labels_check,
         "cv_run": str(cv_run) if cv_run else None,
         "cervscan_version": __version__,
     })
+    if cv_run:
+        m["not_in_cv_run"] = not_in_cv_run
+        m["in_sample"] = _cv_in_sample(run)
     atomic_write_csv(out / "predictions.csv", preds, ["patient_id", "label", "source", "score", "decision", "correct",
                                                        "n_used", "quality"])
     plot_roc(y, s, out / "roc.png", sources=[r["source"] for r in preds] if has_src else None,
@@ -357,6 +461,22 @@ def evaluate(visits: list[str | Path], labels: str | Path, out: str | Path, *, n
     plot_confusion(m["confusion"], out / "confusion.png", title=f"threshold {thr:.3f}")
     atomic_write_json(out / "metrics.json", m)
     return m
+
+
+def _cv_in_sample(run: dict) -> dict:
+    """What ``evaluate --cv-run`` reports on scores the training run fitted something on: the fold models'
+    calibration (Platt scaling or temperature) and, unless a threshold was given, their threshold were
+    chosen on the pooled out-of-fold scores that the fold models reproduce here."""
+    thr_in_sample = (run.get("provenance") or {}).get("threshold") == "checkpoint"
+    op = (run.get("models") or {}).get("classifier", {}).get("operating_point") or {}
+    note = ("the fold models' calibration" + (" and threshold (operating point)" if thr_in_sample else "")
+            + " were fitted by the training run on these same out-of-fold scores"
+            + (f" ({op['evaluated_on']})" if op.get("evaluated_on") else "") + ": "
+            + ("sensitivity, specificity, accuracy, PPV, NPV and the confusion at this threshold are in-sample "
+               "(optimistic), not a held-out estimate; " if thr_in_sample else "")
+            + "the AUC depends only on the ranking, which a Platt calibration (positive slope) keeps; "
+              "a temperature (train-cls) can change it slightly")
+    return {"calibration": True, "threshold": thr_in_sample, "note": note}
 
 
 def train_seg(**kwargs) -> dict:

@@ -44,8 +44,16 @@ next run, under the lock.
 
 A visit folder that disappeared from ROOT keeps its last result in the CSVs
 (its report stays valid; archiving a folder must not erase a clinical result);
-it is counted as ``removed`` in the summary and logged, nothing else is marked.
-When the folder comes back unchanged it is not screened again.
+its ``reason`` in patients.csv says that the folder is gone (:func:`removed_note`;
+a renamed folder is a new visit, and the old id carries the note), and it is
+counted as ``removed`` in the summary and logged. When the folder comes back
+unchanged it is not screened again and the note goes.
+
+Nothing outside OUT is written: an OUT that is ROOT, lies inside it or holds it
+is refused, and only files listed in the output ledger
+(:class:`cervscan.io.OutputLedger`) are ever replaced or deleted. A visit whose
+output files cannot be written is committed as failed, with the reason, and
+screened again by the next run (``changed_because``: ``retry``).
 
 Test hook: the environment variable ``CERVSCAN_BATCH_TEST_DELAY`` (seconds,
 default unset) makes the run sleep at each crash-relevant step (after a
@@ -62,7 +70,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import socket
 import sqlite3
 import sys
@@ -84,7 +91,7 @@ EXIT_LOCKED = 4
 EXIT_FAILED = 3
 #: Exit code when no visit screened in this run failed but some came out ``inadequate`` (as ``screen``).
 EXIT_INADEQUATE = 5
-STATE_DIR = ".cervscan"
+STATE_DIR = cio.STATE_DIR
 JOURNAL_NAME = "batch.sqlite"
 LOCK_NAME = "batch.lock"
 SCHEMA_VERSION = 1
@@ -95,7 +102,10 @@ TEST_DELAY_ENV = "CERVSCAN_BATCH_TEST_DELAY"
 RUNTIME_ONLY = ("device", "num_workers", "batch_images", "classify_batch")
 OUTPUT_DIRS = ("masks", "cervix", "overlays")
 #: Temp files of :func:`cervscan.io.atomic_write_bytes` (mkstemp: ".<name>.<8 chars>.tmp") and the write probe.
-_TEMP_RE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$|^\.cervscan-write-test$")
+_TEMP_RE = cio.TEMP_RE
+#: Start of the files fingerprint of a visit whose output files could not be written: the next run screens
+#: it again (``changed_because``: ``retry``).
+RETRY = "retry:"
 
 
 class BatchLockedError(CervscanError):
@@ -262,7 +272,7 @@ class BatchLock:
 # --------------------------------------------------------------------------- journal
 
 def _json(obj: Any) -> str:
-    return json.dumps(obj, default=_json_default, ensure_ascii=False, allow_nan=True)
+    return cio.clean_text(json.dumps(obj, default=_json_default, ensure_ascii=False, allow_nan=True))
 
 
 def _json_default(o: Any):
@@ -424,6 +434,14 @@ class Journal:
                 [r for p in order for _, r in sorted(images.get(p, []), key=lambda t: t[0])],
                 [r for p in order for r in skipped[p]])
 
+    def referenced_files(self) -> list[str]:
+        """The mask and overlay files (relative to OUT) that the journal's image rows name."""
+        out = []
+        for (rec,) in self.db.execute("SELECT record FROM images"):
+            r = json.loads(rec)
+            out += [r[k] for k in ("mask", "cervix_mask", "overlay") if r.get(k)]
+        return out
+
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):
             self.db.close()
@@ -521,6 +539,8 @@ def make_plan(visits: list, stored: dict[str, Stored], models_fp: str, config_fp
             plan.new.append(v)
             continue
         why = [k for k in ("files", "models", "config") if getattr(old, f"{k}_fp") != fps[k]]
+        if old.files_fp == RETRY + fps["files"]:
+            why = ["retry" if k == "files" else k for k in why]
         if why:
             plan.changed.append(v)
             plan.reasons[v.patient_id] = why
@@ -533,34 +553,44 @@ def make_plan(visits: list, stored: dict[str, Stored], models_fp: str, config_fp
 
 # --------------------------------------------------------------------------- output files
 
-def sweep_temp_files(out: Path) -> int:
-    """Remove temp files an interrupted atomic write left in OUT (call only while holding the lock)."""
+def sweep_temp_files(out: Path, ledger: cio.OutputLedger | None = None) -> int:
+    """Remove temp files an interrupted atomic write left in OUT (call only while holding the lock): in OUT
+    and masks/, cervix/, overlays/ only those of files the ledger lists as cervscan's, in reports/ those named
+    as the atomic writer names them."""
+    ledger = ledger if ledger is not None else cio.OutputLedger(out)
     n = 0
     for top in [out, *(out / d for d in (*OUTPUT_DIRS, "reports"))]:
-        if not top.is_dir():
+        if not top.is_dir() or top.is_symlink():
             continue
         walker = [(str(top), [], [e.name for e in os.scandir(top) if e.is_file(follow_symlinks=False)])] \
             if top == out else os.walk(top)
         for folder, _, files in walker:
             for name in files:
-                if _TEMP_RE.match(name):
+                path = os.path.join(folder, name)
+                if top == out / "reports":  # the report writer's folder: its temp files by name
+                    ours = _TEMP_RE.match(name) is not None and not os.path.islink(path)
+                else:
+                    ours = ledger.owns_temp(os.path.relpath(path, out))
+                if ours:
                     with contextlib.suppress(OSError):
-                        os.unlink(os.path.join(folder, name))
+                        os.unlink(path)
                         n += 1
     if n:
         log.info("removed %d temp file(s) left by an interrupted write in %s", n, out)
     return n
 
 
-def remove_stale_outputs(out: Path, pid: str, records: list[dict]) -> None:
-    """Delete files in masks/, cervix/, overlays/ of ``pid`` that the new result does not reference."""
-    keep = {str(out / r[k]) for r in records for k in ("mask", "cervix_mask", "overlay") if r.get(k)}
+def remove_stale_outputs(out: Path, folder: str, records: list[dict], ledger: cio.OutputLedger) -> None:
+    """Delete the files in masks/, cervix/, overlays/ of a visit (``folder``: its folder name there) that its
+    new result does not reference; only files the ledger lists as cervscan's are deleted."""
+    keep = {os.path.normpath(r[k]) for r in records for k in ("mask", "cervix_mask", "overlay") if r.get(k)}
     for d in OUTPUT_DIRS:
-        folder = out / d / pid
-        if not folder.is_dir():
+        path = out / d / folder
+        if not path.is_dir() or path.is_symlink():
             continue
-        for e in os.scandir(folder):
-            if e.is_file(follow_symlinks=False) and str(folder / e.name) not in keep:
+        for e in os.scandir(path):
+            rel = os.path.join(d, folder, e.name)
+            if os.path.normpath(rel) not in keep and ledger.may_delete(rel):
                 with contextlib.suppress(OSError):
                     os.unlink(e.path)
 
@@ -580,8 +610,11 @@ def render_csv(rows: list[dict], columns: list[str]) -> bytes:
     return buf.getvalue().encode("utf-8", errors="backslashreplace")
 
 
-def write_if_changed(path: Path, data: bytes, journal: Path) -> bool:
-    """Atomically replace ``path`` with ``data`` unless it already holds exactly that."""
+def write_if_changed(path: Path, data: bytes, journal: Path, ledger: cio.OutputLedger | None = None) -> bool:
+    """Atomically replace ``path`` with ``data`` unless it already holds exactly that; a file the ledger
+    does not list as cervscan's is never replaced (:class:`cervscan.io.OutputConflictError`)."""
+    if ledger is not None:
+        ledger.claim([os.path.relpath(path, ledger.out)])
     with contextlib.suppress(OSError):
         if path.read_bytes() == data:
             return False
@@ -593,18 +626,29 @@ def write_if_changed(path: Path, data: bytes, journal: Path) -> bool:
     return True
 
 
-def write_tables(out: Path, journal: Journal, stray: list[dict]) -> dict[str, int]:
+def removed_note(folder: str) -> str:
+    """What ``reason`` of patients.csv says of a visit whose folder is no longer in ROOT."""
+    return f"visit folder no longer in ROOT (was {folder}; moved, renamed or archived): last result kept"
+
+
+def write_tables(out: Path, journal: Journal, stray: list[dict], *, ledger: cio.OutputLedger | None = None,
+                 removed: dict[str, str] | None = None) -> dict[str, int]:
     """skipped.csv, images.csv and patients.csv from the journal, each atomically; patients.csv last, so
-    that once it exists the other two exist as well."""
+    that once it exists the other two exist as well. ``removed``: patient id -> former folder of the visits
+    no longer in ROOT, whose ``reason`` says so."""
     from .pipeline import IMAGE_COLUMNS, PATIENT_COLUMNS
     from .writer import SKIPPED_COLUMNS
 
     patients, images, skipped = journal.tables()
+    for p in patients:
+        if p.get("patient_id") in (removed or {}):
+            note = removed_note(removed[p["patient_id"]])
+            p["reason"] = note + (f"; {p['reason']}" if p.get("reason") else "")
     log.info("tables: writing %d patient(s), %d image(s)", len(patients), len(images))
-    write_if_changed(out / "skipped.csv", render_csv(stray + skipped, SKIPPED_COLUMNS), journal.path)
-    write_if_changed(out / "images.csv", render_csv(images, IMAGE_COLUMNS), journal.path)
+    write_if_changed(out / "skipped.csv", render_csv(stray + skipped, SKIPPED_COLUMNS), journal.path, ledger)
+    write_if_changed(out / "images.csv", render_csv(images, IMAGE_COLUMNS), journal.path, ledger)
     _pause("tables:images.csv")
-    write_if_changed(out / "patients.csv", render_csv(patients, PATIENT_COLUMNS), journal.path)
+    write_if_changed(out / "patients.csv", render_csv(patients, PATIENT_COLUMNS), journal.path, ledger)
     _pause("tables:patients.csv")
     log.info("tables: written")
     return {"patients": len(patients), "images": len(images), "skipped": len(stray) + len(skipped),
@@ -618,27 +662,33 @@ def write_tables(out: Path, journal: Journal, stray: list[dict]) -> dict[str, in
 # --------------------------------------------------------------------------- the run
 
 def _prepare_out(out: Path) -> None:
+    import tempfile
+
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / STATE_DIR).mkdir(exist_ok=True)
-        probe = out / ".cervscan-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        fd, probe = tempfile.mkstemp(prefix=".cervscan-write-test.", dir=out)
+        os.close(fd)
+        os.unlink(probe)
     except OSError as e:
         raise CervscanError(f"{out}: output folder is not writable ({e.strerror}); earlier results are unchanged") \
             from None
 
 
-def _discover(root: Path) -> tuple[list, list[dict]]:
-    """Visits under ROOT and stray files. An empty ROOT (no visit folder yet) has no visits."""
-    from .io import discover_visits
+def _discover(root: Path, out: Path | None = None) -> tuple[list, list[dict]]:
+    """Visits under ROOT and stray files. An empty ROOT (no visit folder yet) has no visits. A visit folder
+    that leads (through a link) into OUT is not screened: it gets decision ``error`` with the reason."""
+    from .api import refuse_overlapping_visits
+    from .io import discover_visits, display_id
 
     stray: list[tuple[Path, str]] = []
     visits = discover_visits([root], stray)
     if len(visits) == 1 and not visits[0].images and Path(visits[0].folder) == root:
-        log.info("%s: no visit folders yet", root)
+        log.info("%s: no visit folders yet", display_id(str(root)))
         visits = []
-    return visits, [{"patient_id": "", "file": str(p), "reason": why} for p, why in stray]
+    if out is not None:
+        refuse_overlapping_visits(visits, out)
+    return visits, [{"patient_id": "", "file": display_id(str(p)), "reason": why} for p, why in stray]
 
 
 def _failed(patient: dict) -> bool:
@@ -648,9 +698,10 @@ def _failed(patient: dict) -> bool:
 class _Screener:
     """Screens the planned visits and commits each one as soon as its last image is done."""
 
-    def __init__(self, pipe, writer, journal: Journal, out: Path, run_id: int, csv_every: int, stray: list[dict]):
+    def __init__(self, pipe, writer, journal: Journal, out: Path, run_id: int, csv_every: int, stray: list[dict],
+                 removed: dict[str, str] | None = None):
         self.pipe, self.writer, self.journal, self.out = pipe, writer, journal, out
-        self.run_id, self.csv_every, self.stray = run_id, csv_every, stray
+        self.run_id, self.csv_every, self.stray, self.removed = run_id, csv_every, stray, removed or {}
         labels = pipe.labels()
         self.model_cols = {"stage_model": labels.get("stage", ""), "cervix_model": labels.get("cervix", ""),
                            "seg_model": labels.get("segmenter", ""), "cls_model": labels.get("classifier", "")}
@@ -668,8 +719,10 @@ class _Screener:
                 "(complete); fix this and run again") from None
 
     def run(self, todo: list, plan: Plan) -> None:
+        from .api import decide_patient
+
         for v in todo:
-            self.writer.add_visit(v.patient_id, [p.name for p in v.images])
+            self.writer.add_visit(v.patient_id, [cio.display_id(p.name) for p in v.images])
         items = [(v.patient_id, p) for v in todo for p in v.images]
         stream = self.pipe.run(items)
         since_tables = 0
@@ -678,16 +731,20 @@ class _Screener:
                 recs = [self._write_files(next(stream)) for _ in v.images]
                 self.images += len(recs)
                 _pause("visit:files-written")
-                patient = self.pipe.aggregate(v.patient_id, recs, v.error or "")
-                self.journal.save_visit(v.patient_id, str(Path(v.folder).resolve()), plan.fps[v.patient_id],
+                patient = decide_patient(self.pipe, v.patient_id, recs, v.error or "")
+                fps = plan.fps[v.patient_id]
+                if v.patient_id in self.writer.output_failed:  # screened again by the next run
+                    fps = {**fps, "files": RETRY + fps["files"]}
+                self.journal.save_visit(v.patient_id, cio.display_id(str(Path(v.folder).resolve())), fps,
                                         patient, recs, v.skipped, self.run_id)
                 _pause("visit:committed")
-                remove_stale_outputs(self.out, v.patient_id, recs)
+                remove_stale_outputs(self.out, self.writer.folder(v.patient_id), recs, self.writer.ledger)
                 self.patients.append(patient)
                 self._log_visit(v, patient, plan)
                 since_tables += 1
                 if self.csv_every and since_tables >= self.csv_every and len(self.patients) < len(todo):
-                    write_tables(self.out, self.journal, self.stray)
+                    write_tables(self.out, self.journal, self.stray, ledger=self.writer.ledger,
+                                 removed=self.removed)
                     since_tables = 0
         finally:
             stream.close()
@@ -703,8 +760,10 @@ class _Screener:
                  f"; error: {patient['error']}" if patient.get("error") else "")
 
 
-def _check_inputs(root: Path, config_file, overrides: dict | None, device: str | None) -> None:
-    """Fail before anything is written: a bad config file, an unavailable device, a missing ROOT."""
+def _check_inputs(root: Path, config_file, overrides: dict | None, device: str | None,
+                  out: Path | None = None) -> None:
+    """Fail before anything is written: a bad config file, an unavailable device, a missing ROOT, an OUT
+    that is ROOT, lies inside it or holds it."""
     from .config import load_config_file
 
     file_cfg = load_config_file(config_file) if config_file else {}
@@ -714,8 +773,11 @@ def _check_inputs(root: Path, config_file, overrides: dict | None, device: str |
 
         resolve_device(spec)
     if not root.is_dir():
-        raise CervscanError(f"{root}: {'path does not exist' if not root.exists() else 'not a folder'} "
+        raise CervscanError(f"{cio.display_id(str(root))}: "
+                            f"{'path does not exist' if not root.exists() else 'not a folder'} "
                             "(give the folder that receives the visit folders)")
+    if out is not None:
+        cio.check_overlap([root], out)
 
 
 def run_batch(root: str | Path, out: str | Path, *, seg_model: str | None = None, cls_model: str | None = None,
@@ -740,15 +802,16 @@ def run_batch(root: str | Path, out: str | Path, *, seg_model: str | None = None
                 use_stage=use_stage, config_file=str(config_file) if config_file else None,
                 overrides=dict(overrides or {}), device=device, num_workers=num_workers, batch_images=batch_images,
                 write_masks=write_masks, write_overlays=write_overlays)
-    _check_inputs(root, config_file, overrides, device)
+    _check_inputs(root, config_file, overrides, device, out)
     _prepare_out(out)
     with BatchLock(out / STATE_DIR / LOCK_NAME) as lock:
         waited = lock.acquire(wait=wait or wait_timeout is not None, timeout=wait_timeout)
-        log.info("batch %s -> %s (pid %d)", root, out, os.getpid())
-        sweep_temp_files(out)
+        log.info("batch %s -> %s (pid %d)", cio.display_id(str(root)), cio.display_id(str(out)), os.getpid())
         journal = Journal(out / STATE_DIR / JOURNAL_NAME)
         try:
-            night = _Night(root, out, journal, opts, csv_every, t0, waited)
+            ledger = cio.OutputLedger(out, inputs=[root], adopt=journal.referenced_files)
+            sweep_temp_files(out, ledger)
+            night = _Night(root, out, journal, opts, csv_every, t0, waited, ledger)
             summary, run, screened = night.execute()
         finally:
             journal.close()
@@ -761,8 +824,9 @@ class _Night:
     """One run: plan, screen, tables, run.json. Loads the models only when it needs them."""
 
     def __init__(self, root: Path, out: Path, journal: Journal, opts: dict, csv_every: int, t0: float,
-                 waited: float):
+                 waited: float, ledger: cio.OutputLedger | None = None):
         self.root, self.out, self.journal, self.opts = root, out, journal, opts
+        self.ledger = ledger if ledger is not None else cio.OutputLedger(out, inputs=[root])
         self.csv_every, self.t0, self.waited = csv_every, t0, waited
         self.pipe = self.refs = self.provenance = None
         self.load_s = 0.0
@@ -797,7 +861,11 @@ class _Night:
         for rid, started, pid, n in journal.unfinished_runs(run_id):
             log.warning("run %d (pid %s, started %s) did not finish; it had committed %d visit(s), which are "
                         "kept; the rest is screened now", rid, pid, started, n)
-        visits, stray = _discover(self.root)
+        visits, stray = _discover(self.root, self.out)
+        self.ledger.add_inputs(v.folder for v in visits)
+        from .writer import TABLES
+
+        self.ledger.claim(TABLES)  # a patients.csv cervscan did not write fails here, before any screening
         stored = journal.stored()
         fps = self.fingerprints()
         plan = make_plan(visits, stored, fps["models"], fps["config"])
@@ -805,6 +873,7 @@ class _Night:
             self.load()
             plan = make_plan(visits, stored, self.fps["models"], self.fps["config"])
         _log_plan(plan, stored)
+        removed = {pid: stored[pid].folder for pid in plan.removed}
         journal.update_skipped({v.patient_id: [list(s) for s in v.skipped] for v in plan.unchanged
                                 if json.loads(stored[v.patient_id].skipped) != [list(s) for s in v.skipped]})
         t_loaded = time.time()
@@ -813,12 +882,13 @@ class _Night:
             from .writer import OutputWriter
 
             cfg = self.pipe.cfg
-            scr = _Screener(self.pipe, OutputWriter(self.out, masks=cfg.write_masks, overlays=cfg.write_overlays),
-                            journal, self.out, run_id, self.csv_every, stray)
+            scr = _Screener(self.pipe, OutputWriter(self.out, masks=cfg.write_masks, overlays=cfg.write_overlays,
+                                                    ledger=self.ledger),
+                            journal, self.out, run_id, self.csv_every, stray, removed)
             scr.run(plan.todo, plan)
             patients, n_images = scr.patients, scr.images
         t_screened = time.time()
-        counts = write_tables(self.out, journal, stray)
+        counts = write_tables(self.out, journal, stray, ledger=self.ledger, removed=removed)
         summary = _summary(self.root, self.out, plan, patients, n_images, counts, self.t0, t_loaded, t_screened,
                            self.waited)
         run = self.run_record(summary, counts, run_id, t_loaded, t_screened)
@@ -841,7 +911,7 @@ class _Night:
                 prev = json.loads((self.out / "run.json").read_text(encoding="utf-8"))
                 if isinstance(prev, dict) and (prev.get("batch") or {}).get("inputs_key") == self.key:
                     run = {**prev, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                           "inputs": [str(self.root.resolve())]}
+                           "inputs": [cio.display_id(str(self.root.resolve()))]}
             except (OSError, ValueError):
                 pass
             if run is None:
@@ -879,7 +949,7 @@ def _summary(root: Path, out: Path, plan: Plan, patients: list[dict], n_images: 
         for k in r:
             why[k] = why.get(k, 0) + 1
     return {
-        "root": str(root.resolve()), "out": str(out.resolve()),
+        "root": cio.display_id(str(root.resolve())), "out": cio.display_id(str(out.resolve())),
         "new": len(plan.new), "changed": len(plan.changed), "unchanged": len(plan.unchanged),
         "failed": len(failed), "inadequate": len(inadequate),
         "removed": len(plan.removed), "duration_s": round(time.time() - t0, 3), "images": n_images,
@@ -915,7 +985,7 @@ def log_to_file(path: str | Path | None, console_level: int) -> Iterator[None]:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(path, encoding="utf-8")
+        handler = logging.FileHandler(path, encoding="utf-8", errors="backslashreplace")
     except OSError as e:
         raise CervscanError(f"{path}: cannot open the log file ({e.strerror})") from None
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [pid %(process)d] %(message)s",

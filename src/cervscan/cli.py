@@ -60,8 +60,18 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     logging.getLogger("cervscan").setLevel(logging.DEBUG if verbose else (logging.ERROR if quiet else logging.INFO))
 
 
+def _shown(x) -> str:
+    """Text from names (patient ids, paths, messages naming files) for the console: valid UTF-8 and never
+    read as rich markup."""
+    from rich.markup import escape
+
+    from .io import clean_text
+
+    return escape(clean_text(str(x)))
+
+
 def _fail(e: Exception) -> None:
-    err_console.print(f"[red]error:[/red] {e}")
+    err_console.print(f"[red]error:[/red] {_shown(e)}")
     raise typer.Exit(1) from None
 
 
@@ -199,7 +209,13 @@ def screen(
         if report:
             api.report(Path(out), config_file=config, clinic=os.environ.get("CERVSCAN_CLINIC"))
     except CervscanError as e:
+        if as_json:  # the caller still gets a JSON answer
+            sys.stdout.write(json.dumps({"out": str(out), "error": str(e), "exit_code": 1}) + "\n")
         _fail(e)
+    except Exception as e:
+        if as_json:
+            sys.stdout.write(json.dumps({"out": str(out), "error": f"{type(e).__name__}: {e}", "exit_code": 1}) + "\n")
+        raise
     if as_json:
         sys.stdout.write(json.dumps(res.summary(), indent=2, default=str) + "\n")
     elif not quiet:
@@ -210,7 +226,7 @@ def screen(
 def _print_summary(res) -> None:
     from rich.table import Table
 
-    t = Table(title=f"cervscan screen -> {res.out}", caption=DISCLAIMER)
+    t = Table(title=f"cervscan screen -> {_shown(res.out)}", caption=DISCLAIMER)
     t.add_column("patient", no_wrap=True, min_width=8)
     t.add_column("decision", no_wrap=True)
     for c in ("score", "threshold", "images decided on", "failed", "quality", "note"):
@@ -218,10 +234,10 @@ def _print_summary(res) -> None:
     style = {"severe": "bold red", "mildly_normal": "green", "error": "yellow", "inadequate": "yellow"}
     order = {"severe": 0, "inadequate": 1, "error": 2}
     for p in sorted(res.patients, key=lambda p: (order.get(p["decision"], 3), p["patient_id"])):
-        t.add_row(p["patient_id"], f"[{style.get(p['decision'], '')}]{p['decision']}[/]",
+        t.add_row(_shown(p["patient_id"]), f"[{style.get(p['decision'], '')}]{p['decision']}[/]",
                   "" if p["score"] is None else f"{p['score']:.3f}", f"{p['threshold']:.3f}",
                   f"{p.get('n_eligible', p['n_used'])}/{p['n_images']}", str(p["n_failed"]), p.get("quality") or "",
-                  "; ".join(x for x in (p.get("reason"), p.get("error")) if x))
+                  _shown("; ".join(x for x in (p.get("reason"), p.get("error")) if x)))
     console.print(t)
     m = res.run["models"]
     c = res.run["counts"]
@@ -300,6 +316,53 @@ def _print_metrics(m: dict) -> None:
     if m.get("patients_inadequate"):
         console.print(f"[yellow]{m['patients_inadequate']} patient(s) inadequate (no eligible image), left out of "
                       "the metrics; see metrics.json 'inadequate'[/yellow]")
+    _print_labels_check(m.get("labels_check"))
+    if m.get("not_in_cv_run"):
+        console.print(f"[yellow]{len(m['not_in_cv_run'])} visit folder(s) are not in the --cv-run's folds.csv and "
+                      f"were not evaluated: see metrics.json 'not_in_cv_run'[/yellow]")
+    if (m.get("in_sample") or {}).get("note"):
+        console.print(f"[yellow]in-sample: {m['in_sample']['note']}[/yellow]")
+
+
+def _print_labels_check(rec: dict | None) -> None:
+    """Where the labels' findings (duplicates, labelled patients without a folder, folders without a label),
+    named in the log above, are recorded."""
+    from .validation import label_check_lines
+
+    n = len(label_check_lines(rec))
+    if n:
+        console.print(f"[yellow]labels: {n} finding(s), named above; recorded in metrics.json 'labels_check'[/yellow]")
+
+
+TRAIN_EXIT_CODES = (
+    "[b]Exit codes:[/b] 0 trained, and the classifier is better than chance on held-out patients (or --force "
+    "kept one that is not); 6 the classifier failed its validation (the 95% CI of its held-out patient AUC "
+    "includes 0.5 or lies below it): no model.pt written, metrics.json says why; 1 error; 2 usage error."
+)
+ForceTrainOpt = Annotated[bool, typer.Option("--force", help="Write model.pt even when the classifier is no better "
+                                             "than chance on held-out patients (recorded in it as forced; "
+                                             "'models install' still refuses it without --force).")]
+
+
+def _validation_result(m: dict) -> None:
+    """After a training run that wrote its model: the validation, in red when it failed and was forced."""
+    from .validation import describe
+
+    v = m.get("validation")
+    if not v:
+        return
+    if v["passed"]:
+        console.print(f"[green]validation: {describe(v)}[/green]")
+    else:
+        err_console.print(f"[bold red]validation FAILED, model kept because of --force: {describe(v)}. "
+                          f"Do not use it to screen.[/bold red]")
+
+
+def _fail_validation(e) -> None:
+    from .api import EXIT_NOT_VALIDATED
+
+    err_console.print(f"[bold red]error: {e}[/bold red]")
+    raise typer.Exit(EXIT_NOT_VALIDATED) from None
 
 
 # --------------------------------------------------------------------------- training
@@ -379,7 +442,7 @@ class _train_progress:
         return self.prog.__exit__(*a)
 
 
-@app.command("train-cls")
+@app.command("train-cls", epilog=TRAIN_EXIT_CODES)
 def train_cls_cmd(
     visits: Annotated[Path, typer.Argument(help="Folder of visit folders.")],
     labels: Annotated[Path, typer.Option("--labels", help="CSV patient_id,label[,source].")],
@@ -410,6 +473,7 @@ def train_cls_cmd(
     only_folds: Annotated[Optional[str], typer.Option("--only-folds", help="Train only these folds (comma list, 1-based; 0 = the all-patient model), e.g. to run folds in parallel processes; then run again with --resume for the metrics.")] = None,
     threads: Annotated[int, typer.Option("--threads", help="Torch threads (0 = torch's default).")] = 0,
     eval_epochs: Annotated[Optional[str], typer.Option("--eval-epochs", help="Comma-separated epochs after which the held-out patients are also scored (a learning curve in metrics.json; needs --folds or a split).")] = None,
+    force: ForceTrainOpt = False,
     max_steps: Annotated[int, typer.Option(hidden=True)] = 0,
 ) -> None:
     """Train the classifier on original + segmented images with a patient-wise split; calibrate the operating point."""
@@ -437,16 +501,22 @@ def train_cls_cmd(
                          samples=samples, epochs=epochs, batch_size=batch_size, lr=lr, input_size=input_size,
                          val_fraction=val_fraction, folds=folds, full=full, target_sensitivity=target_sensitivity,
                          tune_votes=tune_votes, seed=seed, device=device or "auto", resume=resume, max_steps_per_epoch=max_steps,
-                         name=model_name, version=model_version, cache_dir=str(cache_dir) if cache_dir else None)
+                         name=model_name, version=model_version, cache_dir=str(cache_dir) if cache_dir else None,
+                         force=force)
+    from .validation import ValidationFailed
+
     try:
         with _train_progress() as cb:
             m = api.train_cls(**cfg, progress=cb)
+    except ValidationFailed as e:
+        _fail_validation(e)
     except CervscanError as e:
         _fail(e)
     console.print_json(json.dumps(m.get("summary", {}), default=str))
+    _validation_result(m)
 
 
-@app.command("train-decision")
+@app.command("train-decision", epilog=TRAIN_EXIT_CODES)
 def train_decision_cmd(
     visits: Annotated[Path, typer.Argument(help="Folder of visit folders.")],
     labels: Annotated[Path, typer.Option("--labels", help="CSV patient_id,label[,source].")],
@@ -470,6 +540,7 @@ def train_decision_cmd(
     threads: Annotated[int, typer.Option("--threads", help="Torch threads (0 = torch's default).")] = 0,
     model_name: Annotated[str, typer.Option("--model-name", help="Name recorded in the checkpoint.")] = "cervscan-decision-lite0",
     model_version: Annotated[str, typer.Option("--model-version", help="Version recorded in the checkpoint.")] = "0.0.0-local",
+    force: ForceTrainOpt = False,
 ) -> None:
     """Train the classifier the 2.0.0 way: frozen EfficientNet-Lite features of the screened inputs, a logistic
     regression over each patient's mean feature, repeated patient-wise cross-validation, calibration and the
@@ -499,18 +570,25 @@ def train_decision_cmd(
               variants=vs, train_variants=tv, decision_stages=st, C=c, folds=folds, repeats=repeats, seed=seed,
               target_sensitivity=target_sensitivity, seg_model=seg_model, cervix_model=cervix_model,
               cache_dir=str(cache_dir) if cache_dir else None, threads=threads, name=model_name,
-              version=model_version)
+              version=model_version, force=force)
     if w is not None:
         kw["weights"] = w
+    from .validation import ValidationFailed
+
     try:
         m = api.train_decision(**kw)
+    except ValidationFailed as e:
+        _fail_validation(e)
     except CervscanError as e:
         _fail(e)
     op = m["operating_point"]
-    console.print(f"cross-validated patient AUC {m['auc_mean_of_repeats']:.3f} (repeats "
-                  + ", ".join(f"{a:.3f}" for a in m["auc_repeats"]) + f"); threshold {op['threshold']:.3f}: "
+    v = m["validation"]
+    console.print(f"cross-validated patient AUC {m['auc_mean_of_repeats']:.3f} (95% CI {v['ci_low']:.3f}-"
+                  f"{v['ci_high']:.3f}; repeats " + ", ".join(f"{a:.3f}" for a in m["auc_repeats"])
+                  + f"); threshold {op['threshold']:.3f}, chosen on these out-of-fold scores (in-sample): "
                   f"sensitivity {m['sensitivity_mean_of_repeats']:.2f}, specificity {m['specificity_mean_of_repeats']:.2f}"
                   f" -> {out}/model.pt")
+    _validation_result(m)
 
 
 @app.command("train-stage")
@@ -591,7 +669,7 @@ def batch(
     def fail(e: Exception, code: int) -> None:
         if as_json:
             sys.stdout.write(json.dumps({"root": str(root), "out": str(out), "error": str(e), "exit_code": code}) + "\n")
-        err_console.print(f"[red]error:[/red] {e}")
+        err_console.print(f"[red]error:[/red] {_shown(e)}")
         raise typer.Exit(code)
 
     console_level = logging.DEBUG if verbose else (logging.ERROR if quiet or as_json else logging.INFO)
@@ -607,17 +685,24 @@ def batch(
         fail(e, BatchLockedError.exit_code)
     except CervscanError as e:
         fail(e, 1)
+    except Exception as e:  # a bug: the JSON line still tells the caller the run stopped, then the traceback
+        if as_json:
+            sys.stdout.write(json.dumps({"root": str(root), "out": str(out), "error": f"{type(e).__name__}: {e}",
+                                         "exit_code": 1}) + "\n")
+        raise
     s = res.summary
     if s["failed"]:  # also with --quiet / --json: cron mails what reaches stderr
-        err_console.print(f"[yellow]warning:[/yellow] {s['failed']} visit(s) failed ({', '.join(s['failed_ids'][:20])}"
-                          f"{' ...' if s['failed'] > 20 else ''}); see {out / 'patients.csv'} and {out / 'images.csv'}")
+        err_console.print(f"[yellow]warning:[/yellow] {s['failed']} visit(s) failed "
+                          f"({_shown(', '.join(s['failed_ids'][:20]))}{' ...' if s['failed'] > 20 else ''}); "
+                          f"see {_shown(out / 'patients.csv')} and {_shown(out / 'images.csv')}")
     if as_json:
         sys.stdout.write(json.dumps(s, default=str) + "\n")
     elif not quiet:
-        console.print(f"batch {root} -> {out}: {s['new']} new, {s['changed']} changed, {s['unchanged']} unchanged, "
+        console.print(f"batch {_shown(root)} -> {_shown(out)}: {s['new']} new, {s['changed']} changed, "
+                      f"{s['unchanged']} unchanged, "
                       f"{s['failed']} failed, {s['inadequate']} inadequate (retake), {s['removed']} removed (kept); "
                       f"{s['images']} image(s) in "
-                      f"{s['duration_s']:.1f}s; {s['patients_total']} patient(s) in {out / 'patients.csv'}")
+                      f"{s['duration_s']:.1f}s; {s['patients_total']} patient(s) in {_shown(out / 'patients.csv')}")
     raise typer.Exit(res.exit_code)
 
 
@@ -641,8 +726,10 @@ def report(
                               config_file=config)
     except CervscanError as e:
         _fail(e)
+    except OSError as e:  # anything the report could not read or write, named, without a traceback
+        _fail(CervscanError(f"{e.filename or out}: {e.strerror or e}"))
     for p in paths:
-        console.print(str(p))
+        console.print(str(p), markup=False, highlight=False, soft_wrap=True)
 
 
 # --------------------------------------------------------------------------- models
@@ -681,16 +768,24 @@ def models_list() -> None:
 def models_install(
     runs: Annotated[list[Path], typer.Argument(help="train-seg / train-cls run folders (or model.pt files).")],
     name: Annotated[Optional[str], typer.Option(help="Tag prefix.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Also install a classifier whose recorded validation failed "
+                                        "(no better than chance) or that records none.")] = False,
 ) -> None:
-    """Install retrained model(s) as the default for 'screen' (user data dir, sha256 recorded)."""
+    """Install retrained model(s) as the default for 'screen' (user data dir, sha256 recorded).
+
+    Each checkpoint is loaded fully first; a classifier must record a passed validation (better than chance
+    on held-out patients), unless --force."""
     from . import weights as W
 
     try:
-        res = W.install(runs, name=name)
+        res = W.install(runs, name=name, force=force)
     except CervscanError as e:
         _fail(e)
     for role, info in res.items():
         console.print(f"installed {role}: {info['folder']} (sha256 {info['sha256'][:12]})")
+        if info.get("forced"):
+            err_console.print(f"[bold red]warning: {role} installed because of --force although {info['forced']}; "
+                              f"'cervscan models rollback --role {role}' returns to the shipped one[/bold red]")
 
 
 @models_app.command("rollback")

@@ -5,6 +5,10 @@ Data preparation: every image of every labelled patient is decoded, segmented
 with the given segmenter and stored (original and segmented image, both at the
 input size) in a cache keyed by the segmenter's sha256, so cross-validation
 folds and later runs do not segment again.
+
+Validation (:mod:`cervscan.validation`): the held-out patient AUC and its bootstrap 95 % CI; a classifier
+whose CI does not lie above 0.5 gets no ``model.pt`` and :class:`cervscan.validation.ValidationFailed` is
+raised after the run's metrics are written, unless ``force``. Every checkpoint records the validation.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from .config import STUDY_WEIGHTS, VARIANT_NAMES, VotingConfig, DEFAULT_BRIGHTNE
 from .errors import CervscanError, DataError
 from .io import atomic_write_csv, atomic_write_json, discover_visits, file_key, read_image
 from .metrics import binary_metrics, bootstrap_ci, full_report, plot_confusion, plot_roc, threshold_for_sensitivity
+from .validation import classifier_validation, enforce
 from .models import (build_classifier, default_norm, load_lite0_into_timm, make_checkpoint, to_deploy)
 from .seg_training import seed_everything
 from .transforms import resize_square, to_tensor_batch
@@ -73,15 +78,18 @@ class ClsTrainConfig:
     cervix_model: str | None = None
     #: train and score only these folds (1-based; 0 = the all-patient model), for running folds in parallel
     only_folds: tuple[int, ...] = ()
+    #: write model.pt even when the classifier fails its validation (recorded as ``forced`` in it)
+    force: bool = False
 
 
 # --------------------------------------------------------------------------- data
 
-def read_labels(path: str | Path) -> list[dict]:
-    """Labelled rows of ``labels.csv``; a missing source becomes ``all``."""
+def read_labels(path: str | Path, notes: list[dict] | None = None) -> list[dict]:
+    """Labelled rows of ``labels.csv``; a missing source becomes ``all`` (``notes``: as
+    :func:`cervscan.io.read_labels`)."""
     from .io import read_labels as _read
 
-    rows, _ = _read(path)
+    rows, _ = _read(path, notes)
     return [{**r, "source": r["source"] or "all"} for r in rows]
 
 
@@ -121,15 +129,21 @@ def preparation_pipeline(cfg: ClsTrainConfig):
     return Pipeline(models, pcfg, dev), info
 
 
-def prepare_samples(cfg: ClsTrainConfig, progress=None) -> tuple[list[Sample], dict]:
+def prepare_samples(cfg: ClsTrainConfig, progress=None, checks: dict | None = None) -> tuple[list[Sample], dict]:
     """Decode every labelled image and run the screening pipeline up to the classifier's inputs
     (cervix crop, lesion, segmented image at the input size); cached by model sha256s and settings.
-    Returns samples and the models' info."""
-    labels = {r["patient_id"]: r for r in read_labels(cfg.labels)}
+    Returns samples and the models' info; the labels' check against the visit folders
+    (:func:`cervscan.validation.label_check`) goes to ``checks["labels_check"]`` when given."""
+    from .validation import label_check
+
+    notes: list[dict] = []
+    rows = read_labels(cfg.labels, notes)
+    labels = {r["patient_id"]: r for r in rows}
     visits = {v.patient_id: v for v in discover_visits([cfg.visits])}
-    missing = sorted(set(labels) - set(visits))
-    if missing:
-        log.warning("%d labelled patients have no visit folder (e.g. %s); skipped", len(missing), missing[:3])
+    rec = label_check(rows, notes, list(visits), without_images=[p for p, v in visits.items() if not v.images],
+                      labels=str(cfg.labels), what=f" under {cfg.visits} (skipped)")
+    if checks is not None:
+        checks["labels_check"] = rec
     pipe, info = preparation_pipeline(cfg)
     S = cfg.input_size
     from .io import cache_root
@@ -469,7 +483,8 @@ def train_cls(cfg: ClsTrainConfig, progress: Callable[[dict], None] | None = Non
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     dev = resolve_device(cfg.device)
-    samples, model_info = prepare_samples(cfg, progress)
+    checks: dict = {}
+    samples, model_info = prepare_samples(cfg, progress, checks)
     seg_info = model_info["segmenter"]
     pids, y, src = patient_table(samples)
     if len(np.unique(y)) < 2:
@@ -559,7 +574,12 @@ def train_cls(cfg: ClsTrainConfig, progress: Callable[[dict], None] | None = Non
     hy = np.array([y_by[q] for q in hp])
     hsrc = np.array([src_by[q] for q in hp], dtype=object)
     op = threshold_for_sensitivity(hy, hs, cfg.target_sensitivity)
+    op["chosen_on"] = "the held-out patients' scores (in-sample: these are also the scores it is reported on)"
     rep = full_report(hy, hs, op["threshold"], sources=hsrc, seed=cfg.seed)
+    validation = classifier_validation(
+        hy, hs, method=(f"{len(splits)}-fold patient-wise cross-validation" if len(splits) > 1 else
+                        f"validation split ({len(hp)} held-out patients)") + ", bootstrap over patients",
+        seed=cfg.seed, force=cfg.force)
     # per fold, at the final (calibrated) operating point, overall and per source
     fold_of_pid = {s.patient_id: int(f) for s, f in zip(samples, oof_fold) if f >= 0}
     hfold = np.array([fold_of_pid[q] for q in hp])
@@ -610,6 +630,7 @@ def train_cls(cfg: ClsTrainConfig, progress: Callable[[dict], None] | None = Non
     metrics = {
         "patients": int(len(pids)), "images": len(samples), "severe": int(y.sum()),
         "evaluation": "cross-validation" if len(splits) > 1 else "validation split",
+        "validation": validation, "labels_check": checks.get("labels_check"),
         "folds": fold_rows, "fold_summary": fold_summary, "epoch_curve": epoch_curve,
         "held_out": rep, "held_out_at_0_5": rep05, "study_setting": rep_study,
         "auc_original_only": auc_no_vote,
@@ -649,6 +670,7 @@ def train_cls(cfg: ClsTrainConfig, progress: Callable[[dict], None] | None = Non
                                                      "sensitivity_ci95": rep["ci95"]["sensitivity"],
                                                      "specificity_ci95": rep["ci95"]["specificity"]},
                                  "temperature": T,
+                                 "validation": validation,
                                  "crop": cfg.crop,
                                  "voting": {"weights": list(weights), "brightness": cfg.brightness,
                                             "brightness_from_flipped": False,
@@ -662,9 +684,15 @@ def train_cls(cfg: ClsTrainConfig, progress: Callable[[dict], None] | None = Non
                                                    "images": len(samples), "seed": cfg.seed}})
         save_checkpoint(ck, path)
 
-    if model is not None:
-        write_ckpt(model, out / "model.pt", final_note)
-        metrics["checkpoint"] = str(out / "model.pt")
+    model_path = out / "model.pt"
+    if model is not None and (validation["passed"] or cfg.force):
+        write_ckpt(model, model_path, final_note)
+        metrics["checkpoint"] = str(model_path)
+    elif model is not None:
+        # no installable model: an earlier run's model.pt in this folder must not pass for this run's
+        model_path.unlink(missing_ok=True)
+        metrics["checkpoint"] = None
+        metrics["final_model"] = f"{final_note}; not written: the classifier failed its validation"
     if fold_models:
         # each fold's model with the pooled calibration, and which patients it did not see:
         # `cervscan evaluate --cv-run OUT` re-screens every patient with the model of its fold.
@@ -677,5 +705,9 @@ def train_cls(cfg: ClsTrainConfig, progress: Callable[[dict], None] | None = Non
     atomic_write_json(out / "metrics.json", metrics)
     atomic_write_json(out / "run.json", {"command": "train-cls", "config": asdict(cfg), "cervscan_version": __version__,
                                          "torch": torch.__version__, "device": str(dev), "threads": torch.get_num_threads(),
+                                         "validation": validation, "labels_check": checks.get("labels_check"),
                                          "models": model_info})
+    enforce(validation, metrics, no_model=(f"No {model_path} was written (metrics.json, predictions.csv"
+                                           + (" and the fold models" if fold_models else "") + " are, for inspection)."
+                                           if model is not None else "No model was to be written (no --full)."))
     return metrics

@@ -1,15 +1,22 @@
-"""Run configuration: frozen dataclasses, JSON/TOML loading. No torch import."""
+"""Run configuration: frozen dataclasses, JSON/TOML loading, and the type and allowed range of every
+setting (:data:`SETTINGS`), checked wherever a value comes in. No torch import."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import math
+import numbers
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import CervscanError
+from .io import MAX_DECODE_MB
+
+log = logging.getLogger(__name__)
 
 #: The six variants of the method, in order (v1..v6).
 VARIANT_NAMES: tuple[str, ...] = (
@@ -36,6 +43,202 @@ VARIANT_SETS = {
     "original": ("original",),
     "original+segmented": ("original", "segmented"),
 }
+#: Decisions a report's ``next_step`` text can be given for.
+DECISIONS: tuple[str, ...] = ("severe", "mildly_normal", "inadequate", "error")
+
+
+# --------------------------------------------------------------------------- settings: type and range
+
+@dataclass(frozen=True)
+class Setting:
+    """Type and allowed values of one setting (a config-file key, a command-line option, a value from a
+    model checkpoint, a field of the configuration dataclasses).
+
+    ``kind``: "number" (finite, in the range), "int" (whole, in the range), "bool", "choice" (one of
+    ``choices``), "str", "weights" (6 finite numbers >= 0, not all 0), "names" (a non-empty list of
+    ``choices``) or "table" (``choices`` -> text).
+    """
+
+    kind: str
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    choices: tuple[str, ...] = ()
+
+    def allowed(self) -> str:
+        """What the setting may be, in words."""
+        if self.kind in ("number", "int"):
+            rng = (f"{'(' if self.lo_open else '['}{_num(self.lo)}, {_num(self.hi)}"
+                   f"{')' if self.hi_open else ']'}")
+            return ("a finite number in " if self.kind == "number" else "a whole number in ") + rng
+        if self.kind == "bool":
+            return "true or false"
+        if self.kind == "choice":
+            return "one of " + ", ".join(f'"{c}"' for c in self.choices)
+        if self.kind == "weights":
+            return "6 finite numbers >= 0, not all 0 (a list, or comma-separated)"
+        if self.kind == "names":
+            return f"a non-empty list of {', '.join(self.choices)} (or comma-separated)"
+        if self.kind == "table":
+            return f"a table of text for {', '.join(self.choices)}"
+        return "a string"
+
+
+def _num(x: float | None) -> str:
+    return str(int(x)) if x is not None and float(x).is_integer() else repr(x)
+
+
+#: Every setting: config-file key -> type and allowed range. Checked when a config file is loaded (the error
+#: names the file), for command-line options, for the values a model checkpoint brings (threshold, voting,
+#: mask threshold, exam stages) and when the configuration dataclasses are built.
+SETTINGS: dict[str, Setting] = {
+    # decision
+    "threshold": Setting("number", 0, 1, hi_open=True),  # score > 1 never happens: 1 would refer nobody
+    "pooling": Setting("choice", choices=("probability", "logit")),
+    # variants and voting
+    "weights": Setting("weights"),
+    "brightness": Setting("number", 0, 4, lo_open=True),
+    "brightness_from_flipped": Setting("bool"),
+    "variants": Setting("names", choices=VARIANT_NAMES),
+    "crop_margin": Setting("number", 0, 1),
+    "min_lesion_fraction": Setting("number", 0, 0.5),
+    "mask_threshold": Setting("number", 0, 1, lo_open=True, hi_open=True),  # 0: every pixel; >= 1: none
+    # crop
+    "crop": Setting("choice", choices=CROP_MODES),
+    "classify_view": Setting("choice", choices=("crop", "frame")),
+    "cervix_margin": Setting("number", 0, 1),
+    "cervix_min_fraction": Setting("number", 0, 0.5, lo_open=True),
+    "centre_crop": Setting("number", 0.25, 1),
+    # decoding
+    "max_side": Setting("int", 64, 16384),
+    "max_pixels": Setting("int", 1_000_000, 1_000_000_000),
+    "min_side": Setting("int", 1, 4096),
+    "max_decode_mb": Setting("int", 16, 1_000_000),
+    # quality gate
+    "quality_gate": Setting("bool"),
+    "min_sharpness": Setting("number", 0, 1),
+    "min_brightness": Setting("number", 0, 255),
+    "max_overexposed": Setting("number", 0, 1),
+    "max_glare": Setting("number", 0, 1),
+    "min_cervix_px": Setting("number", 0, 16384),
+    "decision_stages": Setting("names", choices=STAGES),
+    "stage_min_confidence": Setting("number", 0, 1),
+    # running
+    "device": Setting("str"),
+    "batch_images": Setting("int", 1, 1024),
+    "classify_batch": Setting("int", 0, 4096),
+    "num_workers": Setting("int", 0, 64),
+    # report
+    "clinic": Setting("str"),
+    "next_step": Setting("table", choices=DECISIONS),
+}
+
+#: Gate settings at which a check rejects no image (allowed, but said in the log).
+_CHECK_OFF = {"min_sharpness": (0, "the blur check"), "min_brightness": (0, "the dark check"),
+              "max_overexposed": (1, "the over-exposure check"), "max_glare": (1, "the glare check"),
+              "min_cervix_px": (0, "the cervix-size check")}
+
+
+def _shown(v: Any) -> str:
+    """A value as written in a config file (TOML-like), for messages."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, numbers.Integral):
+        return str(int(v))
+    if isinstance(v, numbers.Real):
+        return repr(float(v))
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_shown(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {_shown(x)}" for k, x in v.items()) + "}"
+    return repr(v)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and type(v).__name__ != "bool_"
+
+
+def check_setting(key: str, value: Any, where: str, name: str | None = None) -> Any:
+    """``value`` of setting ``key`` checked against :data:`SETTINGS` (type; finite, not nan or inf; range)
+    and normalised: a whole float of an "int" setting becomes an int, a comma-separated string of
+    ``weights``, ``variants`` or ``decision_stages`` a tuple (lists are returned as given).
+
+    Raises CervscanError ``"<where>: <name> = <value>: must be <what is allowed>"``, e.g.
+    ``settings.toml: min_sharpness = nan: must be a finite number in [0, 1]``; ``where`` is the config file,
+    "command line" or the checkpoint, ``name`` the key as the user wrote it (default ``key``).
+    """
+    s = SETTINGS[key]
+    name = name or key
+
+    def bad(why: str | None = None) -> CervscanError:
+        return CervscanError(f"{where}: {name} = {_shown(value)}: {why or 'must be ' + s.allowed()}")
+
+    if s.kind in ("number", "int"):
+        if not _is_number(value):
+            raise bad()
+        v = float(value)
+        if not math.isfinite(v) or (s.kind == "int" and not v.is_integer()):
+            raise bad()
+        if (v < s.lo or (s.lo_open and v == s.lo)) or (v > s.hi or (s.hi_open and v == s.hi)):
+            raise bad()
+        return int(v) if s.kind == "int" else value
+    if s.kind == "bool":
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if s.kind == "choice":
+        if not isinstance(value, str) or value not in s.choices:
+            raise bad()
+        return value
+    if s.kind == "str":
+        if not isinstance(value, str):
+            raise bad()
+        return value
+    if s.kind == "table":
+        if not (isinstance(value, dict) and all(k in s.choices and isinstance(t, str) for k, t in value.items())):
+            raise bad()
+        return value
+    out = value
+    if isinstance(value, str):  # written as on the command line
+        parse = parse_weights if s.kind == "weights" else parse_variants if key == "variants" else parse_stages
+        try:
+            out = parse(value)
+        except CervscanError as e:
+            raise bad(str(e).split(": ", 1)[-1]) from None
+    elif not isinstance(value, (list, tuple)):
+        raise bad()
+    if s.kind == "weights":
+        if (len(out) != 6 or not all(_is_number(x) and math.isfinite(float(x)) and x >= 0 for x in out)
+                or sum(out) <= 0):
+            raise bad()
+    elif not out or not all(isinstance(x, str) and x in s.choices for x in out):
+        raise bad()
+    return out
+
+
+def check_settings(data: dict[str, Any], where: str, names: dict[str, str] | None = None) -> dict[str, Any]:
+    """Every value of ``data`` (key -> value; None: not given, passed through) checked with
+    :func:`check_setting`; unknown keys are an error. ``names``: how each key is shown (e.g. the
+    command-line option). A gate setting that switches its check off (e.g. ``max_glare = 1``) is logged."""
+    names = names or {}
+    unknown = sorted(k for k in data if k not in SETTINGS)
+    if unknown:
+        raise CervscanError(f"{where}: unknown setting(s): {', '.join(unknown)}")
+    out = {}
+    for k, v in data.items():
+        out[k] = v if v is None else check_setting(k, v, where, names.get(k))
+        if k in _CHECK_OFF and v is not None and float(v) == _CHECK_OFF[k][0]:
+            log.warning("%s: %s = %s: %s rejects no image", where, names.get(k, k), _shown(v), _CHECK_OFF[k][1])
+    return out
+
+
+def _check_fields(obj: Any, keys: dict[str, str]) -> None:
+    """Check the fields of a configuration dataclass (field -> setting key) against :data:`SETTINGS`."""
+    for fld, key in keys.items():
+        check_setting(key, getattr(obj, fld), type(obj).__name__, fld)
 
 
 @dataclass(frozen=True)
@@ -80,6 +283,7 @@ class VotingConfig:
         w = sum(self.weights[VARIANT_NAMES.index(v)] for v in self.variants)
         if w <= 0:
             raise CervscanError("the selected variants all have weight 0")
+        _check_fields(self, {f.name: f.name for f in dataclasses.fields(self)})
 
     def active_weights(self) -> dict[str, float]:
         """Weights of the variants in use, renormalised to sum to 1."""
@@ -133,6 +337,7 @@ class GateConfig:
                 raise CervscanError(f"{k} must be a fraction within [0, 1], got {getattr(self, k)}")
         if self.measure_side < 16:
             raise CervscanError(f"measure_side must be at least 16, got {self.measure_side}")
+        _check_fields(self, {fld: key for key, fld in GATE_KEYS.items()})
 
 
 #: Config-file keys of the gate -> GateConfig field.
@@ -160,6 +365,9 @@ class ScreenConfig:
     max_pixels: int = 120_000_000
     #: Images smaller than this on their shorter side are refused.
     min_side: int = 32
+    #: Memory budget of one image decode, MB: an image whose decode would hold more pixel data at once
+    #: (estimated from its size and colour mode before decoding, :func:`cervscan.io.decode_bytes`) is refused.
+    max_decode_mb: int = MAX_DECODE_MB
     #: What the lesion segmenter and classifier see: "cervix" (crop found by the cervix finder,
     #: centre crop when none is found), "centre" (always the centre crop) or "frame" (whole image).
     crop: str = "frame"
@@ -177,12 +385,20 @@ class ScreenConfig:
     write_heatmaps: bool = False
     backend: str = "torch"
 
+    def __post_init__(self) -> None:
+        _check_fields(self, {k: k for k in ("threshold", "device", "batch_images", "classify_batch", "num_workers",
+                                            "max_side", "max_pixels", "min_side", "max_decode_mb", "crop",
+                                            "classify_view", "cervix_margin", "cervix_min_fraction",
+                                            "centre_crop")})
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a JSON or TOML config file into a flat dict of overrides."""
+    """Read a JSON or TOML config file into a flat dict of overrides, every value checked against
+    :data:`SETTINGS` (type, finiteness, range; the error names the file, the key, the value and what is
+    allowed). An empty file (no settings) is an error."""
     p = Path(path)
     try:
         text = p.read_bytes()
@@ -197,66 +413,13 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise CervscanError(f"{p}: not valid {'TOML' if p.suffix.lower() == '.toml' else 'JSON'} ({e})") from None
     if not isinstance(data, dict):
         raise CervscanError(f"{p}: config must be a table/object")
-    known = {
-        "weights", "brightness", "brightness_from_flipped", "variants", "crop_margin",
-        "min_lesion_fraction", "mask_threshold", "threshold", "device", "batch_images",
-        "num_workers", "max_side", "max_pixels", "min_side", "clinic", "next_step",
-        "cervix_margin", "cervix_min_fraction", "centre_crop", "crop", "pooling", "classify_view", "classify_batch",
-        *GATE_KEYS,
-    }
-    unknown = sorted(set(data) - known)
+    if not data:
+        raise CervscanError(f"{p}: config file sets nothing (it is empty); write the settings in it, or "
+                            "leave out --config to use the defaults")
+    unknown = sorted(set(data) - set(SETTINGS))
     if unknown:
         raise CervscanError(f"{p}: unknown config key(s): {', '.join(unknown)}")
-    return _check_types(p, data)
-
-
-_FLOAT_KEYS = {"brightness", "crop_margin", "min_lesion_fraction", "mask_threshold", "threshold",
-               "cervix_margin", "cervix_min_fraction", "centre_crop", "min_sharpness", "min_brightness",
-               "max_overexposed", "max_glare", "min_cervix_px", "stage_min_confidence"}
-_INT_KEYS = {"batch_images", "num_workers", "max_side", "max_pixels", "min_side", "classify_batch"}
-
-
-def _check_types(p: Path, data: dict[str, Any]) -> dict[str, Any]:
-    """Check value types, so a bad file gives a message naming it (not a traceback after loading models).
-
-    ``variants`` and ``weights`` may also be written as on the command line
-    (``"original+segmented"``, ``"0.2,0.25,0.15,0.2,0.11,0.09"``).
-    """
-    out = dict(data)
-    for k, v in data.items():
-        if k in _FLOAT_KEYS:
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise CervscanError(f"{p}: '{k}' must be a number, got {v!r}")
-        elif k in _INT_KEYS:
-            if isinstance(v, float) and v.is_integer():
-                out[k] = v = int(v)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise CervscanError(f"{p}: '{k}' must be a whole number, got {v!r}")
-        elif k in ("brightness_from_flipped", "quality_gate"):
-            if not isinstance(v, bool):
-                raise CervscanError(f"{p}: '{k}' must be true or false, got {v!r}")
-        elif k == "classify_view":
-            if v not in ("crop", "frame"):
-                raise CervscanError(f"{p}: 'classify_view' must be \"crop\" or \"frame\", got {v!r}")
-        elif k == "pooling":
-            if v not in ("probability", "logit"):
-                raise CervscanError(f"{p}: 'pooling' must be \"probability\" or \"logit\", got {v!r}")
-        elif k == "crop":
-            if v not in CROP_MODES:
-                raise CervscanError(f"{p}: 'crop' must be one of {', '.join(CROP_MODES)}, got {v!r}")
-        elif k == "device":
-            if not isinstance(v, str):
-                raise CervscanError(f"{p}: 'device' must be a string such as \"cpu\", got {v!r}")
-        elif k in _LIST_KEYS:
-            parse, item_ok, what = _LIST_KEYS[k]
-            if isinstance(v, str):  # written as on the command line
-                try:
-                    out[k] = parse(v)
-                except CervscanError as e:
-                    raise CervscanError(f"{p}: '{k}': {e}") from None
-            elif not (isinstance(v, list) and all(item_ok(x) for x in v)):
-                raise CervscanError(f"{p}: '{k}' must be {what}, got {v!r}")
-    return out
+    return check_settings(data, str(p))
 
 
 def parse_variants(spec: str) -> tuple[str, ...]:
@@ -293,12 +456,3 @@ def parse_stages(spec: str) -> tuple[str, ...]:
     if bad or not names:
         raise CervscanError(f"decision_stages: unknown {bad or spec!r}; use all or a comma list of {', '.join(STAGES)}")
     return names
-
-
-#: List-valued config keys: (parser for the command-line string form, item check, description).
-_LIST_KEYS = {
-    "decision_stages": (parse_stages, lambda x: isinstance(x, str) and x in STAGES,
-                        f"a list of exam stages ({', '.join(STAGES)})"),
-    "variants": (parse_variants, lambda x: isinstance(x, str), "a list of variant names"),
-    "weights": (parse_weights, lambda x: isinstance(x, (int, float)) and not isinstance(x, bool), "a list of 6 numbers"),
-}

@@ -13,10 +13,18 @@ mean feature, so the shipped network (the backbone with the regression and the c
 its last layer, ``voting.pooling = "logit"``) gives through ``screen`` the score this module computes.
 
 Evaluation: K-fold patient-wise cross-validation repeated R times (patients stratified by label x
-source). Calibration (Platt scaling) is fitted on the pooled out-of-fold scores of all repeats; the
-operating point is the threshold reaching ``target_sensitivity`` on those calibrated scores. The
-fold models of the first repeat are written with ``folds.csv`` so that ``cervscan evaluate --cv-run``
-reproduces the first repeat's out-of-fold numbers through the screening path.
+source). Calibration (Platt scaling, slope kept positive so that it never reverses the ranking:
+:func:`cervscan.metrics.platt_scaling`) is fitted on the pooled out-of-fold scores of all repeats; the
+operating point is the threshold reaching ``target_sensitivity`` on those calibrated scores (both are
+fitted on these scores: the sensitivity and specificity at the threshold are in-sample). The fold models
+of the first repeat are written with ``folds.csv`` so that ``cervscan evaluate --cv-run`` reproduces the
+first repeat's out-of-fold numbers through the screening path.
+
+Validation (:mod:`cervscan.validation`): the cross-validated patient AUC (mean of the repeats) and its
+bootstrap 95 % CI; when the CI's lower end is not above 0.5 the classifier is no better than chance, no
+``model.pt`` is written and :class:`cervscan.validation.ValidationFailed` is raised (after ``metrics.json``,
+``oof.csv`` and the fold models, which record the failed validation), unless ``force``. Every checkpoint
+records the validation.
 """
 
 from __future__ import annotations
@@ -72,6 +80,9 @@ class DecisionTrainConfig:
     threads: int = 0
     name: str = "cervscan-decision-lite0"
     version: str = "0.0.0-local"
+    #: Write model.pt even when the classifier fails its validation (recorded as ``forced`` in it).
+    force: bool = False
+    n_bootstrap: int = 2000
 
 
 def backbone(name: str):
@@ -200,13 +211,13 @@ def linear_of(model) -> tuple[np.ndarray, float]:
 
 
 def train_decision(cfg: DecisionTrainConfig, progress=None) -> dict:
-    from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedKFold
 
     from .io import discover_visits, read_labels
-    from .metrics import full_report, threshold_for_sensitivity
+    from .metrics import full_report, platt_scaling, threshold_for_sensitivity
     from .models import make_checkpoint, save_checkpoint
+    from .validation import classifier_validation, enforce, label_check
 
     bad = [v for v in cfg.train_variants if v not in cfg.variants]
     if bad:
@@ -216,10 +227,15 @@ def train_decision(cfg: DecisionTrainConfig, progress=None) -> dict:
     t0 = time.time()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows, _ = read_labels(cfg.labels)
+    label_notes: list[dict] = []
+    rows, _ = read_labels(cfg.labels, label_notes)
     lab = {r["patient_id"]: int(r["label"]) for r in rows}
     src = {r["patient_id"]: r.get("source") or "" for r in rows}
-    visits = [v for v in discover_visits([cfg.visits]) if v.patient_id in lab and v.images]
+    found = discover_visits([cfg.visits])
+    labels_check = label_check(rows, label_notes, [v.patient_id for v in found],
+                               without_images=[v.patient_id for v in found if not v.images], labels=str(cfg.labels),
+                               what=f" under {cfg.visits}")
+    visits = [v for v in found if v.patient_id in lab and v.images]
     if len({lab[v.patient_id] for v in visits}) < 2:
         raise DataError(f"{cfg.labels}: need labelled visits of both classes under {cfg.visits}")
     items = [(v.patient_id, p) for v in visits for p in v.images]
@@ -281,31 +297,42 @@ def train_decision(cfg: DecisionTrainConfig, progress=None) -> dict:
             if r == 0:
                 fold_of[te] = k + 1
                 fold_models.append(m)
-    # Platt scaling on the pooled out-of-fold scores of all repeats
-    platt = LogisticRegression(C=1e6, max_iter=1000).fit(oof.reshape(-1, 1), np.tile(y, cfg.repeats))
-    a, c = float(platt.coef_[0, 0]), float(platt.intercept_[0])
+    # Platt scaling on the pooled out-of-fold scores of all repeats; its slope is kept positive (a fitted slope
+    # that is not is refused: the scores stay uncalibrated), so the calibrated scores keep the ranking and
+    # every AUC below is the same on the raw and the calibrated scores
+    platt = platt_scaling(oof.reshape(-1), np.tile(y, cfg.repeats))
+    a, c = platt["a"], platt["c"]
+    if not platt["applied"]:
+        log.warning("calibration refused: %s", platt["note"])
     cal = 1.0 / (1.0 + np.exp(-(a * oof + c)))
     op = threshold_for_sensitivity(np.tile(y, cfg.repeats), cal.reshape(-1), cfg.target_sensitivity)
+    op["chosen_on"] = "the calibrated out-of-fold scores of all repeats (in-sample: these are also the scores it is reported on)"
     thr = op["threshold"]
-    rep0 = full_report(y, cal[0], thr, sources=source)
-    aucs = [float(roc_auc_score(y, o)) for o in oof]
+    rep0 = full_report(y, cal[0], thr, sources=source, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed)
+    aucs = [float(roc_auc_score(y, cc)) for cc in cal]
+    evaluation = (f"{cfg.folds}-fold patient-wise cross-validation x {cfg.repeats} repeats "
+                  f"(StratifiedKFold on label x source, seeds {cfg.seed}..{cfg.seed + cfg.repeats - 1})")
+    validation = classifier_validation(
+        y, cal, method=f"{cfg.folds}-fold patient-wise cross-validation x {cfg.repeats} repeat(s), mean AUC of the "
+                       f"repeats, bootstrap over patients", n_bootstrap=cfg.n_bootstrap, seed=cfg.seed, force=cfg.force)
     by_src = {}
     for s in sorted(set(source.tolist())):
         sel = source == s
         if len(set(y[sel])) == 2:
-            by_src[s] = {"auc": float(np.mean([roc_auc_score(y[sel], o[sel]) for o in oof])),
+            by_src[s] = {"auc": float(np.mean([roc_auc_score(y[sel], cc[sel]) for cc in cal])),
                          "sensitivity": float(np.mean([(cc[sel][y[sel] == 1] > thr).mean() for cc in cal])),
                          "specificity": float(np.mean([(cc[sel][y[sel] == 0] <= thr).mean() for cc in cal]))}
     metrics = {
-        "evaluation": f"{cfg.folds}-fold patient-wise cross-validation x {cfg.repeats} repeats "
-                      f"(StratifiedKFold on label x source, seeds {cfg.seed}..{cfg.seed + cfg.repeats - 1})",
+        "evaluation": evaluation,
+        "validation": validation,
         "patients": len(P), "images": len(items), "inadequate_patients": inadequate,
         "eligible_images": int(sum(1 for r in recs if r is not None and r["eligible"])),
         "auc_mean_of_repeats": float(np.mean(aucs)), "auc_repeats": aucs, "fold_auc": fold_auc,
         "by_source": by_src,
         "sensitivity_mean_of_repeats": float(np.mean([(cc[y == 1] > thr).mean() for cc in cal])),
         "specificity_mean_of_repeats": float(np.mean([(cc[y == 0] <= thr).mean() for cc in cal])),
-        "repeat0": rep0, "operating_point": op, "platt": {"a": a, "c": c},
+        "repeat0": rep0, "operating_point": op, "platt": platt,
+        "labels_check": labels_check,
         "seconds": {"total": None},
     }
     atomic_write_csv(out / "oof.csv", [{"patient_id": p, "label": int(yy), "source": s, "fold": int(f),
@@ -333,6 +360,7 @@ def train_decision(cfg: DecisionTrainConfig, progress=None) -> dict:
                                     "operating_point": {**op, "evaluated_on": metrics["evaluation"] + ", calibrated "
                                                         "out-of-fold scores of all repeats"},
                                     "recipe": "frozen-linear", "what": what,
+                                    "validation": validation,
                                     "train_summary": summary})
         save_checkpoint(ck, path)
 
@@ -347,19 +375,28 @@ def train_decision(cfg: DecisionTrainConfig, progress=None) -> dict:
         write(m, out / f"fold{k + 1}.pt", f"fold {k + 1} of {cfg.folds} (repeat 0): validation patients in folds.csv",
               {**base_summary, "patients": int((fold_of != k + 1).sum())})
     atomic_write_csv(out / "folds.csv", fold_rows, ["patient_id", "fold", "label", "source"])
-    full = fit(np.arange(len(P)))
-    write(full, out / "model.pt", "all patients", {**base_summary, "patients": len(P)})
-    # check: the folded network reproduces the calibrated regression on the patients' mean features
-    w, b = linear_of(full)
-    with torch.no_grad():
-        z = net.get_classifier()(torch.tensor(V["original"][:8], dtype=torch.float32)).numpy()
-    if not np.allclose(z[:, 1] - z[:, 0], a * (V["original"][:8] @ w + b) + c, atol=1e-3):
-        raise CervscanError("folding the regression into the network failed (logits differ)")
+    model_path = out / "model.pt"
+    if validation["passed"] or cfg.force:
+        full = fit(np.arange(len(P)))
+        write(full, model_path, "all patients", {**base_summary, "patients": len(P)})
+        # check: the folded network reproduces the calibrated regression on the patients' mean features
+        w, b = linear_of(full)
+        with torch.no_grad():
+            z = net.get_classifier()(torch.tensor(V["original"][:8], dtype=torch.float32)).numpy()
+        if not np.allclose(z[:, 1] - z[:, 0], a * (V["original"][:8] @ w + b) + c, atol=1e-3):
+            raise CervscanError("folding the regression into the network failed (logits differ)")
+        metrics["checkpoint"] = str(model_path)
+    else:
+        # no installable model: an earlier run's model.pt in this folder must not pass for this run's
+        model_path.unlink(missing_ok=True)
+        metrics["checkpoint"] = None
     metrics["seconds"]["total"] = time.time() - t0
-    metrics["checkpoint"] = str(out / "model.pt")
     atomic_write_json(out / "metrics.json", metrics)
     atomic_write_json(out / "run.json", {"command": "train-decision", "config": asdict(cfg),
                                          "cervscan_version": __version__, "torch": torch.__version__,
+                                         "validation": validation, "labels_check": labels_check,
                                          "models": {r: {"label": getattr(refs[r], "label", ""),
                                                         "sha256": getattr(refs[r], "sha256", "")} for r in refs}})
+    enforce(validation, metrics, no_model=f"No {model_path} was written (metrics.json, oof.csv and the fold models "
+                                          f"are, for inspection).")
     return metrics

@@ -43,25 +43,80 @@ def bootstrap_ci(y_true, scores, threshold: float, n: int = 2000, seed: int = 0,
     (ties get average ranks, identical to ``sklearn.metrics.roc_auc_score``).
     Resamples that lack a class are skipped for the metrics that need it.
     """
-    from scipy.stats import rankdata
-
     y = np.asarray(y_true, dtype=int)
     s = np.asarray(scores, dtype=float)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, y.size, (n, y.size))
+    idx = _resamples(y.size, n, seed)
     Y, S = y[idx], s[idx]
     P = S > threshold
     n1 = Y.sum(1)
     n0 = y.size - n1
     both = (n1 > 0) & (n0 > 0)
-    R = rankdata(S, axis=1)
+    auc = _rank_auc(Y, S)
     with np.errstate(invalid="ignore", divide="ignore"):
-        auc = ((R * Y).sum(1) - n1 * (n1 + 1) / 2) / (n1 * n0)
         sens = (P & (Y == 1)).sum(1) / n1
         spec = (~P & (Y == 0)).sum(1) / n0
     vals = {"auc": auc[both], "sensitivity": sens[n1 > 0], "specificity": spec[n0 > 0]}
     lo, hi = 100 * alpha / 2, 100 * (1 - alpha / 2)
     return {k: ([float(np.percentile(v, lo)), float(np.percentile(v, hi))] if v.size else None) for k, v in vals.items()}
+
+
+def _resamples(size: int, n: int, seed: int) -> np.ndarray:
+    """``n`` bootstrap resamples (rows of patient indices) of ``size`` patients."""
+    return np.random.default_rng(seed).integers(0, size, (n, size))
+
+
+def _rank_auc(Y: np.ndarray, S: np.ndarray) -> np.ndarray:
+    """AUC of each row (labels ``Y``, scores ``S``) by the Mann-Whitney rank statistic, ties at average
+    ranks; NaN for a row that lacks a class."""
+    from scipy.stats import rankdata
+
+    n1 = Y.sum(1)
+    n0 = Y.shape[1] - n1
+    R = rankdata(S, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return ((R * Y).sum(1) - n1 * (n1 + 1) / 2) / (n1 * n0)
+
+
+def bootstrap_auc_ci(y_true, scores, n: int = 2000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float]:
+    """Percentile bootstrap 95 % CI (``alpha``) over patients of the AUC, or of the mean AUC of several score
+    vectors of the same patients (``scores``: patients, or repeats x patients, e.g. the out-of-fold scores
+    of repeated cross-validation; each resample draws the same patients for every repeat). Resamples that
+    lack a class are skipped."""
+    y = np.asarray(y_true, dtype=int)
+    S = np.atleast_2d(np.asarray(scores, dtype=float))
+    if S.shape[1] != y.size:
+        raise ValueError(f"{S.shape[1]} scores for {y.size} labels")
+    idx = _resamples(y.size, n, seed)
+    Y = y[idx]
+    auc = np.mean([_rank_auc(Y, row[idx]) for row in S], axis=0)
+    auc = auc[np.isfinite(auc)]
+    if not auc.size:
+        raise DataError("no bootstrap resample holds both classes: the AUC's confidence interval is undefined")
+    return float(np.percentile(auc, 100 * alpha / 2)), float(np.percentile(auc, 100 * (1 - alpha / 2)))
+
+
+def platt_scaling(scores, y_true) -> dict:
+    """Platt scaling, P(severe) = sigmoid(a * score + c), fitted by maximum likelihood, that never reverses
+    the ranking of the scores.
+
+    A fitted slope ``a`` that is not positive means that higher scores went with fewer severe patients:
+    applying it would turn the model's ranking around (a severe patient scored high would be sent home).
+    Then no calibration is applied (``a`` = 1, ``c`` = 0: the scores' own log-odds), ``applied`` is False and
+    the fitted values are kept in ``fitted_a`` / ``fitted_c``. Returns ``{"a", "c", "applied", ...}``.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    s = np.asarray(scores, dtype=float).reshape(-1, 1)
+    y = np.asarray(y_true, dtype=int).reshape(-1)
+    if len(np.unique(y)) < 2:
+        raise DataError("calibration needs both classes")
+    lr = LogisticRegression(C=1e6, max_iter=1000).fit(s, y)
+    a, c = float(lr.coef_[0, 0]), float(lr.intercept_[0])
+    if a > 0 and np.isfinite(a) and np.isfinite(c):
+        return {"a": a, "c": c, "applied": True}
+    return {"a": 1.0, "c": 0.0, "applied": False, "fitted_a": a, "fitted_c": c,
+            "note": f"the fitted slope {a:.3g} is not positive: calibrating would reverse the ranking "
+                    f"(severe patients would score lowest); scores left uncalibrated"}
 
 
 def threshold_for_sensitivity(y_true, scores, target: float) -> dict:

@@ -7,6 +7,7 @@ A checkpoint is a plain dict (loadable with ``torch.load(weights_only=True)``)::
      "input_size": [h, w], "mean", "std", "classes",
      # classifier only:
      "threshold", "operating_point", "temperature", "voting",
+     "validation",  # held-out patient AUC, its 95 % CI, passed / forced (cervscan.validation)
      # both:
      "train_summary", "cervscan_version", "dtype"}
 """
@@ -109,14 +110,45 @@ def save_checkpoint(ckpt: dict, path: str | Path) -> Path:
     return atomic_write_bytes(Path(path), buf.getvalue())
 
 
-def read_checkpoint(path: str | Path) -> dict:
+def _first_line(e: Exception, limit: int = 160) -> str:
+    """``Type: first line`` of an exception's message, without terminal colour codes (torch's messages run to
+    many lines)."""
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()
+    why = lines[0].strip() if lines else ""
+    why = why if len(why) <= limit else why[:limit].rstrip() + "..."
+    return f"{type(e).__name__}: {why}" if why else type(e).__name__
+
+
+def unsafe_reason(e: Exception) -> str | None:
+    """When ``torch.load(weights_only=True)`` refused a file because it holds Python objects beyond tensors
+    and plain containers (a pickle that would run code when loaded), what it refers to; else None."""
+    msg = str(e)
+    if "Weights only load failed" not in msg and "Unsupported global" not in msg:
+        return None
+    m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", msg)
+    return f"it refers to the Python object '{m.group(1)}'" if m else "it holds Python objects, not only weights"
+
+
+def load_file(path: str | Path, *, what: str = "a loadable cervscan checkpoint"):
+    """``torch.load(path, weights_only=True)`` with every failure as a :class:`CheckpointError` in cervscan's
+    words. A file that holds other Python objects than tensors and plain containers is refused as not a safe
+    cervscan checkpoint (loading it any other way could run code hidden in it)."""
     p = Path(path)
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+        return torch.load(p, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{p}: checkpoint not found") from None
     except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt files
-        raise CheckpointError(f"{p}: not a loadable cervscan checkpoint ({type(e).__name__}: {e})") from None
+        unsafe = unsafe_reason(e)
+        if unsafe:
+            raise CheckpointError(f"{p}: not a safe cervscan checkpoint ({unsafe}); it must not be loaded. "
+                                  f"Use a checkpoint written by cervscan's training commands.") from None
+        raise CheckpointError(f"{p}: not {what} (cannot be read: {_first_line(e)})") from None
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    p = Path(path)
+    ckpt = load_file(p)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT_VERSION or "state_dict" not in ckpt:
         raise CheckpointError(f"{p}: not a cervscan checkpoint (format {FORMAT_VERSION} dict expected)")
     for key in ("kind", "arch", "arch_kwargs", "form", "input_size", "mean", "std"):
@@ -128,19 +160,38 @@ def read_checkpoint(path: str | Path) -> dict:
 def model_from_checkpoint(ckpt: dict, *, deploy: bool = True) -> nn.Module:
     """Rebuild the network a checkpoint describes, in eval mode (float32)."""
     kind = ckpt["kind"]
-    sd = {k: (v.float() if v.is_floating_point() else v) for k, v in ckpt["state_dict"].items()}
-    if kind == "segmenter":
-        model = build_segmenter(ckpt["arch"], **ckpt["arch_kwargs"])
-        model.load_state_dict(sd)
-        return model.eval()
-    if kind not in ("classifier", "stage"):
+    if kind not in ("segmenter", "classifier", "stage"):
         raise CheckpointError(f"unknown checkpoint kind '{kind}'")
-    model = build_classifier(ckpt["arch"], num_classes=len(ckpt.get("classes") or CLASSES), **ckpt["arch_kwargs"])
+    name = f"checkpoint {ckpt.get('name')!r}" if ckpt.get("name") else "the checkpoint"
+    state = ckpt.get("state_dict")
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{name} holds no weights (its 'state_dict' is missing, empty or not tensors)")
+    sd = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
+
+    def load(model: nn.Module) -> None:
+        try:
+            model.load_state_dict(sd)
+        except RuntimeError as e:  # missing / unexpected keys, shapes that differ
+            raise CheckpointError(f"{name}: its weights do not fit its architecture '{ckpt.get('arch')}' "
+                                  f"({_first_line(e)})") from None
+
+    if kind == "segmenter":
+        try:
+            model = build_segmenter(ckpt["arch"], **ckpt["arch_kwargs"])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"{name}: unknown segmenter architecture '{ckpt.get('arch')}' "
+                                  f"({_first_line(e)})") from None
+        load(model)
+        return model.eval()
+    try:
+        model = build_classifier(ckpt["arch"], num_classes=len(ckpt.get("classes") or CLASSES), **ckpt["arch_kwargs"])
+    except TypeError as e:  # arch_kwargs the architecture does not take
+        raise CheckpointError(f"{name}: classifier architecture '{ckpt.get('arch')}': {_first_line(e)}") from None
     if ckpt["form"] == "deploy":
         model = to_deploy(model, inplace=True)  # the fused structure, then the saved fused weights
-        model.load_state_dict(sd)
+        load(model)
     else:
-        model.load_state_dict(sd)
+        load(model)
         if deploy:
             model = to_deploy(model, inplace=True)
     return model.eval()

@@ -268,7 +268,8 @@ class Pipeline:
     # ---- step: decode
     def decode(self, path: Path):
         c = self.cfg
-        return read_image(path, max_side=c.max_side, max_pixels=c.max_pixels, min_side=c.min_side)
+        return read_image(path, max_side=c.max_side, max_pixels=c.max_pixels, min_side=c.min_side,
+                          max_decode_mb=c.max_decode_mb)
 
     # ---- step: quality (measures; needs the cervix step's mask and crop box)
     def quality(self, rgb: np.ndarray, p: "Prepared | None" = None) -> dict:
@@ -460,7 +461,19 @@ class Pipeline:
             return
         batch = list(pending)
         pending.clear()
-        yield from self.process(batch)
+        try:
+            results = self.process(batch)
+        except Exception:  # noqa: BLE001 - one image's failure must not end the run
+            # again one by one, so that only the image that cannot be processed fails, with its reason
+            results = []
+            for d in batch:
+                try:
+                    results += self.process([d])
+                except Exception as e:  # noqa: BLE001
+                    log.exception("%s: processing failed", d["path"])
+                    why = f"{Path(d['path'])}: processing failed ({type(e).__name__}: {e})"
+                    results.append(self.failed({**d, "error": why}, self.cfg.threshold))
+        yield from results
 
     # ---- per patient
     def aggregate(self, patient_id: str, results: list[dict], visit_error: str = "") -> dict:

@@ -23,9 +23,30 @@ give the exam stage and the cervix status when images.csv has them; every
 model role of run.json (exam stage, cervix finder, lesion segmenter,
 classifier) is listed. Missing columns are simply left out.
 
+Before anything is rendered, :func:`check_tables` makes sure that patients.csv,
+images.csv and run.json describe the same run (each patient's image count,
+screened/failed/deciding counts, models, threshold and score against its rows
+of images.csv); tables of different runs, or of a batch run that is still
+writing or was interrupted, are refused with the first mismatch. A folder the
+reports cannot be written to is refused with its name.
+
 Text uses an embedded TrueType font (DejaVu Sans from matplotlib, else
-Bitstream Vera from reportlab), so non-ASCII patient ids and clinic names
-render and can be searched/extracted. PDFs are written atomically.
+Bitstream Vera from reportlab: Latin, Greek, Cyrillic, Arabic, Hebrew, many
+symbols and the emoticons). A character it lacks (CJK, Devanagari, ...) is set
+in the first TrueType font of this machine that has it (fontconfig's list, the
+usual font folders; fonts with PostScript outlines, such as the OpenType Noto
+CJK, or bitmap-only colour emoji cannot be embedded by reportlab and are
+skipped). A patient id with a character no font has, or an invisible one
+(zero-width, no-break space, control), is printed with code point escapes as
+Python writes them (``pac \\U0001f600 ñ``, ``\\u674e\\u5a1c``; a backslash as
+``\\\\``) and a note, and a warning is logged; ids that would still print alike
+(composed/decomposed accents) are followed by their exact code points. Right-to-left
+ids are put in display order; letters are not shaped (Arabic is printed with
+unjoined letters, Indic vowel signs are not reordered). The PDF text keeps the
+exact characters (ToUnicode in UTF-16, so characters beyond U+FFFF such as
+emoji survive search, copy and extraction). Report file names are the patient
+id when it is a portable file name, else a cleaned id with a hash suffix
+(:func:`_file_names`). PDFs are written atomically.
 """
 
 from __future__ import annotations
@@ -99,6 +120,7 @@ class ScreenOutput:
     patients: list[dict]
     images: list[dict]
     skipped: list[dict] = field(default_factory=list)
+    ledger: Any = None  # cervscan.io.OutputLedger when reports are written: what cervscan may overwrite
 
     def images_of(self, pid: str) -> list[dict]:
         return [r for r in self.images if r.get("patient_id") == pid]
@@ -137,7 +159,126 @@ def load_screen_output(out: str | Path) -> ScreenOutput:
         raise CervscanError(f"{out / 'patients.csv'}: lacks the columns patient_id and decision")
     images = _read_csv(out / "images.csv")
     skipped = _read_csv(out / "skipped.csv") if (out / "skipped.csv").is_file() else []
-    return ScreenOutput(out, run, patients, images, skipped)
+    so = ScreenOutput(out, run, patients, images, skipped)
+    check_tables(so)
+    return so
+
+
+def check_tables(so: ScreenOutput) -> None:
+    """CervscanError unless patients.csv, images.csv (and the counts in run.json) describe the same run.
+
+    Each patient must appear once in patients.csv, and images.csv must hold exactly its images: as many
+    as ``n_images``, with ``n_used`` screened, ``n_failed`` failed and ``n_eligible`` deciding, the same
+    models and threshold, and a score that is the mean of its deciding images' scores. Every image row
+    must belong to a patient of patients.csv, once. A report must never print one run's decision beside
+    another run's images. Columns an older output lacks are not checked."""
+    pat_file, img_file = so.out / "patients.csv", so.out / "images.csv"
+    is_batch = bool(so.run.get("batch")) or (so.out / ".cervscan" / "batch.sqlite").is_file()
+
+    def refuse(what: str) -> None:
+        if is_batch:
+            advice = ("this is a 'cervscan batch' output folder: a batch run may be writing it or was interrupted; "
+                      "run the batch again (or wait for it to finish), then the report")
+        else:
+            advice = ("the tables come from different runs; screen again ('cervscan screen VISITS -o OUT') "
+                      "instead of mixing tables of different output folders")
+        raise CervscanError(f"{pat_file} and {img_file} do not belong together: {what}; {advice}")
+
+    if so.images and not {"patient_id", "status"} <= set(so.images[0]):
+        raise CervscanError(f"{img_file}: lacks the columns patient_id and status")
+    by_pid: dict[str, list[dict]] = {}
+    for p in so.patients:
+        pid = p.get("patient_id", "")
+        if pid in by_pid:
+            refuse(f"patient {pid!r} appears more than once in patients.csv")
+        by_pid[pid] = []
+    seen: set[tuple[str, str]] = set()
+    for r in so.images:
+        pid, name = r.get("patient_id", ""), r.get("image", "")
+        if pid not in by_pid:
+            refuse(f"images.csv has image {name!r} of patient {pid!r}, who is not in patients.csv")
+        if name and (pid, name) in seen:
+            refuse(f"image {name!r} of patient {pid!r} appears more than once in images.csv")
+        seen.add((pid, name))
+        by_pid[pid].append(r)
+
+    for p in so.patients:
+        pid = p.get("patient_id", "")
+        rows = by_pid[pid]
+        ok = [r for r in rows if r.get("status") == "ok"]
+        eligible = [r for r in ok if _eligible(r)]
+        who = f"patient {pid!r}"
+        decision = (p.get("decision") or "").strip()
+        counts = [("n_images", len(rows), "image(s)")]
+        if decision != "error":  # a visit that could not be decided keeps its images but counts none as used
+            counts += [("n_used", len(ok), "screened image(s)"), ("n_failed", len(rows) - len(ok), "failed image(s)"),
+                       ("n_eligible", len(eligible), "image(s) used for the decision")]
+        for col, have, words in counts:
+            want = p.get(col)
+            if want not in (None, "") and _i(want, -1) != have:
+                refuse(f"{who}: patients.csv counts {want} {words} ({col}), images.csv has {have}")
+        for col in ("stage_model", "cervix_model", "seg_model", "cls_model"):
+            want = (p.get(col) or "").strip()
+            for r in rows:
+                got = (r.get(col) or "").strip()
+                if want and got and got != want:
+                    refuse(f"{who}: patients.csv has {col} {want}, images.csv has {got} (image {r.get('image', '')!r})")
+        thr = _f(p.get("threshold"))
+        for r in rows:
+            t = _f(r.get("threshold"))
+            if thr is not None and t is not None and abs(t - thr) > 1e-6:
+                refuse(f"{who}: patients.csv has threshold {thr:g}, images.csv has {t:g} "
+                       f"(image {r.get('image', '')!r})")
+        score = _f(p.get("score"))
+        if decision in ("severe", "mildly_normal") and score is None:
+            refuse(f"{who}: patients.csv has decision {decision} but no score")
+        if score is not None and decision != "error":
+            image_scores = [_f(r.get("score")) for r in eligible]
+            if not image_scores or any(s is None for s in image_scores):
+                refuse(f"{who}: patients.csv has score {score:.6f}, images.csv has no score for "
+                       f"{sum(s is None for s in image_scores) or 'any'} of the images used")
+            if not _score_matches(score, [s for s in image_scores if s is not None]):
+                mean = float(np.mean([s for s in image_scores if s is not None]))
+                refuse(f"{who}: patients.csv has score {score:.6f}, the mean of its {len(image_scores)} image "
+                       f"score(s) in images.csv is {mean:.6f}")
+
+    counts = so.run.get("counts")
+    if not is_batch and isinstance(counts, dict):  # a batch rewrites its tables before run.json
+        for key, have, name in (("patients", len(so.patients), "patients.csv"),
+                                ("images", len(so.images), "images.csv")):
+            want = counts.get(key)
+            if isinstance(want, int) and want != have:
+                raise CervscanError(f"{so.out / 'run.json'} and {so.out / name} do not belong together: run.json "
+                                    f"counts {want} {key}, {name} has {have}; screen again ('cervscan screen "
+                                    "VISITS -o OUT') instead of mixing files of different output folders")
+
+
+def _score_matches(score: float, image_scores: list[float]) -> bool:
+    """Whether a patient score is the mean of its image scores, of the probabilities or of their log-odds
+    (either pooling; the tables keep 6 decimals)."""
+    from .variants import aggregate_patient
+
+    for pooling in ("probability", "logit"):
+        s, _ = aggregate_patient(image_scores, 0.5, pooling)
+        if s is not None and abs(s - score) <= 1e-3:
+            return True
+    # log-odds of scores rounded to 0 or 1 are not known to 1e-3: those cannot be checked
+    return any(s < 1e-4 or s > 1 - 1e-4 for s in image_scores)
+
+
+def _check_writable(folder: Path) -> None:
+    """CervscanError, naming the folder, unless the reports can be written into it."""
+    import os
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".cervscan-write-test.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise CervscanError(f"{folder}: cannot write the reports ({e.strerror or e}); make the output folder "
+                            "writable, or copy it to a writable place") from None
 
 
 def _f(v: Any) -> float | None:
@@ -388,6 +529,7 @@ def write_heatmaps(out: str | Path, patients: list[str] | None = None) -> dict[t
     by_pid: dict[str, list[dict]] = {}
     for r in so.images:
         by_pid.setdefault(r.get("patient_id", ""), []).append(r)
+    names = _file_names(p.get("patient_id", "") for p in so.patients)
     for pid, rows in by_pid.items():
         if wanted is not None and pid not in wanted:
             continue
@@ -409,14 +551,32 @@ def write_heatmaps(out: str | Path, patients: list[str] | None = None) -> dict[t
             except CervscanError as e:
                 result[key] = f"not computed: {e}"
                 continue
-            result[key] = _save_heatmap(so.out, pid, stems[key[1]], blended)
+            try:
+                result[key] = _save_heatmap(so, names[pid], stems[key[1]], blended)
+            except (OSError, CervscanError) as e:
+                result[key] = f"not saved: {e.strerror or e}"
     return result
 
 
-def _save_heatmap(out: Path, pid: str, stem: str, blended: np.ndarray) -> Path:
+def _keep_heatmap(so: "ScreenOutput", folder: str, stem: str, blended: np.ndarray) -> None:
+    """Save a heatmap that a report shows; when its file cannot be written (or a file cervscan did not
+    create is in its place) the report still shows it."""
+    try:
+        _save_heatmap(so, folder, stem, blended)
+    except (OSError, CervscanError) as e:
+        log.warning("%s: heatmap file not saved (%s); the report shows the heatmap",
+                    so.out / "heatmaps" / folder / f"{_safe_stem(stem)}.jpg", getattr(e, "strerror", None) or e)
+
+
+def _save_heatmap(so: "ScreenOutput", folder: str, stem: str, blended: np.ndarray) -> Path:
+    """Write ``OUT/heatmaps/<folder>/<stem>.jpg`` (``folder``: the patient's :func:`_file_names` name),
+    claimed in the output ledger first, so that a file cervscan did not create is never replaced."""
     from .io import atomic_write_image
 
-    return atomic_write_image(out / "heatmaps" / _file_name(pid) / f"{_file_name(stem)}.jpg", blended)
+    rel = Path("heatmaps") / folder / f"{_safe_stem(stem)}.jpg"
+    if so.ledger is not None:
+        so.ledger.claim([rel])
+    return atomic_write_image(so.out / rel, blended)
 
 
 # --------------------------------------------------------------------------- fonts and styles
@@ -462,6 +622,556 @@ def _register_fonts() -> str:
     return _FONT
 
 
+# --------------------------------------------------------------------------- text in any script
+
+def _font_dirs() -> list[Path]:
+    """Font folders searched for fallback fonts (besides what fontconfig's ``fc-list`` lists)."""
+    import os
+    import sys
+
+    home = Path.home()
+    dirs = [home / ".fonts", home / ".local" / "share" / "fonts", Path("/usr/share/fonts"),
+            Path("/usr/local/share/fonts")]
+    if os.environ.get("XDG_DATA_HOME"):
+        dirs.insert(0, Path(os.environ["XDG_DATA_HOME"]) / "fonts")
+    if sys.platform == "darwin":
+        dirs += [home / "Library" / "Fonts", Path("/Library/Fonts"), Path("/System/Library/Fonts"),
+                 Path("/System/Library/Fonts/Supplemental")]
+    if os.name == "nt":
+        dirs += [Path(os.environ.get("WINDIR", r"C:\Windows")) / "Fonts"]
+        if os.environ.get("LOCALAPPDATA"):
+            dirs.append(Path(os.environ["LOCALAPPDATA"]) / "Microsoft" / "Windows" / "Fonts")
+    return dirs
+
+
+@dataclass
+class _FontCandidate:
+    """A font file (and face, in a .ttc collection) that may hold characters the base font lacks."""
+    path: Path
+    index: int = 0
+    ranges: list[tuple[int, int]] | None = None  # code point ranges, as fontconfig lists them
+    _cmap: set[int] | None = None
+
+    def covers(self, cp: int) -> bool:
+        if self.ranges is not None:
+            import bisect
+
+            k = bisect.bisect_right(self.ranges, (cp, 0x7FFFFFFF)) - 1
+            return k >= 0 and self.ranges[k][0] <= cp <= self.ranges[k][1]
+        if self._cmap is None:
+            self._cmap = _read_cmap(self.path, self.index)
+        return cp in self._cmap
+
+
+def _read_cmap(path: Path, index: int) -> set[int]:
+    """Code points of a TrueType-outline font (empty for PostScript/CFF outlines and bitmap-only fonts,
+    which reportlab cannot embed, and for files that cannot be read)."""
+    try:
+        from fontTools.ttLib import TTFont as FTFont  # a dependency of matplotlib
+
+        with FTFont(str(path), fontNumber=index, lazy=True) as f:
+            return set(f.getBestCmap() or ()) if "glyf" in f else set()
+    except ImportError:
+        pass
+    except Exception:  # noqa: BLE001 - a broken font file is just not used
+        return set()
+    try:
+        from reportlab.pdfbase.ttfonts import TTFontFile
+
+        return set(TTFontFile(str(path), subfontIndex=index).charToGlyph)
+    except Exception:  # noqa: BLE001
+        return set()
+
+
+def _fontconfig_candidates() -> list[_FontCandidate]:
+    """TrueType fonts fontconfig knows, with their character ranges (none when fc-list is not installed)."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("fc-list")
+    if not exe:
+        return []
+    try:
+        res = subprocess.run([exe, "--format", "%{file}\t%{index}\t%{fontformat}\t%{charset}\n"],
+                             capture_output=True, text=True, timeout=30, errors="replace")
+    except (OSError, subprocess.SubprocessError) as e:
+        log.debug("fc-list failed: %s", e)
+        return []
+    out = []
+    for line in res.stdout.splitlines():
+        parts = line.split("\t")
+        if len(parts) != 4 or parts[2].strip() != "TrueType":
+            continue
+        ranges = []
+        for item in parts[3].split():
+            lo, _, hi = item.partition("-")
+            try:
+                ranges.append((int(lo, 16), int(hi or lo, 16)))
+            except ValueError:
+                continue
+        try:
+            index = int(parts[1]) & 0xFFFF  # named instances of variable fonts: face in the low 16 bits
+        except ValueError:
+            index = 0
+        out.append(_FontCandidate(Path(parts[0]), index, sorted(ranges)))
+    return out
+
+
+def _folder_candidates() -> list[_FontCandidate]:
+    """Font files in the usual font folders and matplotlib's DejaVu and STIX fonts (cmaps read when needed)."""
+    import importlib.util
+
+    files: list[Path] = []
+    for d in _font_dirs():
+        if d.is_dir():
+            try:
+                files += sorted(p for p in d.rglob("*") if p.suffix.lower() in (".ttf", ".ttc", ".otf"))
+            except OSError:
+                continue
+    spec = importlib.util.find_spec("matplotlib")
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        ttf = Path(loc) / "mpl-data" / "fonts" / "ttf"
+        if ttf.is_dir():
+            files += sorted(p for p in ttf.glob("*.ttf") if p.name.startswith(("DejaVu", "STIX")))
+    out = []
+    for p in files:
+        n = 1
+        if p.suffix.lower() == ".ttc":
+            try:
+                with open(p, "rb") as f:
+                    head = f.read(12)
+                n = int.from_bytes(head[8:12], "big") if head[:4] == b"ttcf" else 0
+            except OSError:
+                n = 0
+        out += [_FontCandidate(p, i) for i in range(min(n, 64))]
+    return out
+
+
+def _font_candidates() -> list[_FontCandidate]:
+    """Fallback font candidates on this machine, regular sans-serif faces first. Fonts whose glyphs are
+    placeholders for whole Unicode blocks (Last Resort) are left out: they would print two different
+    ids alike."""
+    seen: set[tuple[str, int]] = set()
+    out = []
+    for c in [*_fontconfig_candidates(), *_folder_candidates()]:
+        key = (str(c.path), c.index)
+        if key in seen or "lastresort" in c.path.name.lower():
+            continue
+        seen.add(key)
+        out.append(c)
+
+    def rank(c: _FontCandidate):
+        n = c.path.name.lower()
+        styled = any(w in n for w in ("bold", "italic", "oblique", "light", "thin", "black", "mono", "condensed"))
+        return ("sans" not in n, styled, str(c.path), c.index)
+
+    return sorted(out, key=rank)
+
+
+#: Characters never printed as they are, but as code points: controls, format characters (zero width,
+#: direction overrides), private-use, unassigned and surrogate code points, and spaces other than
+#: U+0020 (invisible, or looking like other characters).
+_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Co", "Cn", "Cs", "Zl", "Zp", "Zs"})
+
+
+def _hidden(ch: str) -> bool:
+    import unicodedata
+
+    return ch != " " and unicodedata.category(ch) in _HIDDEN_CATEGORIES
+
+
+def _code_point(ch: str) -> str:
+    """One character as a code point escape, as Python writes it: ``\\xe9``, ``\\u674e``, ``\\U0001f600``
+    (a backslash as ``\\\\``)."""
+    o = ord(ch)
+    if ch == "\\":
+        return "\\\\"
+    return f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"
+
+
+def _char_name(ch: str) -> str:
+    import unicodedata
+
+    return f"U+{ord(ch):04X} {unicodedata.name(ch, '')}".strip()
+
+
+class _FontChain:
+    """The report font and, for characters it lacks, TrueType fonts found on this machine (fontconfig,
+    the usual font folders, matplotlib's fonts). ``font_for(ch)`` names the first font that has the
+    character, registered with reportlab (embedded as a subset when used), or None."""
+
+    def __init__(self, base: str):
+        from reportlab.pdfbase import pdfmetrics
+
+        self.base = base
+        if base == _FONT:
+            faces = [pdfmetrics.getFont(n).face for n in (_FONT, f"{_FONT}-Bold")]
+            self.base_cover = set(faces[0].charToGlyph) & set(faces[1].charToGlyph)
+        else:  # a standard PDF font: Latin-1
+            self.base_cover = set(range(0x20, 0x7F)) | set(range(0xA0, 0x100))
+        self._candidates: list[_FontCandidate] | None = None
+        self._registered: dict[tuple[str, int], str | None] = {}
+        self._by_char: dict[str, str | None] = {}
+
+    def font_for(self, ch: str) -> str | None:
+        if ord(ch) in self.base_cover:
+            return self.base
+        if ch not in self._by_char:
+            self._by_char[ch] = self._find(ord(ch))
+        return self._by_char[ch]
+
+    def _find(self, cp: int) -> str | None:
+        if self._candidates is None:
+            self._candidates = _font_candidates()
+        for c in self._candidates:
+            if c.covers(cp):
+                name = self._register(c)
+                if name and self._has(name, cp):
+                    return name
+        return None
+
+    @staticmethod
+    def _has(name: str, cp: int) -> bool:
+        from reportlab.pdfbase import pdfmetrics
+
+        return cp in pdfmetrics.getFont(name).face.charToGlyph
+
+    def _register(self, c: _FontCandidate) -> str | None:
+        import hashlib
+
+        from reportlab.pdfbase import pdfmetrics
+        from reportlab.pdfbase.ttfonts import TTFont
+
+        key = (str(c.path), c.index)
+        if key not in self._registered:
+            # named after the file, so that a name always means the same font in this process
+            digest = hashlib.sha1(f"{c.path}:{c.index}".encode("utf-8", "surrogateescape")).hexdigest()
+            name = f"{_FONT}-F{digest[:10]}"
+            try:
+                if name not in pdfmetrics.getRegisteredFontNames():
+                    pdfmetrics.registerFont(TTFont(name, str(c.path), subfontIndex=c.index))
+                    pdfmetrics.registerFontFamily(name, normal=name, bold=name, italic=name, boldItalic=name)
+                log.debug("fallback font %s: %s (face %d)", name, c.path, c.index)
+            except Exception as e:  # noqa: BLE001 - PostScript outlines, bitmap-only or broken: not usable
+                log.debug("font %s (face %d) not usable: %s", c.path, c.index, e)
+                name = None
+            self._registered[key] = name
+        return self._registered[key]
+
+    def missing(self, text: str) -> list[str]:
+        """The characters of ``text`` that are printed as code points (no font has them, or hidden)."""
+        return list(dict.fromkeys(ch for ch in text if _hidden(ch) or self.font_for(ch) is None))
+
+    def markup(self, text: str, *, reorder: bool = True) -> tuple[str, str, list[str]]:
+        """Paragraph markup of a name or id: (markup, the text as printed, characters printed as code points).
+
+        Each character is set in the first font that has it; when a character is in no font (or is
+        hidden), every such character and every backslash is written as a code point escape
+        (:func:`_code_point`), so that the printed text still tells the id apart from every other.
+        Right-to-left letters are put in display order (:func:`_visual_order`). ``reorder=False``: free
+        text (a message), kept in its order, with line breaks and other spaces as plain spaces."""
+        if not reorder:
+            import unicodedata
+
+            text = "".join(" " if unicodedata.category(ch) in ("Cc", "Zs", "Zl", "Zp") else ch for ch in text)
+        missing = self.missing(text)
+        shown = "".join(_code_point(ch) if ch in missing or (missing and ch == "\\") else ch for ch in text)
+        if reorder:
+            shown = _visual_order(shown)
+        out, run, run_font = [], [], self.base
+        for ch in shown:
+            f = self.font_for(ch) or self.base
+            if f != run_font and run:
+                out.append(_in_font("".join(run), run_font, self.base))
+                run = []
+            run_font = f
+            run.append(ch)
+        if run:
+            out.append(_in_font("".join(run), run_font, self.base))
+        return "".join(out), shown, missing
+
+
+def _in_font(text: str, font: str, base: str) -> str:
+    return escape(text) if font == base else f"<font face='{font}'>{escape(text)}</font>"
+
+
+_CHAIN: _FontChain | None = None
+
+
+def _font_chain() -> _FontChain:
+    """The process's font chain (the report font registered first)."""
+    global _CHAIN
+    base = _register_fonts()
+    if _CHAIN is None or _CHAIN.base != base:
+        _CHAIN = _FontChain(base)
+    return _CHAIN
+
+
+def _markup(text: str, *, reorder: bool = True) -> str:
+    """Paragraph markup of a name (an image or file name, a clinic; ``reorder=False``: free text such as an
+    error message): every character in a font that has it, or as a code point escape."""
+    return _font_chain().markup(str(text), reorder=reorder)[0]
+
+
+#: Paired brackets (Unicode BidiBrackets, the common ones) and their mirror images.
+_BRACKETS = {"(": ")", "[": "]", "{": "}", "«": "»", "‹": "›"}
+_MIRROR = {**_BRACKETS, **{c: o for o, c in _BRACKETS.items()}, "<": ">", ">": "<"}
+
+
+def _visual_order(text: str) -> str:
+    """A one-line text in display order, left to right (the Unicode bidirectional algorithm for a
+    left-to-right line without embeddings: rules W1-W7, N0 (simplified), N1-N2, I1, L1, L2, L4): runs
+    of right-to-left letters (Hebrew, Arabic) are reversed, numbers inside them keep their order,
+    brackets inside them are mirrored, and combining marks stay after their base letter. PDF text is
+    in display order; PDF readers and text extraction give the logical order back. Text without
+    right-to-left letters is returned unchanged."""
+    import unicodedata
+
+    types = [unicodedata.bidirectional(c) or "L" for c in text]
+    if not any(t in ("R", "AL") for t in types):
+        return text
+    n = len(text)
+    for i, t in enumerate(types):  # W1
+        if t == "NSM":
+            types[i] = types[i - 1] if i else "L"
+    last = "L"
+    for i, t in enumerate(types):  # W2, W3
+        if t in ("L", "R", "AL"):
+            last = t
+        elif t == "EN" and last == "AL":
+            types[i] = "AN"
+    types = ["R" if t == "AL" else t for t in types]
+    for i in range(1, n - 1):  # W4
+        if types[i] == "ES" and types[i - 1] == types[i + 1] == "EN":
+            types[i] = "EN"
+        elif types[i] == "CS" and types[i - 1] == types[i + 1] and types[i - 1] in ("EN", "AN"):
+            types[i] = types[i - 1]
+    i = 0
+    while i < n:  # W5
+        j = i
+        while j < n and types[j] == "ET":
+            j += 1
+        if j > i and ((i > 0 and types[i - 1] == "EN") or (j < n and types[j] == "EN")):
+            types[i:j] = ["EN"] * (j - i)
+        i = max(j, i + 1)
+    types = ["ON" if t in ("ES", "ET", "CS") else t for t in types]  # W6
+    last = "L"
+    for i, t in enumerate(types):  # W7
+        if t in ("L", "R"):
+            last = t
+        elif t == "EN" and last == "L":
+            types[i] = "L"
+
+    def strong(t: str) -> str | None:
+        return "L" if t == "L" else "R" if t in ("R", "EN", "AN") else None
+
+    stack: list[tuple[str, int]] = []
+    for i, ch in enumerate(text):  # N0: a bracket pair takes the direction of what it encloses, in context
+        if types[i] != "ON":
+            continue
+        if ch in _BRACKETS:
+            stack.append((_BRACKETS[ch], i))
+        elif ch in _MIRROR and any(c == ch for c, _ in stack):
+            while stack[-1][0] != ch:
+                stack.pop()
+            o = stack.pop()[1]
+            inside = {strong(t) for t in types[o + 1:i]}
+            if "L" in inside:
+                types[o] = types[i] = "L"
+            elif "R" in inside:
+                before = next((strong(t) for t in reversed(types[:o]) if strong(t)), "L")
+                types[o] = types[i] = before
+    i = 0
+    while i < n:  # N1, N2
+        if strong(types[i]) is None:
+            j = i
+            while j < n and strong(types[j]) is None:
+                j += 1
+            before = strong(types[i - 1]) if i > 0 else "L"
+            after = strong(types[j]) if j < n else "L"
+            types[i:j] = [before if before == after else "L"] * (j - i)
+            i = j
+        else:
+            i += 1
+    levels = [0 if t == "L" else 1 if t == "R" else 2 for t in types]  # I1
+    k = n
+    while k > 0 and unicodedata.bidirectional(text[k - 1]) in ("WS", "S", "B"):  # L1
+        k -= 1
+        levels[k] = 0
+    clusters: list[tuple[int, str]] = []  # a letter with its combining marks
+    for i, ch in enumerate(text):
+        if levels[i] % 2:  # L4: a bracket in a right-to-left run is drawn mirrored
+            ch = _MIRROR.get(ch, ch)
+        if clusters and unicodedata.category(ch).startswith("M"):
+            clusters[-1] = (clusters[-1][0], clusters[-1][1] + ch)
+        else:
+            clusters.append((levels[i], ch))
+    for lv in range(max(lv for lv, _ in clusters), 0, -1):  # L2
+        i = 0
+        while i < len(clusters):
+            if clusters[i][0] >= lv:
+                j = i
+                while j < len(clusters) and clusters[j][0] >= lv:
+                    j += 1
+                clusters[i:j] = clusters[i:j][::-1]
+                i = j
+            else:
+                i += 1
+    return "".join(s for _, s in clusters)
+
+
+#: Scripts whose letters change shape or order when set (Arabic joining, Indic vowel signs and
+#: conjuncts, ...): reportlab sets them letter by letter.
+_SHAPED_SCRIPTS = ((0x0600, 0x08FF, "Arabic"), (0x0700, 0x074F, "Syriac"), (0x0900, 0x0DFF, "Indic"),
+                   (0x0F00, 0x0FFF, "Tibetan"), (0x1000, 0x109F, "Myanmar"), (0x1780, 0x17FF, "Khmer"),
+                   (0x1800, 0x18AF, "Mongolian"), (0xFB50, 0xFDFF, "Arabic"), (0xFE70, 0xFEFF, "Arabic"))
+
+
+def _unshaped_scripts(text: str) -> list[str]:
+    out = []
+    for ch in text:
+        for lo, hi, name in _SHAPED_SCRIPTS:
+            if lo <= ord(ch) <= hi and name not in out:
+                out.append(name)
+    return out
+
+
+@dataclass
+class _IdText:
+    markup: str  # the id as printed (paragraph markup)
+    shown: str  # the id as printed (plain text, display order)
+    missing: list[str]  # characters printed as code points
+    exact: str = ""  # the exact id as code points, when another id of the run would print alike
+
+
+class _IdDisplay:
+    """How each patient id of a run is printed: as written, every character in a font that has it; where
+    no font on this machine has a character, with code point escapes and a note; and where two ids would
+    still look alike (Unicode normalisation, display order), each followed by its exact code points."""
+
+    def __init__(self, ids: Iterable[str]):
+        import unicodedata
+
+        chain = _font_chain()
+        self._ids: dict[str, _IdText] = {}
+        seen: dict[str, list[str]] = {}
+        unshaped: dict[str, int] = {}
+        for pid in dict.fromkeys(ids):
+            markup, shown, missing = chain.markup(pid)
+            self._ids[pid] = _IdText(markup, shown, missing)
+            seen.setdefault(unicodedata.normalize("NFKC", shown), []).append(pid)
+            if missing:
+                log.warning("patient id %r: %s; the reports print it with code points as %s", pid,
+                            _why_code_points(missing, hint=True), shown)
+            for script in _unshaped_scripts(pid) if not missing else ():
+                unshaped[script] = unshaped.get(script, 0) + 1
+        for script, n in unshaped.items():
+            log.info("%d patient id(s) in %s script: printed letter by letter, without text shaping (letters "
+                     "unjoined, vowel signs not reordered); the characters themselves are exact", n, script)
+        for group in seen.values():
+            if len(group) > 1:
+                for pid in group:
+                    self._ids[pid].exact = pid.encode("unicode_escape").decode("ascii")
+                log.warning("patient ids %s would print alike; the reports add their exact code points",
+                            ", ".join(self._ids[p].exact for p in group))
+
+    def get(self, pid: str) -> _IdText:
+        if pid not in self._ids:
+            markup, shown, missing = _font_chain().markup(pid)
+            self._ids[pid] = _IdText(markup, shown, missing)
+        return self._ids[pid]
+
+    def markup(self, pid: str, *, bold: bool = False, note: str = "full") -> str:
+        """The id as paragraph markup, followed (smaller, on a new line) by why it has code points and by
+        its exact code points when another id would print alike. ``note``: "full"; "short" (only that
+        it has code points); "inline" (one line: only the exact code points, in brackets)."""
+        t = self.get(pid)
+        out = f"<b>{t.markup}</b>" if bold else t.markup
+        if note == "inline":
+            return out + (f" (exact id: {escape(t.exact)})" if t.exact else "")
+        if t.missing:
+            why = "written with code points" + ("" if note == "short" else ": " + _why_code_points(t.missing))
+            out += f"<br/><font size='7'>{escape(why)}</font>"
+        if t.exact:
+            out += f"<br/><font size='7'>exact id: {escape(t.exact)}</font>"
+        return out
+
+
+def _why_code_points(chars: list[str], hint: bool = False) -> str:
+    """Why these characters of an id are printed as code points, naming them (``hint``: and what to do)."""
+    hidden = [c for c in chars if _hidden(c)]
+    absent = [c for c in chars if not _hidden(c)]
+    parts = []
+    if absent:
+        parts.append("no font on this computer has " + ", ".join(_char_name(c) for c in absent)
+                     + (" (install a TrueType font that has it to print the id as written)" if hint else ""))
+    if hidden:
+        parts.append("invisible or look-alike " + ", ".join(_char_name(c) for c in hidden))
+    return "; ".join(parts)
+
+
+# --------------------------------------------------------------------------- file names
+
+#: Stems no report may have: the run summary, and names Windows reserves for devices.
+_RESERVED_STEMS = frozenset({"summary", "con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)),
+                             *(f"lpt{i}" for i in range(10))})
+_UNSAFE_CHARS = frozenset('/\\:*?"<>|')
+
+
+def _safe_stem(name: str) -> str:
+    """A name as one file-name component: path separators and NUL replaced, never hidden, '.' or '..'."""
+    name = name.replace("/", "_").replace("\\", "_").replace("\0", "_")
+    if name in ("", ".", "..") or name.startswith("."):
+        return "_" + name
+    return name
+
+
+def _file_name(pid: str) -> str:
+    """A patient id as the stem of its report (``OUT/reports/<stem>.pdf``) and heatmap folder: the id
+    itself when it is a portable file name; otherwise the id with characters that file systems refuse
+    replaced by ``_``, shortened to 180 bytes if need be, and followed by ``~`` and 8 hex digits of a
+    hash of the exact id, so that it never escapes OUT/reports, never replaces summary.pdf and never
+    meets another id's file."""
+    import hashlib
+    import unicodedata
+
+    from .io import clean_text
+
+    shown = clean_text(pid)  # bytes of a name that is not UTF-8 (lone surrogates) as \xNN
+    name = "".join("_" if ch in _UNSAFE_CHARS or unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Zl", "Zp")
+                   else ch for ch in shown)
+    name = name.rstrip(". ")  # Windows drops trailing dots and spaces
+    if name.startswith((".", " ")) or not name:
+        name = "_" + name
+    raw = name.encode("utf-8")
+    reserved = name.split(".")[0].strip().casefold() in _RESERVED_STEMS
+    if name == pid and len(raw) <= 200 and not reserved:
+        return name
+    digest = hashlib.sha256(pid.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return raw[:180].decode("utf-8", "ignore") + "~" + digest
+
+
+def _file_names(ids: Iterable[str]) -> dict[str, str]:
+    """:func:`_file_name` of each id, with the hash suffix also on ids whose names would otherwise be
+    the same on a file system that ignores letter case or Unicode normalisation (Windows, macOS)."""
+    import hashlib
+    import unicodedata
+
+    names = {pid: _file_name(pid) for pid in dict.fromkeys(ids)}
+    groups: dict[str, list[str]] = {}
+    for pid, name in names.items():
+        groups.setdefault(unicodedata.normalize("NFC", name).casefold(), []).append(pid)
+    for group in groups.values():
+        if len(group) > 1:
+            for pid in group:
+                if names[pid] == pid:
+                    digest = hashlib.sha256(pid.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+                    names[pid] = pid.encode("utf-8")[:180].decode("utf-8", "ignore") + "~" + digest
+    return names
+
+
+# --------------------------------------------------------------------------- styles
+
 def _styles(font: str) -> dict:
     from reportlab.lib import colors
     from reportlab.lib.styles import ParagraphStyle
@@ -501,10 +1211,15 @@ def _page_size(name: str):
 
 
 def _canvas_maker(footer_left: str, font: str):
-    """A canvas that writes 'page X of Y' and a footer line on every page."""
+    """A canvas that writes 'page X of Y' and a footer line (``footer_left``: paragraph markup) on every page."""
     from reportlab.lib import colors
+    from reportlab.lib.styles import ParagraphStyle
     from reportlab.lib.units import mm
     from reportlab.pdfgen import canvas
+    from reportlab.platypus import Paragraph
+
+    footer_style = ParagraphStyle("footer", fontName=font, fontSize=7.5, leading=9,
+                                  textColor=colors.HexColor("#555555"))
 
     class NumberedCanvas(canvas.Canvas):
         def __init__(self, *args, **kwargs):
@@ -532,7 +1247,9 @@ def _canvas_maker(footer_left: str, font: str):
             self.line(x0, 13 * mm, x1, 13 * mm)
             self.setFont(font, 7.5)
             self.setFillColor(colors.HexColor("#555555"))
-            self.drawString(x0, 9 * mm, footer_left)
+            left = Paragraph(footer_left, footer_style)
+            _w, h = left.wrap(x1 - x0 - 70, 20 * mm)
+            left.drawOn(self, x0, 9 * mm - 2 - (h - footer_style.leading))  # first line's baseline at 9 mm
             self.drawRightString(x1, 9 * mm, f"Page {self._pageNumber} of {n}")
             self.restoreState()
 
@@ -550,6 +1267,21 @@ def _text_width(page_size) -> float:
     return page_size[0] - 2 * _MARGIN_MM * mm - 2 * _FRAME_PAD
 
 
+def _utf16_cmap(make):
+    """reportlab's ToUnicode CMap maker, with characters above U+FFFF written in UTF-16 as the PDF standard
+    wants (reportlab writes their code point, ``<1F600>``, which PDF readers reject: such a character,
+    e.g. an emoji in a patient id, would be lost when the text is searched, copied or extracted)."""
+    import re
+
+    def utf16(m) -> str:
+        return m.group(1) + "<" + chr(int(m.group(2), 16)).encode("utf-16-be").hex().upper() + ">"
+
+    def make_cmap(fontname, subset):
+        return re.sub(r"^(<[0-9A-F]{2}> )<([0-9A-F]{5,6})>$", utf16, make(fontname, subset), flags=re.M)
+
+    return make_cmap
+
+
 def _build_pdf(path: Path, story: list, *, page_size, title: str, footer: str, font: str, author: str = "") -> Path:
     from reportlab.lib.units import mm
     from reportlab.platypus import SimpleDocTemplate
@@ -563,13 +1295,19 @@ def _build_pdf(path: Path, story: list, *, page_size, title: str, footer: str, f
                             topMargin=16 * mm,
                             bottomMargin=20 * mm, title=title, author=author or "cervscan",
                             subject="Colposcopy screening (decision support)", creator=f"cervscan {__version__}")
-    a85 = rl_config.useA85
+    from reportlab.pdfbase import ttfonts
+
+    a85, to_unicode = rl_config.useA85, ttfonts.makeToUnicodeCMap
     rl_config.useA85 = 0  # binary streams: smaller files, and no slow pure-Python ASCII85 of the images
+    ttfonts.makeToUnicodeCMap = _utf16_cmap(to_unicode)
     try:
         doc.build(story, canvasmaker=_canvas_maker(footer, font))
     finally:
-        rl_config.useA85 = a85
-    return atomic_write_bytes(path, buf.getvalue())
+        rl_config.useA85, ttfonts.makeToUnicodeCMap = a85, to_unicode
+    try:
+        return atomic_write_bytes(path, buf.getvalue())
+    except OSError as e:
+        raise CervscanError(f"{path}: cannot write ({e.strerror or e})") from None
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -604,15 +1342,6 @@ def _software_line(run: dict, p: dict | None = None) -> str:
     if ver == __version__:
         return f"cervscan {escape(ver)}"
     return f"screened with cervscan {escape(ver)}; report written by cervscan {__version__}"
-
-
-def _file_name(pid: str) -> str:
-    """A patient id as a file name: ids come from folder names, but never let one escape OUT/reports
-    or overwrite summary.pdf."""
-    name = pid.replace("/", "_").replace("\\", "_").replace("\0", "_")
-    if name in ("", ".", "..") or name.startswith("."):
-        return "_" + name
-    return name + "_patient" if name.lower() == "summary" else name  # summary.pdf is the run summary
 
 
 def _model_line(info: dict) -> str:
@@ -853,7 +1582,7 @@ def _quality_words(q: str) -> str:
 
 def _caption(r: dict, crop: str | None = None) -> str:
     """One image's caption. ``crop``: the run's crop mode (run.json config 'crop'; None for older outputs)."""
-    parts = [f"<b>{escape(r.get('image', ''))}</b>"]
+    parts = [f"<b>{_markup(r.get('image', ''))}</b>"]
     if not _eligible(r):
         parts.append("<font color='#b35c00'><b>not used for the decision: "
                      + escape(_reason_words(r.get("reason") or "") or "not eligible") + "</b></font>")
@@ -923,12 +1652,17 @@ def _image_block(r: dict, orig: np.ndarray | None, orig_why: str | None, ovl: np
     return t
 
 
+class _Markup(str):
+    """Text that is paragraph markup already (not escaped again)."""
+
+
 def _error_table(rows: list[list[str]], header: list[str], widths: list[float], st: dict):
     from reportlab.lib import colors
     from reportlab.platypus import Paragraph, Table, TableStyle
 
     data = [[Paragraph(escape(h), st["cellb"]) for h in header]]
-    data += [[Paragraph(escape(c), st["cell"]) for c in row] for row in rows]
+    data += [[Paragraph(c if isinstance(c, _Markup) else _markup(c, reorder=False), st["cell"]) for c in row]
+             for row in rows]
     t = Table(data, colWidths=widths, repeatRows=1)
     t.setStyle(TableStyle([
         ("BACKGROUND", (0, 0), (-1, 0), colors.HexColor("#eeeeee")),
@@ -947,6 +1681,16 @@ class _Options:
     page_size: Any
     next_step: dict[str, str]
     report_date: str
+    ids: "_IdDisplay | None" = None  # how each patient id is printed
+    names: dict[str, str] = field(default_factory=dict)  # file name of each patient's report
+
+    def id_markup(self, pid: str, **kw) -> str:
+        if self.ids is None:
+            self.ids = _IdDisplay([pid])
+        return self.ids.markup(pid, **kw)
+
+    def file_name(self, pid: str) -> str:
+        return self.names.get(pid) or _file_name(pid)
 
 
 def _patient_report(so: ScreenOutput, p: dict, opts: _Options, maker: HeatmapMaker | None,
@@ -966,16 +1710,17 @@ def _patient_report(so: ScreenOutput, p: dict, opts: _Options, maker: HeatmapMak
     paths = {r.get("image", ""): originals.path(r) for r in rows}
     exam = opts.exam_date or _exam_date_from_files(p_ for p_ in paths.values() if p_ is not None) or "not recorded"
 
+    fname = opts.file_name(pid)
     story: list = []
     if opts.clinic:
-        story.append(Paragraph(escape(opts.clinic), st["clinic"]))
+        story.append(Paragraph(_markup(opts.clinic), st["clinic"]))
     story.append(Paragraph("Colposcopy screening report", st["title"]))
     if p.get("decision") == "inadequate":  # what to do, before anything else
         story.append(Paragraph(f"<font color='{_decision_colour('inadequate')}'><b>No result – "
                                f"{escape(str(p.get('reason') or 'retake: no usable image'))}</b></font>", st["base"]))
         story.append(Spacer(1, 2 * mm))
     story.append(_info_table([
-        ("Patient ID", f"<b>{escape(pid)}</b>"),
+        ("Patient ID", opts.id_markup(pid, bold=True)),
         ("Exam date", escape(exam)),
         ("Report date", escape(opts.report_date)),
         ("Software", _software_line(run, p)),
@@ -1057,13 +1802,13 @@ def _patient_report(so: ScreenOutput, p: dict, opts: _Options, maker: HeatmapMak
             if r.get("overlay"):
                 ovl, ovl_why = _read_rgb(so.out / r["overlay"], max_side)
             heat, heat_why = None, "not computed"
-            hpath = so.out / "heatmaps" / _file_name(pid) / f"{_file_name(stem)}.jpg"
+            hpath = so.out / "heatmaps" / fname / f"{_safe_stem(stem)}.jpg"
             if not used:
                 heat_why = "not classified: the image was not used for the decision"
             elif maker is not None and maker.available and orig is not None:
                 try:
                     heat = maker.overlay(orig, _row_box(r))
-                    _save_heatmap(so.out, pid, stem, heat)
+                    _keep_heatmap(so, fname, stem, heat)
                 except CervscanError as e:
                     log.warning("%s/%s: heatmap not computed: %s", pid, name, e)
                     heat, heat_why = None, str(e)
@@ -1100,8 +1845,9 @@ def _patient_report(so: ScreenOutput, p: dict, opts: _Options, maker: HeatmapMak
     story.append(Spacer(1, 5 * mm))
     story.append(KeepTogether([Paragraph(escape(STATEMENT), st["statement"]), Spacer(1, 3 * mm),
                                _signature_box(st, width)]))
-    footer = f"Patient {pid} · cervscan {__version__} · decision support, not a diagnosis"
-    return _build_pdf(so.out / "reports" / f"{_file_name(pid)}.pdf", story, page_size=opts.page_size,
+    footer = (f"Patient {opts.id_markup(pid, note='inline')} · cervscan {__version__} · decision support, "
+              "not a diagnosis")
+    return _build_pdf(so.out / "reports" / f"{fname}.pdf", story, page_size=opts.page_size,
                       title=f"Colposcopy screening report – {pid}", footer=footer, font=font,
                       author=opts.clinic or "")
 
@@ -1132,7 +1878,7 @@ def _summary_report(so: ScreenOutput, opts: _Options, font: str, st: dict) -> Pa
 
     story: list = []
     if opts.clinic:
-        story.append(Paragraph(escape(opts.clinic), st["clinic"]))
+        story.append(Paragraph(_markup(opts.clinic), st["clinic"]))
     story.append(Paragraph("Colposcopy screening – run summary", st["title"]))
     story.append(_info_table([
         ("Screened", escape(_when(run.get("finished")))),
@@ -1176,7 +1922,7 @@ def _summary_report(so: ScreenOutput, opts: _Options, font: str, st: dict) -> Pa
             note.append("see below")
         data.append([
             Paragraph(str(k), st["cell"]),
-            Paragraph(escape(p.get("patient_id", "")), st["cellb"]),
+            Paragraph(opts.id_markup(p.get("patient_id", ""), note="short"), st["cellb"]),
             Paragraph(f"<font color='{_decision_colour(d)}'><b>{escape(_decision_words(d)[0].lower())}</b></font>",
                       st["cell"]),
             Paragraph(_fmt(_f(p.get("score"))), st["cell"]),
@@ -1193,13 +1939,15 @@ def _summary_report(so: ScreenOutput, opts: _Options, font: str, st: dict) -> Pa
     errs = [p for p in pats if (p.get("decision") or "error") == "error"]
     if errs:
         story.append(Paragraph(f"Patients without a result ({len(errs)})", st["h2"]))
-        story.append(_error_table([[p.get("patient_id", ""), p.get("error") or "no reason recorded"] for p in errs],
+        story.append(_error_table([[_Markup(opts.id_markup(p.get("patient_id", ""), note="short")),
+                                    p.get("error") or "no reason recorded"] for p in errs],
                                   ["Patient", "Reason"], [width * 0.3, width * 0.7], st))
     failed = [r for r in so.images if r.get("status") != "ok"]
     if failed:
         story.append(Paragraph(f"Images that could not be used ({len(failed)})", st["h2"]))
         story.append(_error_table(
-            [[r.get("patient_id", ""), r.get("image", ""), _short_error(r.get("error", ""), r.get("path"), r.get("image"))]
+            [[_Markup(opts.id_markup(r.get("patient_id", ""), note="short")), r.get("image", ""),
+              _short_error(r.get("error", ""), r.get("path"), r.get("image"))]
              for r in failed], ["Patient", "Image", "Reason"], [width * 0.25, width * 0.2, width * 0.55], st))
     story.append(Spacer(1, 6 * mm))
     story.append(Paragraph(escape(STATEMENT), st["statement"]))
@@ -1221,6 +1969,24 @@ def _next_step(cfg: dict) -> dict[str, str]:
     return steps
 
 
+def _claim_outputs(so: "ScreenOutput", rels: list[Path]) -> None:
+    """Before any report is written: refuse an OUT that is, holds or lies inside the run's input folders
+    (from ``run.json``), and claim the report files in OUT's ledger, so that a file cervscan did not
+    create is never overwritten (CervscanError naming it)."""
+    from .io import OutputLedger, check_overlap, from_display_id
+
+    inputs = [from_display_id(str(x)) for x in so.run.get("inputs") or [] if isinstance(x, str)]
+    inputs = [x for x in inputs if Path(x).exists()]
+    check_overlap(inputs, so.out)
+    _check_writable(so.out / "reports")
+    try:
+        so.ledger = OutputLedger(so.out, inputs=inputs)
+        so.ledger.claim(rels)
+    except OSError as e:
+        raise CervscanError(f"{so.out}: cannot record the reports in the output folder's ledger "
+                            f"({e.strerror or e}); make the output folder writable") from None
+
+
 def write_reports(out: str | Path, *, patients: list[str] | None = None, clinic: str | None = None,
                   exam_date: str | None = None, page_size: str = "a4", config_file: str | Path | None = None,
                   heatmaps: bool = True) -> list[Path]:
@@ -1229,16 +1995,27 @@ def write_reports(out: str | Path, *, patients: list[str] | None = None, clinic:
     ``clinic`` and the recommended next steps come from the options, else the
     config file (keys ``clinic``, ``next_step``). ``heatmaps=False`` skips the
     Grad-CAM computation. Returns the written paths, the summary last.
+
+    CervscanError, before anything is written, when the tables do not belong
+    together (:func:`check_tables`) or ``OUT/reports`` cannot be written. A
+    patient id is printed as written, or with code points and a logged warning
+    where no font on this computer has a character (module docstring); the
+    report's file name is :func:`_file_names`' (the id, or a cleaned id with a
+    hash suffix).
     """
     from .config import load_config_file
+    from .io import display_id
 
     psize = _page_size(page_size)
     cfg = load_config_file(config_file) if config_file else {}
-    so = load_screen_output(out)
+    so = load_screen_output(out)  # refuses tables that do not belong together
     known = [p.get("patient_id", "") for p in so.patients]
     if patients:
-        wanted = list(dict.fromkeys(patients))
-        unknown = [x for x in wanted if x not in known]
+        # an id given as a folder name on the command line (bytes that are not UTF-8, a backslash) is
+        # matched as the tables show it (cervscan.io.display_id)
+        known_set = set(known)
+        wanted = list(dict.fromkeys(x if x in known_set else display_id(x) for x in patients))
+        unknown = [x for x in wanted if x not in known_set]
         if unknown:
             shown = ", ".join(known[:10]) + (" ..." if len(known) > 10 else "")
             raise CervscanError(f"unknown patient(s) {', '.join(unknown)} in {so.out} (the run has: {shown or 'none'})")
@@ -1247,9 +2024,12 @@ def write_reports(out: str | Path, *, patients: list[str] | None = None, clinic:
     clinic_name = clinic if clinic is not None else cfg.get("clinic")
     if clinic_name is not None and not isinstance(clinic_name, str):
         raise CervscanError("config key 'clinic' must be text")
-    opts = _Options(clinic=clinic_name or None, exam_date=exam_date or None, page_size=psize,
-                    next_step=_next_step(cfg), report_date=_dt.date.today().isoformat())
+    names = _file_names(known)
+    _claim_outputs(so, [Path("reports") / f"{names[pid]}.pdf" for pid in wanted] + [Path("reports/summary.pdf")])
     font = _register_fonts()
+    opts = _Options(clinic=clinic_name or None, exam_date=exam_date or None, page_size=psize,
+                    next_step=_next_step(cfg), report_date=_dt.date.today().isoformat(),
+                    ids=_IdDisplay(known), names=names)
     st = _styles(font)
     maker = HeatmapMaker(so.run) if heatmaps and any(r.get("status") == "ok" for r in so.images) else None
     originals = _Originals(so)

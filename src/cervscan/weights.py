@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -194,27 +193,77 @@ def resolve(role: str, explicit: str | Path | None = None) -> ResolvedModel:
 
 # --------------------------------------------------------------------------- install / list / rollback
 
-def install(run_dirs: list[Path], *, name: str | None = None) -> dict:
-    """Copy trained model(s) into the user data dir and make them the default for their role."""
-    import torch  # only to read the kind of each checkpoint
+def check_usable(f: Path, role: str) -> None:
+    """Load a checkpoint as screening will (read, build the network, load its weights, one forward pass at its
+    input size; for a classifier also its screening settings) and raise a one-line
+    :class:`~cervscan.errors.CheckpointError` naming the file when anything fails."""
+    import torch
+
+    from .models import _first_line
+    from .pipeline import load_model
+
+    def refuse(why: str) -> CheckpointError:
+        return CheckpointError(f"{f}: not a usable cervscan checkpoint ({why}); not installed")
+
+    try:
+        lm = load_model(role, f, torch.device("cpu"))
+        ck = lm.ckpt
+        h, w = (int(x) for x in ck["input_size"])
+        with torch.inference_mode():
+            y = lm.net(torch.zeros(1, 3, h, w))
+        y = y[0] if isinstance(y, (tuple, list)) else y
+        if ck["kind"] in ("classifier", "stage"):
+            want = len(ck.get("classes") or ())
+            if y.ndim != 2 or (want and y.shape[1] != want):
+                raise CheckpointError(f"its network gives outputs of shape {tuple(y.shape)}, not one score per class "
+                                      f"({want})")
+        if not torch.isfinite(y).all():
+            raise CheckpointError("its network gives non-finite outputs")
+        if role == "classifier":
+            from .api import _resolve_choice, _voting_from
+            from .config import CROP_MODES
+
+            _voting_from(ck, {}, {})
+            _resolve_choice("crop", CROP_MODES, "frame", ck, {}, {}, {})
+            _resolve_choice("classify_view", ("crop", "frame"), "crop", ck, {}, {}, {})
+    except CervscanError as e:
+        msg = str(e)
+        if msg.startswith(f"{f}: "):
+            msg = msg[len(f"{f}: "):]
+        if msg.startswith("not a "):  # already says what it is not
+            raise CheckpointError(f"{f}: {msg}; not installed") from None
+        raise refuse(msg) from None
+    except Exception as e:  # noqa: BLE001 - building or running a network raises many types
+        raise refuse(f"loading it failed: {_first_line(e)}") from None
+
+
+def install(run_dirs: list[Path], *, name: str | None = None, force: bool = False) -> dict:
+    """Copy trained model(s) into the user data dir and make them the default for their role.
+
+    Each checkpoint is loaded fully first (:func:`check_usable`); a classifier whose recorded validation is
+    missing or failed (:func:`cervscan.validation.install_problem`) is refused unless ``force``. Nothing is
+    installed unless every file given passes."""
+    from .models import load_file
+    from .validation import install_problem
 
     found: dict[str, tuple[Path, dict]] = {}
     for rd in run_dirs:
         rd = Path(rd)
         f = rd / "model.pt" if rd.is_dir() else rd
         if not f.is_file():
-            raise ModelNotFoundError(f"{rd}: no model.pt to install")
+            hint = ""
+            if rd.is_dir() and (rd / "metrics.json").is_file():
+                try:
+                    v = json.loads((rd / "metrics.json").read_text(encoding="utf-8")).get("validation") or {}
+                except (OSError, ValueError):
+                    v = {}
+                if v.get("passed") is False:
+                    hint = " (the training run wrote none: its classifier failed its validation, see metrics.json)"
+            raise ModelNotFoundError(f"{rd}: no model.pt to install{hint}")
         if f.stat().st_size == 0:
             raise CheckpointError(f"{f}: not a cervscan checkpoint (the file is empty)")
-        try:
-            ck = torch.load(f, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - torch raises many types (KeyError, EOFError, RuntimeError, ...)
-            # first line only, without terminal colour codes: torch's messages run to many lines
-            why = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()
-            why = why[0].strip() if why else ""
-            why = why if len(why) <= 160 else why[:160].rstrip() + "..."
-            why = f"{type(e).__name__}: {why}" if why else type(e).__name__
-            raise CheckpointError(f"{f}: not a cervscan checkpoint (cannot be read: {why})") from None
+        checked_sha = sha256_file(f)
+        ck = load_file(f, what="a cervscan checkpoint")
         if not isinstance(ck, dict):
             raise CheckpointError(f"{f}: not a cervscan checkpoint (it holds a {type(ck).__name__}, "
                                   f"not a checkpoint dict)")
@@ -227,8 +276,20 @@ def install(run_dirs: list[Path], *, name: str | None = None) -> dict:
         if kind in found:
             raise CervscanError(f"two {kind} models given ({found[kind][0]} and {f})")
         meta = {k: ck.get(k) for k in ("name", "version", "arch", "input_size", "threshold", "operating_point",
-                                        "target", "classes", "crop", "train_summary", "cervscan_version")}
+                                        "target", "classes", "crop", "validation", "train_summary",
+                                        "cervscan_version")}
+        meta["_checked_sha256"] = checked_sha
+        problem = install_problem(ck) if kind == "classifier" else None
+        if problem:
+            meta["installed_with_force"] = problem
         found[kind] = (f, meta)
+    # then the full check of each: loaded as screening loads it; a classifier validated
+    for kind, (f, meta) in found.items():
+        check_usable(f, kind)
+        if meta.get("installed_with_force") and not force:
+            raise CheckpointError(f"{f}: not installed: {meta['installed_with_force']}. A classifier no better than "
+                                  f"chance could send severe patients home; install it anyway only knowingly, "
+                                  f"with --force")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     models_root = user_dir() / "models"
     cur = installed_current()
@@ -246,13 +307,17 @@ def install(run_dirs: list[Path], *, name: str | None = None) -> dict:
         shutil.copyfile(f, tmp)
         tmp.replace(target)
         digest = sha256_file(target)
+        if digest != meta.pop("_checked_sha256"):
+            shutil.rmtree(dest, ignore_errors=True)
+            raise CheckpointError(f"{f}: the file changed while it was being installed; nothing installed")
         entry = {"role": role, "file": target.name, "sha256": digest, "installed_from": str(f.resolve()),
                  "installed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **{k: v for k, v in meta.items() if v is not None}}
         from .io import atomic_write_json
 
         atomic_write_json(dest / MANIFEST, {"format": 1, "models": [entry]})
         cur[role] = dest.name
-        result[role] = {"folder": str(dest), "sha256": digest}
+        result[role] = {"folder": str(dest), "sha256": digest,
+                        **({"forced": meta["installed_with_force"]} if meta.get("installed_with_force") else {})}
     from .io import atomic_write_json
 
     atomic_write_json(current_pointer(), cur)
