@@ -186,7 +186,7 @@ class Data:
         src = {r["patient_id"]: r["source"] for r in self.rows}
         self.y = np.array([lab[p] for p in self.patients])
         self.source = np.array(["iarc" if src[p].startswith("iarc") else "annocerv" for p in self.patients])
-        from cervscan.stage_training import STAGES, stage_class
+        from cervscan.training.stage import STAGES, stage_class
 
         self.STAGES = STAGES
         self.stage_rec = np.array([stage_class(r["stage_raw"]) or "" for r in self.rows])
@@ -293,7 +293,7 @@ def pool(D: Data, X: np.ndarray, w: np.ndarray, how: str = "mean") -> np.ndarray
 
 def fit_lr(X, y, C):
     """Standardised, class-balanced logistic regression: the one ``train-decision`` fits."""
-    from cervscan.decision_training import fit_lr as fit
+    from cervscan.training.classifier import fit_lr as fit
 
     return fit(X, y, C)
 

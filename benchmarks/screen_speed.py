@@ -2,7 +2,7 @@
 
 Three measurements, each in its own process (so that peak RSS is its own):
 
-- **optimised**: ``api.screen([visits], out, device="cpu")``, i.e. :class:`cervscan.pipeline.Pipeline`
+- **optimised**: ``api.screen([visits], out, device="cpu")``, i.e. :class:`cervscan.pipeline.steps.Pipeline`
   with everything it does in a screening: decode (background thread), quality, exam stage, cervix
   finder, crop, lesion segmenter, the six variants, one batched classifier pass per batch of
   images, score; masks, cervix masks and overlays written, then the CSVs and run.json. Images/s
@@ -23,7 +23,7 @@ Three measurements, each in its own process (so that peak RSS is its own):
 ``dynamo=False``, opset 17) and times onnxruntime against torch on the same inputs, network by
 network (not a full screening path), with the largest difference of their outputs.
 
-Models: by default those ``screen`` would use (``cervscan.weights.resolve(role)``: option, env,
+Models: by default those ``screen`` would use (``cervscan.models.registry.resolve(role)``: option, env,
 installed, shipped ``weights/``); ``--stage-model/--cervix-model/--seg-model/--cls-model`` point
 at other checkpoints (a file or a run folder with model.pt). A classifier without a ``crop`` key
 (an old one) is run with ``crop="cervix"`` so that the cervix finder is measured anyway. A role that
@@ -105,7 +105,7 @@ def make_stand_in(role: str, folder: Path) -> Path:
     """A checkpoint with random weights of the architecture the training commands produce for ``role``."""
     import torch
 
-    from cervscan.models import build_classifier, build_segmenter, make_checkpoint, save_checkpoint
+    from cervscan.models.networks import build_classifier, build_segmenter, make_checkpoint, save_checkpoint
 
     torch.manual_seed(0)
     half = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
@@ -130,8 +130,8 @@ def make_stand_in(role: str, folder: Path) -> Path:
 def resolve_models(args, folder: Path) -> tuple[dict, dict, str]:
     """role -> {path, source, ...}; the screen overrides; the crop mode and where it came from."""
     from cervscan.errors import CervscanError
-    from cervscan.models import read_checkpoint
-    from cervscan.weights import resolve
+    from cervscan.models.networks import read_checkpoint
+    from cervscan.models.registry import resolve
 
     def find(role):
         given = getattr(args, OPTION[role])
@@ -205,11 +205,11 @@ def run_naive(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     from cervscan.config import ScreenConfig, VotingConfig
-    from cervscan.io import atomic_write_csv, atomic_write_image, discover_visits, read_image
-    from cervscan.models import model_from_checkpoint, read_checkpoint
-    from cervscan.pipeline import (centre_box, cervix_box, crop_to_box, format_box, largest_component, paste_box)
-    from cervscan.transforms import image_quality, overlay, quality_flags, resize_square, to_tensor_batch
-    from cervscan.variants import decide, make_variants, segment_region, weighted_score
+    from cervscan.files import atomic_write_csv, atomic_write_image, discover_visits, read_image
+    from cervscan.models.networks import model_from_checkpoint, read_checkpoint
+    from cervscan.pipeline.steps import (centre_box, cervix_box, crop_to_box, format_box, largest_component, paste_box)
+    from cervscan.pipeline.transforms import image_quality, overlay, quality_flags, resize_square, to_tensor_batch
+    from cervscan.pipeline.vote import decide, make_variants, segment_region, weighted_score
 
     c = dict(spec["config"])
     v = dict(c.pop("voting"))
@@ -287,16 +287,16 @@ def run_steps(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    from cervscan import api
+    from cervscan.pipeline.steps import Pipeline
     from cervscan.config import VARIANT_NAMES
-    from cervscan.io import discover_visits
-    from cervscan.pipeline import (ImageResult, Prepared, cervix_box, crop_to_box, format_box, largest_component,
+    from cervscan.files import discover_visits
+    from cervscan.pipeline.steps import (ImageResult, Prepared, cervix_box, crop_to_box, format_box, largest_component,
                                    paste_box)
-    from cervscan.transforms import quality_flags, resize_square
-    from cervscan.variants import decide, segment_region
-    from cervscan.writer import OutputWriter
+    from cervscan.pipeline.transforms import quality_flags, resize_square
+    from cervscan.pipeline.vote import decide, segment_region
+    from cervscan.pipeline.outputs import OutputWriter
 
-    pipe = api.load_pipeline(**_load_kwargs(spec))[0]
+    pipe = Pipeline.from_config(**_load_kwargs(spec))
     cfg = pipe.cfg
     visits = discover_visits([spec["visits"]])
     items = [(v.patient_id, p) for v in visits for p in v.images]
@@ -417,10 +417,10 @@ def run_onnx(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     import onnxruntime as ort
 
-    from cervscan import api
-    from cervscan.io import discover_visits
-    from cervscan.pipeline import crop_to_box
-    from cervscan.transforms import resize_square, to_tensor_batch
+    from cervscan.pipeline.steps import Pipeline
+    from cervscan.files import discover_visits
+    from cervscan.pipeline.steps import crop_to_box
+    from cervscan.pipeline.transforms import resize_square, to_tensor_batch
 
     note = ""
     try:
@@ -438,7 +438,7 @@ def run_onnx(spec: dict) -> dict:
             ts_utils.onnx_proto_utils._add_onnxscript_fn = _no_functions
         note = "The onnx package is not installed: exported without the exporter's onnx-script function step"
 
-    pipe = api.load_pipeline(**_load_kwargs(spec))[0]
+    pipe = Pipeline.from_config(**_load_kwargs(spec))
     cfg = pipe.cfg
     B = cfg.batch_images
     items = [p for v in discover_visits([spec["visits"]]) for p in v.images][:B]
@@ -576,7 +576,7 @@ def main() -> None:
 def measure(a, tmp: Path, load_before) -> dict:
     import torch
 
-    from cervscan import api
+    from cervscan.pipeline.steps import Pipeline
 
     mix = pick_images(a.images, tmp / "visits")
     models, overrides, crop_note = resolve_models(a, tmp)
@@ -585,7 +585,7 @@ def measure(a, tmp: Path, load_before) -> dict:
         config_file = tmp / "speed.toml"
         config_file.write_text(f"classify_batch = {int(a.classify_batch)}\n", encoding="utf-8")
     # the configuration screen resolves (checkpoint < config file < options), shared by every path
-    pipe = api.load_pipeline(**{OPTION[r]: m["path"] for r, m in models.items()}, overrides=overrides,
+    pipe = Pipeline.from_config(**{OPTION[r]: m["path"] for r, m in models.items()}, overrides=overrides,
                              device="cpu", batch_images=a.batch_images,
                              config_file=str(config_file) if config_file else None)[0]
     for role, m in models.items():

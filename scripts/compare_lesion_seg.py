@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 from pathlib import Path
 
 import cv2
@@ -42,8 +41,9 @@ def main() -> None:
     from dataclasses import replace
 
     from cervscan.config import ScreenConfig, VotingConfig
-    from cervscan.io import atomic_write_json, read_image
-    from cervscan.pipeline import Pipeline, load_model
+    from cervscan.files import atomic_write_json, read_image
+    from cervscan.models.loading import load_model
+    from cervscan.pipeline.steps import Pipeline
 
     with open(a.data / "images.csv", newline="", encoding="utf-8") as f:
         meta = {Path(r["image"]).stem: r for r in csv.DictReader(f)}

@@ -60,10 +60,11 @@ def main() -> None:
     a = ap.parse_args()
 
     from cervscan.config import ScreenConfig
-    from cervscan.io import atomic_write_image, read_image
-    from cervscan.pipeline import Pipeline, crop_to_box, load_model
-    from cervscan.transforms import overlay
-    from cervscan.weights import resolve
+    from cervscan.files import atomic_write_image, read_image
+    from cervscan.models.loading import load_model
+    from cervscan.pipeline.steps import Pipeline, crop_to_box
+    from cervscan.pipeline.transforms import overlay
+    from cervscan.models.registry import resolve
 
     ref = resolve("cervix", a.cervix_model)
     pipe = Pipeline({"cervix": load_model("cervix", ref.path, "cpu", ref)}, ScreenConfig(crop="cervix"))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -29,10 +28,9 @@ ATTRIBUTION = ("Trained on AnnoCerv (Minciuna et al., github.com/iclx/AnnoCerv, 
 
 
 def main() -> None:
-    import torch
 
-    from cervscan.models import read_checkpoint, save_checkpoint
-    from cervscan.weights import sha256_file
+    from cervscan.models.networks import read_checkpoint, save_checkpoint
+    from cervscan.models.registry import sha256_file
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--stage", type=Path, help="train-stage run folder (exam-stage model)")

@@ -58,9 +58,9 @@ def tiny_models(tmp_path_factory) -> dict:
 
 def _calibration_batch(seed: int, size: int, n: int = 8) -> torch.Tensor:
     """Normalised synthetic images like the ones screened: plain, brightened and masked-and-cropped."""
-    from cervscan.models import IMAGENET_MEAN, IMAGENET_STD
-    from cervscan.transforms import resize_square, to_tensor_batch
-    from cervscan.variants import adjust_brightness
+    from cervscan.models.networks import IMAGENET_MEAN, IMAGENET_STD
+    from cervscan.pipeline.transforms import resize_square, to_tensor_batch
+    from cervscan.pipeline.vote import adjust_brightness
 
     rng = np.random.default_rng(seed)
     ims = []
@@ -83,7 +83,7 @@ def make_varied_classifier(path: Path, *, seed: int = 1, input_size: int = 64) -
     input, which would make voting checks vacuous. Here the BatchNorm statistics
     are calibrated on random images and the head is re-drawn.
     """
-    from cervscan.models import IMAGENET_MEAN, IMAGENET_STD, make_checkpoint, save_checkpoint, to_deploy
+    from cervscan.models.networks import IMAGENET_MEAN, IMAGENET_STD, make_checkpoint, save_checkpoint, to_deploy
 
     m = calibrated_repvgg(seed, [_calibration_batch(100 + k, input_size) for k in range(3)])
     ck = make_checkpoint(to_deploy(m), kind="classifier", arch="repvgg_a0", arch_kwargs={}, form="deploy",

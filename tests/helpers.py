@@ -10,9 +10,9 @@ import torch
 
 def make_tiny_models(folder: Path, *, seg_size: int = 64, cls_size: int = 64, seed: int = 0,
                      threshold: float = 0.5, cls_arch: str = "repvgg_a0") -> dict:
-    from cervscan.models import (build_classifier, build_segmenter, make_checkpoint, save_checkpoint, to_deploy,
+    from cervscan.models.networks import (build_classifier, build_segmenter, make_checkpoint, save_checkpoint, to_deploy,
                                  IMAGENET_MEAN, IMAGENET_STD)
-    from cervscan.weights import sha256_file
+    from cervscan.models.registry import sha256_file
 
     torch.manual_seed(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -36,7 +36,7 @@ def make_tiny_models(folder: Path, *, seg_size: int = 64, cls_size: int = 64, se
                                 input_size=(seg_size, seg_size), mean=IMAGENET_MEAN, std=IMAGENET_STD,
                                 name="tiny-cervix", version="test", extra={"target": "cervix",
                                                                            "classes": ["background", "cervix"]})
-    from cervscan.stage_training import STAGES
+    from cervscan.training.stage import STAGES
 
     stage = build_classifier("repvgg_a0", num_classes=len(STAGES)).eval()
     stage_ck = make_checkpoint(to_deploy(stage), kind="stage", arch="repvgg_a0", arch_kwargs={}, form="deploy",
@@ -60,7 +60,7 @@ def calibrated_repvgg(seed: int = 0, batches=None) -> torch.nn.Module:
     its BatchNorms are identities; calibrating the statistics on ``batches``
     (default: two batches of random 64 px images) makes both matter.
     """
-    from cervscan.models import build_classifier
+    from cervscan.models.networks import build_classifier
 
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)

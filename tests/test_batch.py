@@ -27,12 +27,12 @@ import pytest
 from typer.testing import CliRunner
 
 from cervscan import api
-from cervscan import batch as B
-from cervscan import io as cio
+from cervscan.batch import nightly as B
+from cervscan import files as cio
 from cervscan.cli import app
 from cervscan.errors import CervscanError
-from cervscan.pipeline import IMAGE_COLUMNS, PATIENT_COLUMNS
-from cervscan.writer import SKIPPED_COLUMNS
+from cervscan.pipeline.steps import IMAGE_COLUMNS, PATIENT_COLUMNS
+from cervscan.pipeline.outputs import SKIPPED_COLUMNS
 
 from conftest import assert_no_tmp_files, read_csv, read_json, running_as_root, synthetic_image, write_image
 
@@ -215,12 +215,14 @@ def test_quiet_night_loads_no_model(root, tmp_path, models, monkeypatch):
     out = tmp_path / "out"
     batch(root, out, models)
     first = read_json(out / "run.json")
-    real = api.load_pipeline
+    import cervscan.pipeline.build
+
+    real = cervscan.pipeline.build.resolve
 
     def refuse(**kw):
         raise AssertionError("a night with nothing to screen must not load the models")
 
-    monkeypatch.setattr(api, "load_pipeline", refuse)
+    monkeypatch.setattr(cervscan.pipeline.build, "resolve", refuse)
     res = batch(root, out, models)
     assert res.screened == [] and res.summary["unchanged"] == 3
     run = read_json(out / "run.json")
@@ -230,7 +232,7 @@ def test_quiet_night_loads_no_model(root, tmp_path, models, monkeypatch):
     (out / "run.json").unlink()
     with pytest.raises(AssertionError, match="must not load"):
         batch(root, out, models)
-    monkeypatch.setattr(api, "load_pipeline", real)
+    monkeypatch.setattr(cervscan.pipeline.build, "resolve", real)
     assert batch(root, out, models).summary["unchanged"] == 3
     assert read_json(out / "run.json")["models"] == first["models"]
     add_visit(root, "V04", 1, seed=4)
@@ -383,14 +385,14 @@ def test_write_error_on_a_csv_names_it_and_keeps_earlier_results(root, tmp_path,
             raise OSError(err, os.strerror(err))
         return real(path, data)
 
-    monkeypatch.setattr(cio, "atomic_write_bytes", fail_patients)
+    monkeypatch.setattr(cio.atomic, "atomic_write_bytes", fail_patients)
     with pytest.raises(CervscanError) as ei:
         batch(root, out, models)
     msg = str(ei.value)
     assert str(out / "patients.csv") in msg and os.strerror(err) in msg and "batch.sqlite" in msg
     assert (out / "patients.csv").read_bytes() == before
     check_consistent(out, root, complete=False)
-    monkeypatch.setattr(cio, "atomic_write_bytes", real)
+    monkeypatch.setattr(cio.atomic, "atomic_write_bytes", real)
     res = batch(root, out, models)
     assert res.screened == [] and res.summary["unchanged"] == 4  # V04 had been committed before the failure
     check_consistent(out, root, complete=True)
@@ -408,7 +410,7 @@ def test_disk_full_while_writing_masks_keeps_earlier_results(root, tmp_path, mod
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(path, data)
 
-    monkeypatch.setattr(cio, "atomic_write_bytes", full)
+    monkeypatch.setattr(cio.atomic, "atomic_write_bytes", full)
     r = CliRunner().invoke(app, ["batch", str(root), "-o", str(out), "--seg-model", models["seg_model"],
                                  "--cls-model", models["cls_model"], "--device", "cpu", "--no-stage", "--json"])
     assert r.exit_code == 1
@@ -417,7 +419,7 @@ def test_disk_full_while_writing_masks_keeps_earlier_results(root, tmp_path, mod
     assert "Traceback" not in r.output
     assert last_json_line(r.stdout)["exit_code"] == 1
     assert {n: (out / n).read_bytes() for n in before} == before
-    monkeypatch.setattr(cio, "atomic_write_bytes", real)
+    monkeypatch.setattr(cio.atomic, "atomic_write_bytes", real)
     assert batch(root, out, models).screened == ["V04"]
     check_consistent(out, root, complete=True)
 
@@ -471,7 +473,7 @@ def test_read_only_out_exits_1_and_keeps_results(root, tmp_path, cli_models, mod
 
 HOLDER = textwrap.dedent("""
     import sys, time
-    from cervscan.batch import BatchLock
+    from cervscan.batch.nightly import BatchLock
     lock = BatchLock(sys.argv[1])
     lock.acquire()
     print("locked", flush=True)
@@ -579,7 +581,7 @@ def test_cli_help_documents_batch(cli_models):
 
 
 def test_report_only_for_new_or_changed_visits(root, tmp_path, models, monkeypatch):
-    import cervscan.report as R
+    import cervscan.report.reports as R
 
     out = tmp_path / "out"
     calls = []

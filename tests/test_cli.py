@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cervscan import __version__
-from cervscan import weights as W
+from cervscan.models import registry as W
 from cervscan.cli import app
 
 from conftest import read_csv

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from cervscan.api import _voting_from
+from cervscan.config import voting_from as _voting_from
 from cervscan.config import (DEFAULT_THRESHOLD, STUDY_WEIGHTS, VARIANT_NAMES, ScreenConfig, VotingConfig,
                              load_config_file, parse_variants, parse_weights)
 from cervscan.errors import CervscanError
@@ -150,7 +150,7 @@ def test_threshold_out_of_range(thr):
 def test_light_modules_do_not_import_torch():
     """config, io, variants, weights and the CLI must stay importable without torch (fast --help)."""
     code = ("import sys\n"
-            "for m in ['cervscan.config', 'cervscan.io', 'cervscan.variants', 'cervscan.weights', "
+            "for m in ['cervscan.config', 'cervscan.files', 'cervscan.pipeline.vote', 'cervscan.models.registry', "
             "'cervscan.errors', 'cervscan.cli']:\n"
             "    __import__(m)\n"
             "    if 'torch' in sys.modules:\n"

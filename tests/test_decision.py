@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from cervscan.config import VotingConfig
-from cervscan.variants import aggregate_patient, logit, sigmoid, weighted_score
+from cervscan.pipeline.vote import aggregate_patient, logit, sigmoid, weighted_score
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "visits"
 P = {"original": 0.9, "segmented": 0.2, "original_flip": 0.8, "segmented_flip": 0.3, "original_bright": 0.7,
@@ -78,7 +78,7 @@ def _small_bank(tmp_path: Path, n_per_class: int = 4, images: int = 2) -> tuple[
 @pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data")
 def test_train_decision_scores_are_what_screening_gives(tmp_path):
     from cervscan import api
-    from cervscan.models import read_checkpoint
+    from cervscan.models.networks import read_checkpoint
 
     visits, lab = _small_bank(tmp_path)
     out = tmp_path / "run"

@@ -13,8 +13,8 @@ from cervscan import api
 from cervscan.cli import app
 from cervscan.errors import DataError
 from cervscan.metrics import binary_metrics
-from cervscan.models import read_checkpoint
-from cervscan.weights import sha256_file
+from cervscan.models.networks import read_checkpoint
+from cervscan.models.registry import sha256_file
 
 from conftest import read_csv, read_json, synthetic_image, write_image
 

@@ -92,7 +92,7 @@ def _compare(what: str, got: dict, exp: dict, checks: dict, columns: list[str]) 
 @pytest.fixture(scope="module")
 def golden_run(tmp_path_factory):
     from cervscan import api
-    from cervscan.weights import shipped_dir
+    from cervscan.models.registry import shipped_dir
 
     if shipped_dir() is None:
         pytest.fail("shipped weights not found: weights/manifest.json is missing")
@@ -103,8 +103,8 @@ def golden_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def shipped_classifier(golden_run) -> dict:
     """The shipped classifier checkpoint, the one the manifest lists (and the golden run used)."""
-    from cervscan.models import read_checkpoint
-    from cervscan.weights import resolve
+    from cervscan.models.networks import read_checkpoint
+    from cervscan.models.registry import resolve
 
     ref = resolve("classifier")
     assert ref.source == "shipped" and ref.verified, ref
@@ -177,7 +177,7 @@ def test_image_decisions_scores_and_masks_match(golden_run, expected_images):
             # an image (unlike a patient) may sit on the threshold: float noise between CPUs could flip its
             # decision, so it must only agree with its own score; the score itself is still compared
             checks.pop("decision")
-            from cervscan.variants import decide
+            from cervscan.pipeline.vote import decide
 
             if g["decision"] != decide(g["score"], g["threshold"]):
                 bad.append(f"{k}: decision {g['decision']!r} does not follow from score {g['score']} "
@@ -216,7 +216,7 @@ def _pooling(ck: dict) -> str:
 
 
 def test_scores_are_the_checkpoint_weighted_votes(golden_run, shipped_classifier, expected_images):
-    from cervscan.variants import aggregate_patient
+    from cervscan.pipeline.vote import aggregate_patient
 
     for r in golden_run.images:
         assert r["score"] == pytest.approx(_vote(shipped_classifier, r), abs=1e-9), r["image"]
@@ -246,9 +246,9 @@ def test_the_checkpoint_temperature_is_applied(golden_run, shipped_classifier):
     import numpy as np
     import torch
 
-    from cervscan.io import read_image
-    from cervscan.models import model_from_checkpoint
-    from cervscan.transforms import resize_square, to_tensor_batch
+    from cervscan.files import read_image
+    from cervscan.models.networks import model_from_checkpoint
+    from cervscan.pipeline.transforms import resize_square, to_tensor_batch
 
     ck = shipped_classifier
     temperature = float(ck.get("temperature") or 1.0)

@@ -21,9 +21,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import cervscan.io as cio
+import cervscan.files as cio
+import cervscan.files.atomic
+import cervscan.files.decode
 from cervscan.errors import CervscanError, ImageError
-from cervscan.io import discover_visits, read_image
+from cervscan.files import discover_visits, read_image
 
 from conftest import assert_no_tmp_files, read_csv, running_as_root, synthetic_image, write_image
 
@@ -242,7 +244,7 @@ def test_very_large_jpeg_decode_is_memory_bounded(tmp_path):
     """
     p = make_huge_jpeg(tmp_path / "huge.jpg")
     code = ("import sys, numpy, cv2, PIL.Image\n"
-            "from cervscan.io import read_image\n"
+            "from cervscan.files import read_image\n"
             "def hwm():\n"
             "    with open('/proc/self/status') as f:\n"
             "        return int(next(l for l in f if l.startswith('VmHWM')).split()[1])\n"
@@ -309,9 +311,9 @@ def _deny(name: str):
 
 
 def test_unreadable_file_simulated(tmp_path, monkeypatch):
-    """Same as above but works as root: the open() used by cervscan.io raises PermissionError."""
+    """Same as above but works as root: the open() used by cervscan.files raises PermissionError."""
     p = make_good(tmp_path / "locked.jpg")
-    monkeypatch.setattr(cio, "open", _deny("locked.jpg"), raising=False)
+    monkeypatch.setattr(cervscan.files.decode, "open", _deny("locked.jpg"), raising=False)
     with pytest.raises(ImageError, match=r"locked\.jpg: permission denied"):
         read_image(p)
     assert read_image(make_good(tmp_path / "other.jpg")).rgb.shape == (96, 128, 3)
@@ -469,7 +471,7 @@ def bad_run(tiny_models, tmp_path_factory):
 
     out = root / "out"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cio, "open", _deny("a_locked.jpg"), raising=False)
+        mp.setattr(cervscan.files.decode, "open", _deny("a_locked.jpg"), raising=False)
         res = api.screen([batch], out, seg_model=str(tiny_models["seg"]), cls_model=str(tiny_models["cls"]),
                          device="cpu", num_workers=0)
     return res, out, batch
@@ -587,7 +589,7 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_tmp(tmp_path, monkeypatch
     def disk_full(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(cio.os, "replace", disk_full)
+    monkeypatch.setattr(cervscan.files.atomic.os, "replace", disk_full)
     with pytest.raises(OSError, match="No space left"):
         cio.atomic_write_csv(target, [{"a": 1}], ["a"])
     assert target.read_text() == "old\n"
@@ -626,7 +628,7 @@ def test_file_name_that_is_not_utf8_does_not_break_the_batch(tiny_models, tmp_pa
     assert res.exit_code == 0
     rows = read_csv(out / "images.csv")  # valid UTF-8
     assert [r["status"] for r in rows] == ["ok", "ok"]
-    assert rows[0]["image"] == "caf\\xe9.jpg"  # the byte shown escaped (cervscan.io.display_id), not lost
+    assert rows[0]["image"] == "caf\\xe9.jpg"  # the byte shown escaped (cervscan.files.display_id), not lost
     assert read_csv(out / "patients.csv")[0]["n_used"] == "2"
     import json
 

@@ -157,7 +157,7 @@ def test_threshold_for_sensitivity_needs_both_classes():
 def test_auc_many_equals_sklearn_column_by_column():
     from sklearn.metrics import roc_auc_score
 
-    from cervscan.cls_training import _auc_many
+    from cervscan.training.finetune import _auc_many
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 41)

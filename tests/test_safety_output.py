@@ -19,7 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cervscan import api
-from cervscan import io as cio
+from cervscan import files as cio
 from cervscan.cli import app
 from cervscan.errors import CervscanError
 
@@ -335,7 +335,7 @@ def test_link_to_root_and_hidden_folders_are_skipped_and_listed(tmp_path, models
 
 @pytest.mark.parametrize("command", ["screen", "batch"])
 def test_an_image_that_cannot_be_processed_fails_alone_and_the_run_goes_on(tmp_path, models, monkeypatch, command):
-    from cervscan.pipeline import Pipeline
+    from cervscan.pipeline.steps import Pipeline
 
     root = tmp_path / "root"
     add_visit(root / "A", ["a1.jpg", "a2.jpg"], seed=1)
@@ -347,7 +347,7 @@ def test_an_image_that_cannot_be_processed_fails_alone_and_the_run_goes_on(tmp_p
             raise RuntimeError("step exploded")
         return real(self, rgb, p)
 
-    from cervscan.io import read_image
+    from cervscan.files import read_image
 
     marker = read_image(root / "A" / "a2.jpg").rgb
     monkeypatch.setattr(Pipeline, "quality", quality)

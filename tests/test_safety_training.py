@@ -21,14 +21,19 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cervscan import api, cls_training, decision_training
-from cervscan import weights as W
+from cervscan import api
+from cervscan.errors import EXIT_NOT_VALIDATED
+
+from cervscan.training import finetune as cls_training
+
+from cervscan.training import classifier as decision_training
+from cervscan.models import registry as W
 from cervscan.cli import app
 from cervscan.errors import CheckpointError, DataError, ModelNotFoundError
-from cervscan.io import read_labels
+from cervscan.files import read_labels
 from cervscan.metrics import platt_scaling
-from cervscan.models import read_checkpoint, save_checkpoint
-from cervscan.validation import ValidationFailed, classifier_validation, install_problem
+from cervscan.models.networks import read_checkpoint, save_checkpoint
+from cervscan.training.validation import ValidationFailed, classifier_validation, install_problem
 
 from conftest import read_json, synthetic_image, write_image
 
@@ -194,7 +199,7 @@ def test_cli_train_decision_exit_code_and_force(tmp_path, monkeypatch):
     args = ["train-decision", str(visits), "--labels", str(labels), "-o", str(out), "--input-size", "64",
             "--folds", "2", "--repeats", "1", "--C", "1", "--variants", "original+segmented"]
     r = CliRunner().invoke(app, args)
-    assert r.exit_code == api.EXIT_NOT_VALIDATED == 6, r.output
+    assert r.exit_code == EXIT_NOT_VALIDATED == 6, r.output
     assert "AUC0.000" in flat(r.output) and "BELOWCHANCE" in flat(r.output) and "Traceback" not in r.output
     assert not (out / "model.pt").exists()
     r = CliRunner().invoke(app, [*args, "--force"])

@@ -12,9 +12,9 @@ from PIL import Image
 
 from cervscan import api
 from cervscan.config import STUDY_WEIGHTS, VARIANT_NAMES
-from cervscan.errors import CervscanError, DeviceError
-from cervscan.pipeline import IMAGE_COLUMNS
-from cervscan.weights import sha256_file
+from cervscan.errors import CervscanError
+from cervscan.pipeline.steps import IMAGE_COLUMNS
+from cervscan.models.registry import sha256_file
 
 from conftest import assert_no_tmp_files, read_csv, read_json, synthetic_image, write_image
 
@@ -203,7 +203,7 @@ def test_custom_weights_and_brightness_options(varied_models, varied_visits, tmp
 
 
 def test_empty_masks_fall_back_and_are_flagged(varied_models, varied_visits, tmp_path, monkeypatch):
-    from cervscan.pipeline import Pipeline
+    from cervscan.pipeline.steps import Pipeline
 
     # every lesion mask empty (a mask_threshold of 1 that would force it is refused as a setting)
     monkeypatch.setattr(Pipeline, "lesion", lambda self, crops: [np.zeros(c.shape[:2], np.uint8) for c in crops])
@@ -294,7 +294,7 @@ def test_bad_config_and_bad_device_fail_before_writing(tiny_models, synthetic_ba
 
 
 def test_screen_uses_installed_models_when_none_given(tiny_models, synthetic_batch, tmp_path):
-    from cervscan import weights as W
+    from cervscan.models import registry as W
 
     W.install([tiny_models["seg"], tiny_models["cls"]], name="t", force=True)  # the tiny classifier records no validation
     res = api.screen([synthetic_batch], tmp_path / "o", device="cpu", num_workers=0)

@@ -17,15 +17,17 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cervscan import api, cls_training, metrics
-from cervscan import weights as W
+from cervscan import api, metrics
+
+from cervscan.training import finetune as cls_training
+from cervscan.models import registry as W
 from cervscan.cli import app
-from cervscan.cls_training import (ClsDataset, ClsTrainConfig, Sample, fit_temperature, patient_folds, patient_scores,
+from cervscan.training.finetune import (ClsDataset, ClsTrainConfig, Sample, fit_temperature, patient_folds, patient_scores,
                                    patient_split, read_labels, train_cls, tune_vote_weights)
 from cervscan.config import STUDY_WEIGHTS
 from cervscan.errors import CervscanError, DataError
-from cervscan.models import read_checkpoint
-from cervscan.seg_training import ANNOCERV_GROUP_REGEX, SegTrainConfig, group_of, split_pairs, train_seg
+from cervscan.models.networks import read_checkpoint
+from cervscan.training.segmenter import ANNOCERV_GROUP_REGEX, SegTrainConfig, group_of, split_pairs, train_seg
 
 from conftest import read_csv, read_json
 

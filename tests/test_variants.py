@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cervscan.config import STUDY_WEIGHTS, VARIANT_NAMES, VotingConfig
-from cervscan.variants import (adjust_brightness, aggregate_patient, decide, make_variants, segment_region,
+from cervscan.pipeline.vote import (adjust_brightness, aggregate_patient, decide, make_variants, segment_region,
                                weighted_score)
 
 
@@ -224,7 +224,7 @@ def test_patient_without_usable_images_is_an_error():
 def test_quality_flags_mark_blurry_dark_and_glare_images():
     import cv2
 
-    from cervscan.transforms import image_quality, quality_flags
+    from cervscan.pipeline.transforms import image_quality, quality_flags
 
     rng = np.random.default_rng(0)
     sharp = rng.integers(60, 200, (256, 256, 3), dtype=np.uint8)

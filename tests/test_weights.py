@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cervscan import weights as W
+from cervscan.models import registry as W
 from cervscan.errors import ChecksumError, CervscanError, ModelNotFoundError
 
 
@@ -212,7 +212,7 @@ def test_second_install_becomes_the_default_and_use_switches_back(tiny_models, t
 
     ck = torch.load(tiny_models["cls"], weights_only=True)
     ck["version"] = "2"
-    from cervscan.models import save_checkpoint
+    from cervscan.models.networks import save_checkpoint
 
     save_checkpoint(ck, other)
     second = W.install([other], force=True)

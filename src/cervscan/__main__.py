@@ -1,3 +1,3 @@
-from .cli import main
+from cervscan.cli import main
 
 main()

@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-import os
-import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-from . import __version__
-from .config import CROP_MODES, VARIANT_NAMES, ScreenConfig, VotingConfig, load_config_file
-from .errors import CervscanError
+from cervscan import __version__
+from cervscan.config import load_config_file
+from cervscan.errors import CervscanError, exit_code_of
+from cervscan.config import check_layer
+from cervscan.pipeline.steps import Pipeline
+from cervscan.pipeline.screening import decide_patient, probe_writable, refuse_overlapping_visits, run_record
 
 log = logging.getLogger(__name__)
 
-from .pipeline import PATIENT_COLUMNS  # noqa: E402,F401 - re-exported
+from cervscan.pipeline.steps import PATIENT_COLUMNS  # noqa: E402,F401 - re-exported
 
 
 @dataclass
@@ -37,141 +36,6 @@ class ScreenResult:
                          for p in self.patients], "exit_code": self.exit_code}
 
 
-#: Where a value that fails its check came from, as the error names it (a config file is named by its path
-#: when it is loaded, :func:`cervscan.config.load_config_file`).
-_WHERE = {"config": "config file", "option": "command line"}
-
-
-def _checked(layer: dict, keys, layer_name: str) -> dict:
-    """The values of ``layer`` for ``keys`` (None: not given, left out), each checked against
-    :data:`cervscan.config.SETTINGS`; options are named as on the command line (``--threshold``)."""
-    from .config import check_setting
-
-    where = _WHERE.get(layer_name, layer_name)
-    return {k: check_setting(k, v, where, "--" + k.replace("_", "-") if layer_name == "option" else None)
-            for k, v in layer.items() if k in keys and v is not None}
-
-
-def _voting_from(ckpt: dict, file_cfg: dict, overrides: dict, seg_ckpt: dict | None = None) -> tuple[VotingConfig, float, dict]:
-    """Checkpoint defaults < config file < explicit options. Returns voting, threshold and provenance.
-
-    Every value is checked (type, finiteness, range: :data:`cervscan.config.SETTINGS`) as it comes in, the
-    checkpoints' too; the error names where it came from (the checkpoint, the config file, the command line).
-    """
-    src: dict[str, str] = {}
-    vals: dict[str, Any] = {}
-    fields = {f.name for f in dataclasses.fields(VotingConfig)}
-    if seg_ckpt and seg_ckpt.get("mask_threshold") is not None:
-        vals |= _checked({"mask_threshold": float(seg_ckpt["mask_threshold"])}, fields, "segmenter checkpoint")
-        src["mask_threshold"] = "segmenter checkpoint"
-    ck_vote = _checked(ckpt.get("voting") or {}, ("weights", "brightness", "brightness_from_flipped", "variants",
-                                                   "pooling"), "classifier checkpoint")
-    vals |= ck_vote
-    src |= dict.fromkeys(ck_vote, "checkpoint")
-    thr, src["threshold"] = 0.5, "default"
-    if ckpt.get("threshold") is not None:
-        thr = _checked({"threshold": float(ckpt["threshold"])}, ("threshold",), "classifier checkpoint")["threshold"]
-        src["threshold"] = "checkpoint"
-    for layer_name, layer in (("config", file_cfg), ("option", overrides)):
-        for k, v in _checked(layer, fields | {"threshold"}, layer_name).items():
-            if k == "threshold":
-                thr, src["threshold"] = float(v), layer_name
-            else:
-                vals[k], src[k] = v, layer_name
-    if "weights" in vals:
-        vals["weights"] = tuple(float(x) for x in vals["weights"])
-    if "variants" in vals:
-        vals["variants"] = tuple(vals["variants"])
-    return VotingConfig(**vals), thr, src
-
-
-def _resolve_choice(key: str, choices: tuple[str, ...], default: str, cls_ckpt: dict, file_cfg: dict,
-                    overrides: dict, provenance: dict) -> str:
-    """A setting the classifier checkpoint records (``crop``, ``classify_view``): option > config file >
-    the classifier checkpoint > ``default``; where it came from goes to ``provenance``."""
-    val, src = default, "default"
-    for layer_name, layer in (("classifier checkpoint", cls_ckpt), ("config", file_cfg), ("option", overrides)):
-        if layer.get(key):
-            val, src = str(layer[key]), layer_name
-    if val not in choices:
-        raise CervscanError(f"{key} must be one of {', '.join(choices)}, not {val!r}")
-    provenance[key] = src
-    return val
-
-
-def _gate_from(file_cfg: dict, overrides: dict, provenance: dict, cls_ckpt: dict | None = None):
-    """The quality gate: defaults (``GateConfig``) < the classifier checkpoint's ``decision_stages`` (the
-    stages its model was fitted and chosen on) < config file < options (``quality_gate`` False for
-    ``--no-quality-gate``). Records where each changed value came from in ``provenance``."""
-    from .config import GATE_KEYS, GateConfig
-
-    vals: dict[str, Any] = {}
-    if cls_ckpt and cls_ckpt.get("decision_stages"):
-        stages = _checked({"decision_stages": cls_ckpt["decision_stages"]}, GATE_KEYS, "classifier checkpoint")
-        vals["decision_stages"] = tuple(stages["decision_stages"])
-        provenance["decision_stages"] = "classifier checkpoint"
-    for layer_name, layer in (("config", file_cfg), ("option", overrides)):
-        for key, v in _checked(layer, GATE_KEYS, layer_name).items():
-            fld = GATE_KEYS[key]
-            vals[fld] = tuple(v) if fld == "decision_stages" else v
-            provenance[key] = layer_name
-    return GateConfig(**vals)
-
-
-def load_pipeline(*, seg_model: str | None = None, cls_model: str | None = None, cervix_model: str | None = None,
-                  stage_model: str | None = None, config_file: str | None = None, overrides: dict | None = None,
-                  device: str | None = None, num_workers: int | None = None, batch_images: int | None = None,
-                  write_masks: bool = True, write_overlays: bool = True, use_stage: bool = True):
-    """Resolve every model and the configuration (checkpoint < config file < options); return
-    ``(pipeline, refs, provenance, seconds to load)``."""
-    from .config import SETTINGS
-    from .device import resolve_device
-    from .models import read_checkpoint
-    from .pipeline import Pipeline, load_model
-    from .weights import resolve
-
-    overrides = dict(overrides or {})
-    _checked(overrides, SETTINGS, "option")  # every option, before any model is loaded
-    file_cfg = load_config_file(config_file) if config_file else {}
-    dev = resolve_device(overrides.pop("device", None) or device or file_cfg.get("device") or "auto")
-    t0 = time.time()
-    refs = {"segmenter": resolve("segmenter", seg_model), "classifier": resolve("classifier", cls_model)}
-    models = {role: load_model(role, refs[role].path, dev, refs[role]) for role in ("segmenter", "classifier")}
-    val = models["classifier"].ckpt.get("validation")
-    if isinstance(val, dict) and not val.get("passed", False):
-        log.warning("%s: this classifier failed its validation (cross-validated patient AUC %s, 95 %% CI %s-%s) "
-                    "and was kept with --force: its decisions may be no better than chance",
-                    refs["classifier"].path, val.get("auc"), val.get("ci_low"), val.get("ci_high"))
-    voting, threshold, provenance = _voting_from(models["classifier"].ckpt, file_cfg, overrides, models["segmenter"].ckpt)
-    crop = _resolve_choice("crop", CROP_MODES, "frame", models["classifier"].ckpt, file_cfg, overrides, provenance)
-    if crop == "cervix":
-        refs["cervix"] = resolve("cervix", cervix_model)
-        models["cervix"] = load_model("cervix", refs["cervix"].path, dev, refs["cervix"])
-    if use_stage:
-        try:
-            refs["stage"] = resolve("stage", stage_model)
-        except CervscanError as e:
-            if stage_model:
-                raise
-            log.warning("no exam-stage model (%s); stage left empty", e)
-        else:
-            models["stage"] = load_model("stage", refs["stage"].path, dev, refs["stage"])
-    gate = _gate_from(file_cfg, overrides, provenance, models["classifier"].ckpt)
-    view = _resolve_choice("classify_view", ("crop", "frame"), "crop", models["classifier"].ckpt, file_cfg,
-                           overrides, provenance)
-    base = ScreenConfig()
-    cfg = dataclasses.replace(
-        base, voting=voting, threshold=threshold, device=str(dev), crop=crop, gate=gate, classify_view=view,
-        num_workers=num_workers if num_workers is not None else int(file_cfg.get("num_workers", base.num_workers)),
-        batch_images=batch_images or int(file_cfg.get("batch_images", base.batch_images)),
-        **{k: type(getattr(base, k))(file_cfg[k]) for k in ("max_side", "max_pixels", "min_side", "max_decode_mb",
-                                                             "cervix_margin", "cervix_min_fraction", "centre_crop",
-                                                             "classify_batch")
-           if k in file_cfg},
-        write_masks=write_masks, write_overlays=write_overlays)
-    return Pipeline(models, cfg, dev), refs, provenance, time.time() - t0
-
-
 def screen(paths: list[str | Path], out: str | Path, *, seg_model: str | None = None, cls_model: str | None = None,
            cervix_model: str | None = None, stage_model: str | None = None, use_stage: bool = True,
            config_file: str | None = None, overrides: dict | None = None, device: str | None = None,
@@ -181,16 +45,16 @@ def screen(paths: list[str | Path], out: str | Path, *, seg_model: str | None = 
     """Screen visit folders and write patients.csv, images.csv, masks, overlays and run.json to ``out``."""
     import torch
 
-    from .io import OutputLedger, check_overlap, discover_visits, display_id
-    from .writer import OutputWriter
+    from cervscan.files import OutputLedger, check_overlap, discover_visits, display_id
+    from cervscan.pipeline.outputs import OutputWriter
 
-    from .device import resolve_device
+    from cervscan.device import resolve_device
 
     t0 = time.time()
     # a bad option, config file or device fails before anything is written
-    from .config import SETTINGS
+    from cervscan.config import SETTINGS
 
-    _checked(dict(overrides or {}), SETTINGS, "option")
+    check_layer(dict(overrides or {}), SETTINGS, "option")
     file_cfg = load_config_file(config_file) if config_file else {}
     resolve_device((overrides or {}).get("device") or device or file_cfg.get("device") or "auto")
     stray: list[tuple[Path, str]] = []
@@ -205,7 +69,7 @@ def screen(paths: list[str | Path], out: str | Path, *, seg_model: str | None = 
     writer.claim_tables()  # a patients.csv cervscan did not write fails here, before the models load
     if threads:
         torch.set_num_threads(threads)
-    pipe, refs, provenance, load_s = load_pipeline(
+    pipe = Pipeline.from_config(
         seg_model=seg_model, cls_model=cls_model, cervix_model=cervix_model, stage_model=stage_model,
         config_file=config_file, overrides=overrides, device=device, num_workers=num_workers,
         batch_images=batch_images, write_masks=write_masks, write_overlays=write_overlays, use_stage=use_stage)
@@ -246,8 +110,8 @@ def screen(paths: list[str | Path], out: str | Path, *, seg_model: str | None = 
     n_err_pat = sum(p["decision"] == "error" for p in patients)
     n_inadequate = sum(p["decision"] == "inadequate" for p in patients)
     exit_code = exit_code_of(n_failed_img + n_err_pat, n_inadequate)
-    run = _run_record("screen", out, paths, pipe, refs, provenance, {
-        "load_models_s": round(load_s, 3), "screen_s": round(t_screened - t_loaded, 3),
+    run = run_record("screen", out, paths, pipe, pipe.refs, pipe.provenance, {
+        "load_models_s": round(pipe.load_seconds, 3), "screen_s": round(t_screened - t_loaded, 3),
         "total_s": round(time.time() - t0, 3), "images_per_s": round(len(items) / max(1e-9, t_screened - t_loaded), 3)})
     run["counts"] = {"patients": len(patients), "images": len(records), "images_failed": n_failed_img,
                      "patients_error": n_err_pat, "severe": sum(p["decision"] == "severe" for p in patients),
@@ -265,93 +129,6 @@ def screen(paths: list[str | Path], out: str | Path, *, seg_model: str | None = 
     return ScreenResult(out, patients, records, skipped, run, exit_code)
 
 
-def probe_writable(out: Path) -> None:
-    """Create ``out`` and check that a file can be written in it (a uniquely named probe, removed)."""
-    import tempfile
-
-    from .io import display_id
-
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".cervscan-write-test.", dir=out)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise CervscanError(f"{display_id(str(out))}: output folder is not writable ({e.strerror})") from None
-
-
-def refuse_overlapping_visits(visits: list, out: Path) -> None:
-    """A visit folder reached through a link that leads into ``out`` (or holds it) is not screened: it gets
-    decision ``error`` with the reason; the other visits go on."""
-    from .io import overlap_note
-
-    for v in visits:
-        note = overlap_note(v.folder, out)
-        if note:
-            log.error("%s", note)
-            v.images, v.error = [], note
-
-
-def decide_patient(pipe, patient_id: str, records: list[dict], visit_error: str = "") -> dict:
-    """The patient row (:meth:`Pipeline.aggregate`); a visit whose row cannot be computed gets decision
-    ``error`` with the reason instead of stopping the run."""
-    try:
-        return pipe.aggregate(patient_id, records, visit_error)
-    except Exception as e:  # noqa: BLE001 - one visit must not stop the others
-        from .io import clean_text
-
-        log.error("visit %s: cannot decide (%s: %s)", patient_id, type(e).__name__, e)
-        return {"patient_id": patient_id, "decision": "error", "score": None, "threshold": pipe.cfg.threshold,
-                "n_images": len(records), "n_used": 0, "n_eligible": 0, "n_failed": len(records),
-                "error": clean_text(f"cannot decide ({type(e).__name__}: {e})"), "cervscan_version": __version__}
-
-
-#: Exit codes of a run that finished: all decided; some image or patient failed; some patient inadequate.
-EXIT_OK, EXIT_FAILED, EXIT_INADEQUATE = 0, 3, 5
-#: Exit code of a classifier training (train-decision, train-cls) whose classifier failed its validation (no
-#: better than chance on held-out patients, see :mod:`cervscan.validation`): no installable model was written.
-EXIT_NOT_VALIDATED = 6
-
-
-def exit_code_of(n_failed: int, n_inadequate: int) -> int:
-    """3 when anything failed (it wins), else 5 when a patient is ``inadequate`` (retake), else 0."""
-    return EXIT_FAILED if n_failed else (EXIT_INADEQUATE if n_inadequate else EXIT_OK)
-
-
-def _run_record(command: str, out: Path, paths, pipe, refs: dict, provenance: dict, timings: dict) -> dict:
-    """run.json: resolved configuration, every model's file and sha256, versions, device, timings."""
-    import segmentation_models_pytorch as smp
-    import timm
-    import torch
-
-    from .io import display_id
-
-    def model_info(role):
-        ref, ck = refs[role], pipe.models[role].ckpt
-        return {"path": str(ref.path), "source": ref.source, "sha256": ref.sha256, "verified": ref.verified,
-                "label": ref.label, "name": ck.get("name"), "version": ck.get("version"), "arch": ck["arch"],
-                "form": ck["form"], "input_size": ck["input_size"], "dtype": ck.get("dtype"),
-                **({"threshold": ck.get("threshold"), "operating_point": ck.get("operating_point"),
-                    "temperature": ck.get("temperature"), "voting": ck.get("voting"), "crop": ck.get("crop"),
-                    "validation": ck.get("validation")}
-                   if ck["kind"] == "classifier" else {}),
-                **({"classes": ck.get("classes")} if ck["kind"] == "stage" else {}),
-                "train_summary": ck.get("train_summary")}
-
-    return {
-        "command": command, "cervscan_version": __version__, "out": display_id(str(out)),
-        "inputs": [display_id(str(Path(p).resolve())) for p in paths],
-        "config": pipe.cfg.to_dict(), "threshold": pipe.cfg.threshold, "provenance": provenance,
-        "quality_gate": pipe.cfg.gate.enabled,
-        "models": {role: model_info(role) for role in refs if role in pipe.models},
-        "versions": {"cervscan": __version__, "torch": torch.__version__, "timm": timm.__version__,
-                     "segmentation_models_pytorch": smp.__version__, "python": platform.python_version()},
-        "device": str(pipe.device), "threads": torch.get_num_threads(), "timings": timings,
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "disclaimer": "Decision support only: the result supports and does not replace the clinician's judgement.",
-    }
-
-
 def evaluate(visits: list[str | Path], labels: str | Path, out: str | Path, *, n_bootstrap: int = 2000, seed: int = 0,
              screen_out: str | Path | None = None, cv_run: str | Path | None = None, **screen_kwargs) -> dict:
     """Screen labelled visits, then compare patient decisions and scores with the labels.
@@ -367,14 +144,14 @@ def evaluate(visits: list[str | Path], labels: str | Path, out: str | Path, *, n
     """
     import csv
 
-    from .errors import DataError
-    from .io import atomic_write_csv, atomic_write_json
-    from .metrics import full_report, plot_confusion, plot_roc
-    from .validation import label_check
+    from cervscan.errors import DataError
+    from cervscan.files import atomic_write_csv, atomic_write_json
+    from cervscan.metrics import full_report, plot_confusion, plot_roc
+    from cervscan.training.validation import label_check
 
     out = Path(out)
     lab_path = Path(labels)
-    from .io import read_labels
+    from cervscan.files import read_labels
 
     label_notes: list[dict] = []
     rows, unlabelled = read_labels(lab_path, label_notes)
@@ -390,7 +167,7 @@ def evaluate(visits: list[str | Path], labels: str | Path, out: str | Path, *, n
         except OSError as e:
             raise CervscanError(f"{cv}/folds.csv: cannot read ({e.strerror}); --cv-run needs a train-decision or "
                                 f"'train-cls --folds K' run") from None
-        from .io import discover_visits
+        from cervscan.files import discover_visits
 
         all_visits = discover_visits(visits)
         visit_ids = [v.patient_id for v in all_visits]
@@ -480,46 +257,46 @@ def _cv_in_sample(run: dict) -> dict:
 
 
 def train_seg(**kwargs) -> dict:
-    """``cervscan train-seg``: keyword arguments of :class:`cervscan.seg_training.SegTrainConfig`."""
-    from .seg_training import SegTrainConfig, train_seg as _train
+    """``cervscan train-seg``: keyword arguments of :class:`cervscan.training.segmenter.SegTrainConfig`."""
+    from cervscan.training.segmenter import SegTrainConfig, train_seg as _train
 
     progress = kwargs.pop("progress", None)
     return _train(SegTrainConfig(**kwargs), progress=progress)
 
 
 def train_cls(**kwargs) -> dict:
-    """``cervscan train-cls``: keyword arguments of :class:`cervscan.cls_training.ClsTrainConfig`."""
-    from .cls_training import ClsTrainConfig, train_cls as _train
+    """``cervscan train-cls``: keyword arguments of :class:`cervscan.training.finetune.ClsTrainConfig`."""
+    from cervscan.training.finetune import ClsTrainConfig, train_cls as _train
 
     progress = kwargs.pop("progress", None)
     return _train(ClsTrainConfig(**kwargs), progress=progress)
 
 
 def train_decision(**kwargs) -> dict:
-    """``cervscan train-decision``: keyword arguments of :class:`cervscan.decision_training.DecisionTrainConfig`."""
-    from .decision_training import DecisionTrainConfig, train_decision as _train
+    """``cervscan train-decision``: keyword arguments of :class:`cervscan.training.classifier.DecisionTrainConfig`."""
+    from cervscan.training.classifier import DecisionTrainConfig, train_decision as _train
 
     progress = kwargs.pop("progress", None)
     return _train(DecisionTrainConfig(**kwargs), progress=progress)
 
 
 def train_stage(**kwargs) -> dict:
-    """``cervscan train-stage``: keyword arguments of :class:`cervscan.stage_training.StageTrainConfig`."""
-    from .stage_training import StageTrainConfig, train_stage as _train
+    """``cervscan train-stage``: keyword arguments of :class:`cervscan.training.stage.StageTrainConfig`."""
+    from cervscan.training.stage import StageTrainConfig, train_stage as _train
 
     return _train(StageTrainConfig(**kwargs))
 
 
 def report(out: str | Path, **kwargs) -> list[Path]:
-    """``cervscan report``: PDF reports of a screen output folder (see :func:`cervscan.report.write_reports`)."""
-    from .report import write_reports
+    """``cervscan report``: PDF reports of a screen output folder (see :func:`cervscan.report.reports.write_reports`)."""
+    from cervscan.report.reports import write_reports
 
     return write_reports(out, **kwargs)
 
 
 def batch(root: str | Path, out: str | Path, **kwargs):
     """``cervscan batch``: incremental, crash-safe, locked screening of a growing folder of visits
-    (keyword arguments of :func:`cervscan.batch.run_batch`; returns a :class:`cervscan.batch.BatchResult`)."""
-    from .batch import run_batch
+    (keyword arguments of :func:`cervscan.batch.nightly.run_batch`; returns a :class:`cervscan.batch.nightly.BatchResult`)."""
+    from cervscan.batch.nightly import run_batch
 
     return run_batch(root, out, **kwargs)

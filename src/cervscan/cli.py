@@ -16,8 +16,8 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from . import __version__
-from .errors import CervscanError
+from cervscan import __version__
+from cervscan.errors import CervscanError
 
 EXIT_CODES = (
     "[b]Exit codes:[/b] 0 all screened and decided; 3 finished but some images or patients failed; "
@@ -65,7 +65,7 @@ def _shown(x) -> str:
     read as rich markup."""
     from rich.markup import escape
 
-    from .io import clean_text
+    from cervscan.files import clean_text
 
     return escape(clean_text(str(x)))
 
@@ -98,7 +98,7 @@ def main_callback(
 
 def _overrides(threshold, weights, brightness, brightness_from_flipped, variants, crop=None,
                no_quality_gate: bool = False) -> dict:
-    from .config import CROP_MODES, parse_variants, parse_weights
+    from cervscan.config import CROP_MODES, parse_variants, parse_weights
 
     o: dict = {}
     if no_quality_gate:
@@ -178,7 +178,7 @@ def screen(
     Writes OUT/patients.csv, OUT/images.csv, OUT/masks/, OUT/cervix/, OUT/overlays/, OUT/skipped.csv and OUT/run.json.
     """
     _setup_logging(verbose, quiet or as_json)
-    from . import api
+    from cervscan import api
 
     try:
         ov = _overrides(threshold, weights, brightness, brightness_from_flipped, variants, crop, no_quality_gate)
@@ -282,7 +282,7 @@ def evaluate(
 ) -> None:
     """Screen labelled visits and compare patient decisions with the labels (metrics.json, roc.png, ...)."""
     _setup_logging(False, quiet)
-    from . import api
+    from cervscan import api
 
     try:
         ov = _overrides(threshold, weights, brightness, brightness_from_flipped, variants, crop, no_quality_gate)
@@ -327,7 +327,7 @@ def _print_metrics(m: dict) -> None:
 def _print_labels_check(rec: dict | None) -> None:
     """Where the labels' findings (duplicates, labelled patients without a folder, folders without a label),
     named in the log above, are recorded."""
-    from .validation import label_check_lines
+    from cervscan.training.validation import label_check_lines
 
     n = len(label_check_lines(rec))
     if n:
@@ -346,7 +346,7 @@ ForceTrainOpt = Annotated[bool, typer.Option("--force", help="Write model.pt eve
 
 def _validation_result(m: dict) -> None:
     """After a training run that wrote its model: the validation, in red when it failed and was forced."""
-    from .validation import describe
+    from cervscan.training.validation import describe
 
     v = m.get("validation")
     if not v:
@@ -359,7 +359,7 @@ def _validation_result(m: dict) -> None:
 
 
 def _fail_validation(e) -> None:
-    from .api import EXIT_NOT_VALIDATED
+    from cervscan.errors import EXIT_NOT_VALIDATED
 
     err_console.print(f"[bold red]error: {e}[/bold red]")
     raise typer.Exit(EXIT_NOT_VALIDATED) from None
@@ -396,7 +396,7 @@ def train_seg_cmd(
     """Train a U-Net++ segmenter: the lesion segmenter, or with --target cervix the cervix finder (Dice + BCE, Adam, validation IoU/Dice per epoch)."""
     _fast_malloc_reexec()
     _setup_logging(False, False)
-    from . import api
+    from cervscan import api
 
     cfg = dict(data=str(data), out=str(out), encoder=encoder, pretrained=pretrained and init is None,
                          init=str(init) if init else None, epochs=epochs, batch_size=batch_size, lr=lr,
@@ -412,7 +412,7 @@ def train_seg_cmd(
         if compare:
             import pandas as pd
 
-            from .seg_training import plot_iou
+            from cervscan.training.segmenter import plot_iou
 
             plot_iou([(out.name, pd.read_csv(out / "val_iou.csv").to_dict("records")),
                       (compare.name, pd.read_csv(compare / "val_iou.csv").to_dict("records"))], out / "iou.png")
@@ -479,7 +479,7 @@ def train_cls_cmd(
     """Train the classifier on original + segmented images with a patient-wise split; calibrate the operating point."""
     _fast_malloc_reexec()
     _setup_logging(False, False)
-    from . import api
+    from cervscan import api
 
     try:
         curve = tuple(sorted({int(e) for e in eval_epochs.split(",") if e.strip()})) if eval_epochs else ()
@@ -487,7 +487,7 @@ def train_cls_cmd(
         _fail(CervscanError(f"--eval-epochs must be comma-separated whole numbers, not {eval_epochs!r}"))
     if any(e < 1 or e > epochs for e in curve):
         _fail(CervscanError(f"--eval-epochs must lie between 1 and --epochs ({epochs}), not {eval_epochs!r}"))
-    from .config import CROP_MODES
+    from cervscan.config import CROP_MODES
 
     if crop not in CROP_MODES:
         _fail(CervscanError(f"--crop must be one of {', '.join(CROP_MODES)}, not {crop!r}"))
@@ -503,7 +503,7 @@ def train_cls_cmd(
                          tune_votes=tune_votes, seed=seed, device=device or "auto", resume=resume, max_steps_per_epoch=max_steps,
                          name=model_name, version=model_version, cache_dir=str(cache_dir) if cache_dir else None,
                          force=force)
-    from .validation import ValidationFailed
+    from cervscan.training.validation import ValidationFailed
 
     try:
         with _train_progress() as cb:
@@ -547,8 +547,8 @@ def train_decision_cmd(
     operating point; writes model.pt (install with 'cervscan models install') and the fold models."""
     _fast_malloc_reexec()
     _setup_logging(False, False)
-    from . import api
-    from .config import STAGES, VARIANT_NAMES, VARIANT_SETS
+    from cervscan import api
+    from cervscan.config import STAGES, VARIANT_NAMES, VARIANT_SETS
 
     vs = VARIANT_SETS.get(variants) or tuple(v.strip() for v in variants.split(",") if v.strip())
     tv = tuple(v.strip() for v in train_variants.split(",") if v.strip())
@@ -573,7 +573,7 @@ def train_decision_cmd(
               version=model_version, force=force)
     if w is not None:
         kw["weights"] = w
-    from .validation import ValidationFailed
+    from cervscan.training.validation import ValidationFailed
 
     try:
         m = api.train_decision(**kw)
@@ -606,7 +606,7 @@ def train_stage_cmd(
 ) -> None:
     """Train the exam-stage model (acetic, lugol, green, saline, other): frozen EfficientNet-Lite0 features + logistic regression."""
     _setup_logging(False, False)
-    from . import api
+    from cervscan import api
 
     try:
         m = api.train_stage(visits=str(visits), out=str(out), images_csv=str(images_csv) if images_csv else None,
@@ -658,8 +658,8 @@ def batch(
     OUT/images.csv always hold every visit's latest result exactly once.
     """
     _setup_logging(verbose, quiet or as_json)
-    from . import api
-    from .batch import BatchLockedError, log_to_file
+    from cervscan import api
+    from cervscan.batch.nightly import BatchLockedError, log_to_file
 
     try:
         ov = _overrides(threshold, weights, brightness, brightness_from_flipped, variants, crop, no_quality_gate)
@@ -720,7 +720,7 @@ def report(
     """Write PDF referral reports: OUT/reports/<patient>.pdf and OUT/reports/summary.pdf."""
     _setup_logging(False, False)
     try:
-        from . import api
+        from cervscan import api
 
         paths = api.report(out, patients=patient, clinic=clinic, exam_date=exam_date, page_size=page_size,
                               config_file=config)
@@ -739,7 +739,7 @@ def models_list() -> None:
     """Installed and shipped models, and which ones 'screen' uses now."""
     from rich.table import Table
 
-    from . import weights as W
+    from cervscan.models import registry as W
 
     try:
         rows = W.list_models()
@@ -775,7 +775,7 @@ def models_install(
 
     Each checkpoint is loaded fully first; a classifier must record a passed validation (better than chance
     on held-out patients), unless --force."""
-    from . import weights as W
+    from cervscan.models import registry as W
 
     try:
         res = W.install(runs, name=name, force=force)
@@ -793,7 +793,7 @@ def models_rollback(
     role: Annotated[Optional[str], typer.Option(help="stage | cervix | segmenter | classifier (default all).")] = None,
 ) -> None:
     """Go back to the shipped models (installed files are kept)."""
-    from . import weights as W
+    from cervscan.models import registry as W
 
     try:
         W.rollback(role)
@@ -805,7 +805,7 @@ def models_rollback(
 @models_app.command("use")
 def models_use(role: str, tag: str) -> None:
     """Make an installed model (by tag, see 'models list') the default again."""
-    from . import weights as W
+    from cervscan.models import registry as W
 
     try:
         W.use(role, tag)
@@ -817,7 +817,7 @@ def models_use(role: str, tag: str) -> None:
 @models_app.command("verify")
 def models_verify() -> None:
     """Check the sha256 of every shipped and installed model."""
-    from . import weights as W
+    from cervscan.models import registry as W
 
     bad = 0
     try:

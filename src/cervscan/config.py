@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CervscanError
-from .io import MAX_DECODE_MB
+from cervscan.errors import CervscanError
+from cervscan.files import MAX_DECODE_MB
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ DEFAULT_THRESHOLD = 0.5
 
 #: What the lesion segmenter and the classifier look at (see ScreenConfig.crop).
 CROP_MODES = ("cervix", "centre", "frame")
-#: Exam stages (the stage model's classes; ``cervscan.stage_training.STAGES``).
+#: Exam stages (the stage model's classes; ``cervscan.training.stage.STAGES``).
 STAGES: tuple[str, ...] = ("acetic", "lugol", "green", "saline", "other")
 
 VARIANT_SETS = {
@@ -294,7 +294,7 @@ class VotingConfig:
 
 @dataclass(frozen=True)
 class GateConfig:
-    """The image quality and eligibility gate (:mod:`cervscan.quality`).
+    """The image quality and eligibility gate (:mod:`cervscan.pipeline.quality`).
 
     Thresholds chosen by ``benchmarks/quality_gate.py`` on the development data's 447 real
     acetic-acid images only (``benchmarks/RESULTS.md``, block ``quality_gate``; the degraded
@@ -306,7 +306,7 @@ class GateConfig:
 
     #: False (``--no-quality-gate``, config ``quality_gate = false``): every image decides (research).
     enabled: bool = True
-    #: Sharpness (0-1, :func:`cervscan.quality.sharpness`) inside the cervix at a fixed scale (its longer
+    #: Sharpness (0-1, :func:`cervscan.pipeline.quality.sharpness`) inside the cervix at a fixed scale (its longer
     #: side ``measure_side`` px).
     min_sharpness: float = 0.46
     #: Mean grey level inside the cervix, 0-255.
@@ -366,7 +366,7 @@ class ScreenConfig:
     #: Images smaller than this on their shorter side are refused.
     min_side: int = 32
     #: Memory budget of one image decode, MB: an image whose decode would hold more pixel data at once
-    #: (estimated from its size and colour mode before decoding, :func:`cervscan.io.decode_bytes`) is refused.
+    #: (estimated from its size and colour mode before decoding, :func:`cervscan.files.decode_bytes`) is refused.
     max_decode_mb: int = MAX_DECODE_MB
     #: What the lesion segmenter and classifier see: "cervix" (crop found by the cervix finder,
     #: centre crop when none is found), "centre" (always the centre crop) or "frame" (whole image).
@@ -456,3 +456,84 @@ def parse_stages(spec: str) -> tuple[str, ...]:
     if bad or not names:
         raise CervscanError(f"decision_stages: unknown {bad or spec!r}; use all or a comma list of {', '.join(STAGES)}")
     return names
+
+
+# --------------------------------------------------------------------------- resolving: checkpoint < config file < options
+
+#: Where a value that fails its check came from, as the error names it (a config file is named by its path
+#: when it is loaded, :func:`cervscan.config.load_config_file`).
+WHERE = {"config": "config file", "option": "command line"}
+
+
+def check_layer(layer: dict, keys, layer_name: str) -> dict:
+    """The values of ``layer`` for ``keys`` (None: not given, left out), each checked against
+    :data:`cervscan.config.SETTINGS`; options are named as on the command line (``--threshold``)."""
+
+    where = WHERE.get(layer_name, layer_name)
+    return {k: check_setting(k, v, where, "--" + k.replace("_", "-") if layer_name == "option" else None)
+            for k, v in layer.items() if k in keys and v is not None}
+
+
+def voting_from(ckpt: dict, file_cfg: dict, overrides: dict, seg_ckpt: dict | None = None) -> tuple[VotingConfig, float, dict]:
+    """Checkpoint defaults < config file < explicit options. Returns voting, threshold and provenance.
+
+    Every value is checked (type, finiteness, range: :data:`cervscan.config.SETTINGS`) as it comes in, the
+    checkpoints' too; the error names where it came from (the checkpoint, the config file, the command line).
+    """
+    src: dict[str, str] = {}
+    vals: dict[str, Any] = {}
+    fields = {f.name for f in dataclasses.fields(VotingConfig)}
+    if seg_ckpt and seg_ckpt.get("mask_threshold") is not None:
+        vals |= check_layer({"mask_threshold": float(seg_ckpt["mask_threshold"])}, fields, "segmenter checkpoint")
+        src["mask_threshold"] = "segmenter checkpoint"
+    ck_vote = check_layer(ckpt.get("voting") or {}, ("weights", "brightness", "brightness_from_flipped", "variants",
+                                                   "pooling"), "classifier checkpoint")
+    vals |= ck_vote
+    src |= dict.fromkeys(ck_vote, "checkpoint")
+    thr, src["threshold"] = 0.5, "default"
+    if ckpt.get("threshold") is not None:
+        thr = check_layer({"threshold": float(ckpt["threshold"])}, ("threshold",), "classifier checkpoint")["threshold"]
+        src["threshold"] = "checkpoint"
+    for layer_name, layer in (("config", file_cfg), ("option", overrides)):
+        for k, v in check_layer(layer, fields | {"threshold"}, layer_name).items():
+            if k == "threshold":
+                thr, src["threshold"] = float(v), layer_name
+            else:
+                vals[k], src[k] = v, layer_name
+    if "weights" in vals:
+        vals["weights"] = tuple(float(x) for x in vals["weights"])
+    if "variants" in vals:
+        vals["variants"] = tuple(vals["variants"])
+    return VotingConfig(**vals), thr, src
+
+
+def resolve_choice(key: str, choices: tuple[str, ...], default: str, cls_ckpt: dict, file_cfg: dict,
+                    overrides: dict, provenance: dict) -> str:
+    """A setting the classifier checkpoint records (``crop``, ``classify_view``): option > config file >
+    the classifier checkpoint > ``default``; where it came from goes to ``provenance``."""
+    val, src = default, "default"
+    for layer_name, layer in (("classifier checkpoint", cls_ckpt), ("config", file_cfg), ("option", overrides)):
+        if layer.get(key):
+            val, src = str(layer[key]), layer_name
+    if val not in choices:
+        raise CervscanError(f"{key} must be one of {', '.join(choices)}, not {val!r}")
+    provenance[key] = src
+    return val
+
+
+def gate_from(file_cfg: dict, overrides: dict, provenance: dict, cls_ckpt: dict | None = None):
+    """The quality gate: defaults (``GateConfig``) < the classifier checkpoint's ``decision_stages`` (the
+    stages its model was fitted and chosen on) < config file < options (``quality_gate`` False for
+    ``--no-quality-gate``). Records where each changed value came from in ``provenance``."""
+
+    vals: dict[str, Any] = {}
+    if cls_ckpt and cls_ckpt.get("decision_stages"):
+        stages = check_layer({"decision_stages": cls_ckpt["decision_stages"]}, GATE_KEYS, "classifier checkpoint")
+        vals["decision_stages"] = tuple(stages["decision_stages"])
+        provenance["decision_stages"] = "classifier checkpoint"
+    for layer_name, layer in (("config", file_cfg), ("option", overrides)):
+        for key, v in check_layer(layer, GATE_KEYS, layer_name).items():
+            fld = GATE_KEYS[key]
+            vals[fld] = tuple(v) if fld == "decision_stages" else v
+            provenance[key] = layer_name
+    return GateConfig(**vals)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from .errors import DeviceError
+from cervscan.errors import DeviceError
 
 log = logging.getLogger(__name__)
 

@@ -27,3 +27,14 @@ class DataError(CervscanError):
 
 class DeviceError(CervscanError):
     pass
+
+
+#: Exit codes of a run that finished: all decided; some image or patient failed; some patient inadequate.
+EXIT_OK, EXIT_FAILED, EXIT_INADEQUATE = 0, 3, 5
+#: Exit code of a classifier training (train-decision, train-cls) whose classifier failed its validation (no
+#: better than chance on held-out patients, see :mod:`cervscan.training.validation`): no installable model was written.
+EXIT_NOT_VALIDATED = 6
+
+def exit_code_of(n_failed: int, n_inadequate: int) -> int:
+    """3 when anything failed (it wins), else 5 when a patient is ``inadequate`` (retake), else 0."""
+    return EXIT_FAILED if n_failed else (EXIT_INADEQUATE if n_inadequate else EXIT_OK)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import DataError
+from cervscan.errors import DataError
 
 
 def binary_metrics(y_true, scores, threshold: float) -> dict:

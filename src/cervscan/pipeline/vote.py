@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import VARIANT_NAMES, VotingConfig
+from cervscan.config import VARIANT_NAMES, VotingConfig
 
 
 @dataclass

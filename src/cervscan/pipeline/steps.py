@@ -10,50 +10,45 @@ through it, so training cannot drift from screening::
 Where each step lives (a new step gets a method here and a call in
 :meth:`Pipeline.process`):
 
-- ``decode``: :func:`cervscan.io.read_image` (EXIF, colour modes, size guards);
+- ``decode``: :func:`cervscan.files.read_image` (EXIF, colour modes, size guards);
 - ``stage``: the exam-stage model (``stage`` role: acetic, lugol, green, saline, other), whole frame;
 - ``cervix``: the cervix finder (``cervix`` role, a U-Net++), whole frame; largest connected
   component; :func:`cervix_box` turns it into the crop box, or the documented centre crop
   (:func:`centre_box`) when no cervix is found;
 - ``crop``: the square box around the cervix plus a margin, clipped to the image;
 - ``lesion``: the lesion segmenter (``segmenter`` role, a U-Net++) on the crop;
-- ``quality`` / ``gate``: :func:`cervscan.quality.measure` (sharpness at a fixed scale, exposure, glare
-  inside the cervix, cervix size) and :func:`cervscan.quality.gate` (eligible or not, and why; the exam
+- ``quality`` / ``gate``: :func:`cervscan.pipeline.quality.measure` (sharpness at a fixed scale, exposure, glare
+  inside the cervix, cervix size) and :func:`cervscan.pipeline.quality.gate` (eligible or not, and why; the exam
   stage under ``decision_stages``); ineligible images are kept with their measures but not classified;
-- ``variants``: the study's segmented image (:func:`cervscan.variants.segment_region`) and the
-  six variants (:func:`cervscan.variants.make_variants`) at the classifier's input size;
+- ``variants``: the study's segmented image (:func:`cervscan.pipeline.vote.segment_region`) and the
+  six variants (:func:`cervscan.pipeline.vote.make_variants`) at the classifier's input size;
 - ``classify`` / ``score``: one batched classifier pass, temperature, weighted vote;
 - ``aggregate``: :meth:`Pipeline.aggregate` (mean of the eligible images' scores, threshold; ``inadequate``
   with a retake instruction when no image is eligible).
 
-Writing files is not a step: :class:`cervscan.writer.OutputWriter` does it.
+Writing files is not a step: :class:`cervscan.pipeline.outputs.OutputWriter` does it.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
-from .config import VARIANT_NAMES, ScreenConfig
-from .errors import CervscanError, ImageError
-from .io import read_image
-from . import quality as Q
-from .transforms import resize_square, to_tensor_batch
-from .variants import aggregate_patient, decide, make_variants, segment_region, weighted_score
+from cervscan.config import VARIANT_NAMES, ScreenConfig
+from cervscan.errors import CervscanError, ImageError
+from cervscan.files import read_image
+from cervscan.pipeline import quality as Q
+from cervscan.pipeline.transforms import resize_square, to_tensor_batch
+from cervscan.pipeline.vote import aggregate_patient, decide, make_variants, segment_region, weighted_score
+
+from cervscan.models.loading import LoadedModel  # noqa: E402
+from cervscan.pipeline import build  # noqa: E402
 
 log = logging.getLogger(__name__)
-
-#: Model roles, in the order the pipeline runs them. ``segmenter`` is the lesion segmenter.
-ROLES: tuple[str, ...] = ("stage", "cervix", "segmenter", "classifier")
-#: Roles a screening cannot do without; the others may be switched off (``--no-cervix``, ``--no-stage``).
-REQUIRED_ROLES = ("segmenter", "classifier")
-#: Checkpoint ``kind`` (and segmenter ``target``) each role needs.
-ROLE_KIND = {"stage": ("stage", None), "cervix": ("segmenter", "cervix"),
-             "segmenter": ("segmenter", "lesion"), "classifier": ("classifier", None)}
 
 IMAGE_COLUMNS = ["patient_id", "image", "path", "status", "error", "width", "height",
                  "stage", "stage_confidence", "cervix_found", "cervix_fraction", "crop_box",
@@ -63,15 +58,6 @@ IMAGE_COLUMNS = ["patient_id", "image", "path", "status", "error", "width", "hei
 PATIENT_COLUMNS = ["patient_id", "decision", "score", "threshold", "n_images", "n_used", "n_eligible", "n_failed",
                    "n_empty_mask", "n_no_cervix", "stages", "quality", "reason", "error",
                    "stage_model", "cervix_model", "seg_model", "cls_model", "cervscan_version"]
-
-
-def checkpoint_role(ck: dict) -> str | None:
-    """The pipeline role a checkpoint fills (None when it fills none)."""
-    kind = ck.get("kind")
-    if kind == "segmenter":
-        return "cervix" if ck.get("target") == "cervix" else "segmenter"
-    return kind if kind in ("stage", "classifier") else None
-
 
 # --------------------------------------------------------------------------- geometry (pure NumPy / OpenCV)
 
@@ -136,7 +122,7 @@ def paste_box(crop_mask: np.ndarray, box: tuple[int, int, int, int], height: int
 def classifier_views(image: np.ndarray, crop: np.ndarray, lesion: np.ndarray, size: int, voting,
                      view: str = "crop"):
     """The classifier's two input images at ``size``: the original view (the crop, or the whole ``image`` with
-    ``view`` "frame") and the study's segmented image of the crop (:func:`cervscan.variants.segment_region`
+    ``view`` "frame") and the study's segmented image of the crop (:func:`cervscan.pipeline.vote.segment_region`
     with the crop's lesion mask). Returns (original, segmented, region)."""
     reg = segment_region(crop, lesion, voting)
     return resize_square(image if view == "frame" else crop, size), resize_square(reg.image, size), reg
@@ -155,49 +141,6 @@ def parse_box(text: str | None) -> tuple[int, int, int, int] | None:
     except ValueError:
         return None
     return x0, y0, x1, y1
-
-
-# --------------------------------------------------------------------------- models
-
-@dataclass
-class LoadedModel:
-    role: str
-    net: object  # torch.nn.Module
-    ckpt: dict
-    ref: object | None = None  # weights.ResolvedModel
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return tuple(int(s) for s in self.ckpt["input_size"])  # type: ignore[return-value]
-
-    @property
-    def label(self) -> str:
-        """name@version:sha256[:12]; the manifest's name and version, else the checkpoint's."""
-        ref = self.ref
-        if ref is not None and getattr(ref, "entry", None) and ref.entry.get("name"):  # type: ignore[attr-defined]
-            return ref.label  # type: ignore[attr-defined]
-        name, ver = self.ckpt.get("name") or self.role, self.ckpt.get("version")
-        sha = getattr(ref, "sha256", "") or ""
-        return f"{name}{'@' + ver if ver else ''}{':' + sha[:12] if sha else ''}"
-
-
-def load_model(role: str, path: Path | str, device, ref=None, *, deploy: bool = True) -> LoadedModel:
-    """Read a checkpoint, check that it fills ``role``, build it on ``device``."""
-    import torch
-
-    from .models import model_from_checkpoint, read_checkpoint
-
-    ck = read_checkpoint(path)
-    got = checkpoint_role(ck)
-    if got != role:
-        want_kind, want_target = ROLE_KIND[role]
-        what = f"{ck.get('kind')}" + (f" ({ck.get('target') or 'lesion'})" if ck.get("kind") == "segmenter" else "")
-        raise CervscanError(f"{path}: is a {what} checkpoint, not a {role} model "
-                            f"(needs kind '{want_kind}'{', target ' + repr(want_target) if want_target else ''})")
-    net = model_from_checkpoint(ck, deploy=deploy).to(device)
-    if ck["kind"] == "segmenter" and torch.device(device).type == "cpu":
-        net = net.to(memory_format=torch.channels_last)
-    return LoadedModel(role, net, ck, ref)
 
 
 # --------------------------------------------------------------------------- per-image results
@@ -240,16 +183,14 @@ class Pipeline:
 
     # ---- construction
     @classmethod
-    def load(cls, refs: dict, cfg: ScreenConfig, device, *, deploy: bool = True) -> "Pipeline":
-        """``refs``: role -> ResolvedModel (or a path); roles that are absent or None are not used."""
-        models = {}
-        for role in ROLES:
-            ref = refs.get(role)
-            if ref is None:
-                continue
-            path = getattr(ref, "path", ref)
-            models[role] = load_model(role, path, device, ref if hasattr(ref, "path") else None, deploy=deploy)
-        return cls(models, cfg, device)
+    def from_config(cls, **options) -> "Pipeline":
+        """The pipeline of resolved models and configuration (:func:`cervscan.pipeline.build.resolve`: model
+        paths, ``config_file``, ``overrides``, ``device``, ...); ``refs``, ``provenance`` and
+        ``load_seconds`` say where each model and setting came from and what loading took."""
+        r = build.resolve(**options)
+        pipe = cls(r.models, r.cfg, r.device)
+        pipe.refs, pipe.provenance, pipe.load_seconds = r.refs, r.provenance, r.seconds
+        return pipe
 
     def has(self, role: str) -> bool:
         return role in self.models
@@ -274,14 +215,14 @@ class Pipeline:
     # ---- step: quality (measures; needs the cervix step's mask and crop box)
     def quality(self, rgb: np.ndarray, p: "Prepared | None" = None) -> dict:
         """Quality measures inside the cervix when one was found, else inside the crop box (the whole
-        frame without ``p``); :func:`cervscan.quality.measure`."""
+        frame without ``p``); :func:`cervscan.pipeline.quality.measure`."""
         mask = p.cervix_mask if p is not None and p.cervix_found else None
         box = p.crop_box if p is not None else None
         return Q.measure(rgb, mask, box, side=self.cfg.gate.measure_side)
 
     # ---- step: gate
     def gate(self, q: dict, p: "Prepared | None" = None) -> list[str]:
-        """Why the image is not eligible (empty list: eligible); :func:`cervscan.quality.gate`. The cervix
+        """Why the image is not eligible (empty list: eligible); :func:`cervscan.pipeline.quality.gate`. The cervix
         rules apply when a trained cervix finder ran, the stage rule when the stage model ran."""
         if p is None:
             return Q.gate(q, self.cfg.gate)
@@ -525,7 +466,7 @@ def _eligible(rec: dict) -> bool:
 
 
 def _version() -> str:
-    from . import __version__
+    from cervscan import __version__
 
     return __version__
 

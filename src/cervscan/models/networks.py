@@ -7,7 +7,7 @@ A checkpoint is a plain dict (loadable with ``torch.load(weights_only=True)``)::
      "input_size": [h, w], "mean", "std", "classes",
      # classifier only:
      "threshold", "operating_point", "temperature", "voting",
-     "validation",  # held-out patient AUC, its 95 % CI, passed / forced (cervscan.validation)
+     "validation",  # held-out patient AUC, its 95 % CI, passed / forced (cervscan.training.validation)
      # both:
      "train_summary", "cervscan_version", "dtype"}
 """
@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
-from .errors import CheckpointError
+from cervscan import __version__
+from cervscan.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def make_checkpoint(model: nn.Module, *, kind: str, arch: str, arch_kwargs: dict
 
 
 def save_checkpoint(ckpt: dict, path: str | Path) -> Path:
-    from .io import atomic_write_bytes
+    from cervscan.files import atomic_write_bytes
     import io as _io
 
     buf = _io.BytesIO()
@@ -296,7 +296,7 @@ def load_lite0_into_timm(model: nn.Module, *, include_head: bool = False) -> Non
 def pooled_features(model: nn.Module, images: list, size: int, mean=LITE0_MEAN, std=LITE0_STD):
     """A timm classifier's pooled pre-logit features (N x num_features, NumPy) of RGB uint8 images, each
     resized (squashed) to ``size`` x ``size`` and normalised with ``mean`` / ``std``."""
-    from .transforms import resize_square, to_tensor_batch
+    from cervscan.pipeline.transforms import resize_square, to_tensor_batch
 
     x = to_tensor_batch([resize_square(im, size) for im in images], mean, std)
     return model.forward_head(model.forward_features(x), pre_logits=True).float().numpy()

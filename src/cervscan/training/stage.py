@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
-from .errors import CervscanError, DataError
-from .io import atomic_write_csv, atomic_write_json, cache_root, file_key, read_image
+from cervscan import __version__
+from cervscan.errors import CervscanError, DataError
+from cervscan.files import atomic_write_csv, atomic_write_json, cache_root, file_key, read_image
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class StageTrainConfig:
 
 
 def _backbone():
-    from .models import build_classifier, load_lite0_into_timm
+    from cervscan.models.networks import build_classifier, load_lite0_into_timm
 
     m = build_classifier("tf_efficientnet_lite0", num_classes=len(STAGES))
     load_lite0_into_timm(m)
@@ -79,7 +79,7 @@ def _backbone():
 
 def frame_features(model, images: list[np.ndarray]) -> np.ndarray:
     """Pooled 1280-d features of whole frames at STAGE_INPUT px (mean = std = 0.5)."""
-    from .models import pooled_features
+    from cervscan.models.networks import pooled_features
 
     return pooled_features(model, images, STAGE_INPUT)
 
@@ -113,7 +113,7 @@ def train_stage(cfg: StageTrainConfig) -> dict:
     from sklearn.model_selection import StratifiedGroupKFold
     from sklearn.preprocessing import StandardScaler
 
-    from .models import fold_standardisation, make_checkpoint, save_checkpoint
+    from cervscan.models.networks import fold_standardisation, make_checkpoint, save_checkpoint
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

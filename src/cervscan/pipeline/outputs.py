@@ -7,9 +7,9 @@ box in blue, lesion in green). At the end: ``patients.csv``, ``images.csv``,
 ``skipped.csv`` and ``run.json``.
 
 ``<patient>`` and ``<stem>`` come from the folder and image names, kept under
-:data:`cervscan.io.MAX_NAME_BYTES` bytes and unique (:func:`cervscan.io.safe_name`,
-:func:`cervscan.io.output_stems`). Every path is claimed in the output ledger
-(:class:`cervscan.io.OutputLedger`) before it is written, so a file cervscan
+:data:`cervscan.files.MAX_NAME_BYTES` bytes and unique (:func:`cervscan.files.safe_name`,
+:func:`cervscan.files.output_stems`). Every path is claimed in the output ledger
+(:class:`cervscan.files.OutputLedger`) before it is written, so a file cervscan
 did not create is never replaced. An image whose files cannot be written is
 recorded as failed, with the reason; the run goes on. Only a full or read-only
 disk (:data:`STOP_ERRNOS`) stops it.
@@ -22,10 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import (OutputLedger, atomic_write_csv, atomic_write_image, atomic_write_json, clean_text, display_id,
-                 output_stems, safe_name)
-from .pipeline import IMAGE_COLUMNS, PATIENT_COLUMNS, ImageResult
-from .transforms import overlay
+from cervscan.files import OutputLedger, atomic_write_csv, atomic_write_image, atomic_write_json, clean_text, display_id, output_stems, safe_name
+from cervscan.pipeline.steps import IMAGE_COLUMNS, PATIENT_COLUMNS, ImageResult
+from cervscan.pipeline.transforms import overlay
 
 SKIPPED_COLUMNS = ["patient_id", "file", "reason"]
 #: The tables and run.json, in the order :meth:`OutputWriter.finish` writes them.
@@ -36,8 +35,8 @@ STOP_ERRNOS = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None)
 
 
 def clean_record(rec: dict) -> dict:
-    """A result record as it is written: ``image`` and ``path`` shown with :func:`cervscan.io.display_id`,
-    any other text with :func:`cervscan.io.clean_text` (valid UTF-8 whatever the file names)."""
+    """A result record as it is written: ``image`` and ``path`` shown with :func:`cervscan.files.display_id`,
+    any other text with :func:`cervscan.files.clean_text` (valid UTF-8 whatever the file names)."""
     out = {}
     for k, v in rec.items():
         if isinstance(v, str):
@@ -64,7 +63,7 @@ class OutputWriter:
         self.output_failed: set[str] = set()
 
     def add_visit(self, patient_id: str, image_names: list[str]) -> None:
-        """Register a visit's image names (as :func:`cervscan.io.display_id` shows them), so that output file
+        """Register a visit's image names (as :func:`cervscan.files.display_id` shows them), so that output file
         stems never collide."""
         self._stems[patient_id] = output_stems(image_names)
         self._dirs[patient_id] = safe_name(patient_id)

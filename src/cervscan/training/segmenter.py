@@ -15,11 +15,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import __version__
-from .errors import CervscanError, DataError
-from .io import IMAGE_EXTS, atomic_write_csv, atomic_write_json, read_image
-from .models import (DEFAULT_SEG_ENCODER, build_segmenter, default_norm, load_lite0_into_smp_encoder,
-                     make_checkpoint, model_from_checkpoint, read_checkpoint, save_checkpoint)
+from cervscan import __version__
+from cervscan.errors import CervscanError, DataError
+from cervscan.files import IMAGE_EXTS, atomic_write_csv, atomic_write_json, read_image
+from cervscan.models.networks import DEFAULT_SEG_ENCODER, build_segmenter, default_norm, load_lite0_into_smp_encoder, make_checkpoint, model_from_checkpoint, read_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +145,8 @@ def _load_pair(ip: Path, mp: Path, size: int, cropper=None) -> tuple[np.ndarray,
     if m is None:
         raise DataError(f"{mp}: cannot read mask")
     if cropper is not None:
-        # the cervix crop exactly as screening makes it (cervscan.pipeline), applied to image and mask
-        from .pipeline import crop_to_box
+        # the cervix crop exactly as screening makes it (cervscan.pipeline.steps), applied to image and mask
+        from cervscan.pipeline.steps import crop_to_box
 
         m = cv2.resize(m, (img.shape[1], img.shape[0]), interpolation=cv2.INTER_NEAREST)
         box = cropper.cervix([img])[0][1]
@@ -252,9 +251,10 @@ def train_seg(cfg: SegTrainConfig, progress: Callable[[dict], None] | None = Non
         raise CervscanError(f"--target must be one of {', '.join(TARGETS)}, not {cfg.target!r}")
     cropper, crop_info = None, None
     if cfg.crop_cervix:
-        from .config import ScreenConfig
-        from .pipeline import Pipeline, load_model
-        from .weights import resolve
+        from cervscan.config import ScreenConfig
+        from cervscan.models.loading import load_model
+        from cervscan.pipeline.steps import Pipeline
+        from cervscan.models.registry import resolve
 
         ref = resolve("cervix", cfg.crop_cervix)
         cropper = Pipeline({"cervix": load_model("cervix", ref.path, "cpu", ref)}, ScreenConfig(crop="cervix"))

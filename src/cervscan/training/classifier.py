@@ -1,6 +1,6 @@
 """``train-decision``: the patient decision from frozen image features (the 2.0.0 classifier recipe).
 
-Every image goes through the screening pipeline (:class:`cervscan.pipeline.Pipeline`: stage, cervix
+Every image goes through the screening pipeline (:class:`cervscan.pipeline.steps.Pipeline`: stage, cervix
 crop, lesion, quality gate, the study's variants at ``input_size``), exactly as ``screen`` will see it.
 A frozen ImageNet EfficientNet-Lite (offline weights) turns each variant into a 1280-d feature. The
 patient's feature is the mean over their eligible images (the gate, with ``decision_stages``); a
@@ -20,16 +20,15 @@ fitted on these scores: the sensitivity and specificity at the threshold are in-
 of the first repeat are written with ``folds.csv`` so that ``cervscan evaluate --cv-run`` reproduces the
 first repeat's out-of-fold numbers through the screening path.
 
-Validation (:mod:`cervscan.validation`): the cross-validated patient AUC (mean of the repeats) and its
+Validation (:mod:`cervscan.training.validation`): the cross-validated patient AUC (mean of the repeats) and its
 bootstrap 95 % CI; when the CI's lower end is not above 0.5 the classifier is no better than chance, no
-``model.pt`` is written and :class:`cervscan.validation.ValidationFailed` is raised (after ``metrics.json``,
+``model.pt`` is written and :class:`cervscan.training.validation.ValidationFailed` is raised (after ``metrics.json``,
 ``oof.csv`` and the fold models, which record the failed validation), unless ``force``. Every checkpoint
 records the validation.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -41,10 +40,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
-from .config import STUDY_WEIGHTS, VARIANT_NAMES
-from .errors import CervscanError, DataError
-from .io import atomic_write_csv, atomic_write_json, cache_root, file_key
+from cervscan import __version__
+from cervscan.config import STUDY_WEIGHTS, VARIANT_NAMES
+from cervscan.errors import CervscanError, DataError
+from cervscan.files import atomic_write_csv, atomic_write_json, cache_root, file_key
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +88,7 @@ def backbone(name: str):
     """Frozen ImageNet ``tf_efficientnet_liteN`` with a 2-class head (to be overwritten by the fit)."""
     import timm
 
-    from .models import load_lite_into_timm
+    from cervscan.models.networks import load_lite_into_timm
 
     if name not in BACKBONES:
         raise CervscanError(f"backbone must be one of {', '.join(BACKBONES)}, not {name!r}")
@@ -99,21 +98,21 @@ def backbone(name: str):
 
 
 def _pipeline(cfg: DecisionTrainConfig):
-    from .api import load_pipeline
+    from cervscan.pipeline.steps import Pipeline
 
     overrides = {"crop": "cervix", "classify_view": cfg.classify_view, "variants": list(cfg.variants), "weights": list(cfg.weights),
                  "decision_stages": list(cfg.decision_stages), "pooling": "logit",
                  "quality_gate": cfg.quality_gate}
-    pipe, refs, _, _ = load_pipeline(seg_model=cfg.seg_model, cervix_model=cfg.cervix_model,
+    pipe = Pipeline.from_config(seg_model=cfg.seg_model, cervix_model=cfg.cervix_model,
                                      stage_model=cfg.stage_model, overrides=overrides,
                                      write_masks=False, write_overlays=False)
-    return pipe, refs
+    return pipe, pipe.refs
 
 
 def _cache_key(cfg: DecisionTrainConfig, pipe, refs, weights_sha: str) -> str:
     """Everything the cached values depend on: backbone, input, the pipeline's models, the variant and crop
     settings and the quality measures' code (the gate's thresholds are applied when the cache is read)."""
-    from . import quality
+    from cervscan.pipeline import quality
 
     c = pipe.cfg
     voting = {k: v for k, v in asdict(c.voting).items() if k not in ("weights", "pooling")}
@@ -139,7 +138,7 @@ def extract(cfg: DecisionTrainConfig, pipe, refs, items: list[tuple[str, Path]],
     screened variant (cached); ``eligible``/``reason`` from the pipeline's gate with its current settings.
     Every image is extracted, eligible or not, so that a change of the gate's thresholds or stage policy
     reuses the cache."""
-    from .models import pooled_features
+    from cervscan.models.networks import pooled_features
 
     wsha = hashlib.sha256(b"".join(v.numpy().tobytes() for v in list(model.state_dict().values())[:8])).hexdigest()[:12]
     cache = cache_root(cfg.cache_dir) / f"decision-{_cache_key(cfg, pipe, refs, wsha)}"
@@ -203,7 +202,7 @@ def fit_lr(X: np.ndarray, y: np.ndarray, C: float):
 
 def linear_of(model) -> tuple[np.ndarray, float]:
     """The fitted (scaler, regression) as one linear map on raw features: score = f @ w + b."""
-    from .models import fold_standardisation
+    from cervscan.models.networks import fold_standardisation
 
     sc, lr = model
     W, b = fold_standardisation(lr.coef_, lr.intercept_, sc.mean_, sc.scale_)
@@ -214,10 +213,10 @@ def train_decision(cfg: DecisionTrainConfig, progress=None) -> dict:
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedKFold
 
-    from .io import discover_visits, read_labels
-    from .metrics import full_report, platt_scaling, threshold_for_sensitivity
-    from .models import make_checkpoint, save_checkpoint
-    from .validation import classifier_validation, enforce, label_check
+    from cervscan.files import discover_visits, read_labels
+    from cervscan.metrics import full_report, platt_scaling, threshold_for_sensitivity
+    from cervscan.models.networks import make_checkpoint, save_checkpoint
+    from cervscan.training.validation import classifier_validation, enforce, label_check
 
     bad = [v for v in cfg.train_variants if v not in cfg.variants]
     if bad:

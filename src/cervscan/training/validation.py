@@ -3,7 +3,7 @@
 A classifier passes when the lower end of the bootstrap 95 % confidence interval of its held-out
 (cross-validated) patient AUC lies above 0.5. A training run whose classifier does not pass says so,
 writes no installable model (no ``model.pt``) and raises :class:`ValidationFailed` (the command line exits
-with :data:`cervscan.api.EXIT_NOT_VALIDATED`), unless it is forced; the checkpoint then records
+with :data:`cervscan.errors.EXIT_NOT_VALIDATED`), unless it is forced; the checkpoint then records
 ``forced: true``. Every classifier checkpoint records its validation (``ckpt["validation"]``) and
 ``cervscan models install`` refuses one that records none or a failed one, unless forced
 (:func:`install_problem`).
@@ -19,7 +19,7 @@ import logging
 
 import numpy as np
 
-from .errors import CervscanError
+from cervscan.errors import CervscanError
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def classifier_validation(y_true, scores, *, method: str, n_bootstrap: int = 200
     """
     from sklearn.metrics import roc_auc_score
 
-    from .metrics import bootstrap_auc_ci
+    from cervscan.metrics import bootstrap_auc_ci
 
     y = np.asarray(y_true, dtype=int)
     S = np.atleast_2d(np.asarray(scores, dtype=float))

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import CheckpointError, ChecksumError, CervscanError, ModelNotFoundError
+from cervscan.errors import CheckpointError, ChecksumError, CervscanError, ModelNotFoundError
 
 #: Model roles: the exam-stage model, the cervix finder, the lesion segmenter, the classifier.
 ROLES = ("stage", "cervix", "segmenter", "classifier")
@@ -71,8 +71,8 @@ def user_dir() -> Path:
 
 def shipped_dir() -> Path | None:
     """The shipped weights: package data when installed, else the source tree's weights/."""
-    here = Path(__file__).resolve().parent
-    for cand in (here / "_weights", here.parent.parent / "weights"):
+    package = Path(__file__).resolve().parents[1]  # src/cervscan (or site-packages/cervscan)
+    for cand in (package / "_weights", package.parent.parent / "weights"):
         if (cand / MANIFEST).is_file():
             return cand
     return None
@@ -199,8 +199,8 @@ def check_usable(f: Path, role: str) -> None:
     :class:`~cervscan.errors.CheckpointError` naming the file when anything fails."""
     import torch
 
-    from .models import _first_line
-    from .pipeline import load_model
+    from cervscan.models.networks import _first_line
+    from cervscan.models.loading import load_model
 
     def refuse(why: str) -> CheckpointError:
         return CheckpointError(f"{f}: not a usable cervscan checkpoint ({why}); not installed")
@@ -220,8 +220,8 @@ def check_usable(f: Path, role: str) -> None:
         if not torch.isfinite(y).all():
             raise CheckpointError("its network gives non-finite outputs")
         if role == "classifier":
-            from .api import _resolve_choice, _voting_from
-            from .config import CROP_MODES
+            from cervscan.config import resolve_choice as _resolve_choice, voting_from as _voting_from
+            from cervscan.config import CROP_MODES
 
             _voting_from(ck, {}, {})
             _resolve_choice("crop", CROP_MODES, "frame", ck, {}, {}, {})
@@ -241,10 +241,10 @@ def install(run_dirs: list[Path], *, name: str | None = None, force: bool = Fals
     """Copy trained model(s) into the user data dir and make them the default for their role.
 
     Each checkpoint is loaded fully first (:func:`check_usable`); a classifier whose recorded validation is
-    missing or failed (:func:`cervscan.validation.install_problem`) is refused unless ``force``. Nothing is
+    missing or failed (:func:`cervscan.training.validation.install_problem`) is refused unless ``force``. Nothing is
     installed unless every file given passes."""
-    from .models import load_file
-    from .validation import install_problem
+    from cervscan.models.networks import load_file
+    from cervscan.training.validation import install_problem
 
     found: dict[str, tuple[Path, dict]] = {}
     for rd in run_dirs:
@@ -312,13 +312,13 @@ def install(run_dirs: list[Path], *, name: str | None = None, force: bool = Fals
             raise CheckpointError(f"{f}: the file changed while it was being installed; nothing installed")
         entry = {"role": role, "file": target.name, "sha256": digest, "installed_from": str(f.resolve()),
                  "installed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **{k: v for k, v in meta.items() if v is not None}}
-        from .io import atomic_write_json
+        from cervscan.files import atomic_write_json
 
         atomic_write_json(dest / MANIFEST, {"format": 1, "models": [entry]})
         cur[role] = dest.name
         result[role] = {"folder": str(dest), "sha256": digest,
                         **({"forced": meta["installed_with_force"]} if meta.get("installed_with_force") else {})}
-    from .io import atomic_write_json
+    from cervscan.files import atomic_write_json
 
     atomic_write_json(current_pointer(), cur)
     return result
@@ -326,7 +326,7 @@ def install(run_dirs: list[Path], *, name: str | None = None, force: bool = Fals
 
 def rollback(role: str | None = None) -> dict:
     """Forget the installed default(s): ``screen`` goes back to the shipped models."""
-    from .io import atomic_write_json
+    from cervscan.files import atomic_write_json
 
     if role is not None and role not in ROLES:
         raise CervscanError(f"unknown role '{role}': use {' or '.join(ROLES)}")
@@ -338,7 +338,7 @@ def rollback(role: str | None = None) -> dict:
 
 
 def use(role: str, tag: str) -> dict:
-    from .io import atomic_write_json
+    from cervscan.files import atomic_write_json
 
     if role not in ROLES:
         raise CervscanError(f"unknown role '{role}': use {' or '.join(ROLES)}")

@@ -15,7 +15,7 @@ gone or changed, the report still builds and says heatmaps are unavailable.
 Grad-CAM explains what the classifier saw: when the image row has a
 ``crop_box`` (the cervix crop, or the centre crop when no cervix was found),
 the classifier input is the crop squashed to its input size, exactly as in
-:meth:`cervscan.pipeline.Pipeline.prepare`; the heatmap is pasted back into
+:meth:`cervscan.pipeline.steps.Pipeline.prepare`; the heatmap is pasted back into
 the frame at the box (outside greyed, the box framed in white) so that it lines
 up with the original and the lesion overlay. Rows without ``crop_box`` (older
 outputs) get the heatmap of the whole frame. Captions and the patient facts
@@ -62,8 +62,8 @@ from xml.sax.saxutils import escape
 
 import numpy as np
 
-from . import __version__
-from .errors import CervscanError
+from cervscan import __version__
+from cervscan.errors import CervscanError
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class ScreenOutput:
     patients: list[dict]
     images: list[dict]
     skipped: list[dict] = field(default_factory=list)
-    ledger: Any = None  # cervscan.io.OutputLedger when reports are written: what cervscan may overwrite
+    ledger: Any = None  # cervscan.files.OutputLedger when reports are written: what cervscan may overwrite
 
     def images_of(self, pid: str) -> list[dict]:
         return [r for r in self.images if r.get("patient_id") == pid]
@@ -256,7 +256,7 @@ def check_tables(so: ScreenOutput) -> None:
 def _score_matches(score: float, image_scores: list[float]) -> bool:
     """Whether a patient score is the mean of its image scores, of the probabilities or of their log-odds
     (either pooling; the tables keep 6 decimals)."""
-    from .variants import aggregate_patient
+    from cervscan.pipeline.vote import aggregate_patient
 
     for pooling in ("probability", "logit"):
         s, _ = aggregate_patient(image_scores, 0.5, pooling)
@@ -357,8 +357,8 @@ class _Originals:
 
 def _stems(rows: list[dict]) -> dict[str, str]:
     """File stem of each image's mask/overlay/heatmap: the one ``screen`` wrote, else
-    the same naming rule (``cervscan.io.output_stems``) when masks were not written."""
-    from .io import output_stems
+    the same naming rule (``cervscan.files.output_stems``) when masks were not written."""
+    from cervscan.files import output_stems
 
     fallback = output_stems([r.get("image", "") for r in rows])
     out = {}
@@ -401,13 +401,13 @@ class HeatmapMaker:
                 raise CervscanError(f"classifier file {p} not found")
             want = info.get("sha256")
             if want:
-                from .weights import sha256_file
+                from cervscan.models.registry import sha256_file
 
                 got = sha256_file(p)
                 if got != want:
                     raise CervscanError(f"classifier file {p} has changed since the screen "
                                         f"(sha256 {got[:12]}, run used {want[:12]})")
-            from .models import model_from_checkpoint, read_checkpoint
+            from cervscan.models.networks import model_from_checkpoint, read_checkpoint
 
             ck = read_checkpoint(p)
             if ck.get("kind") != "classifier":
@@ -431,11 +431,11 @@ class HeatmapMaker:
         return bool(self.ckpt) and self.ckpt.get("classify_view") == "frame"
 
     def input_tensor(self, rgb: np.ndarray, box: tuple[int, int, int, int] | None = None):
-        """The classifier's input for an image, built as in :meth:`cervscan.pipeline.Pipeline.prepare`:
+        """The classifier's input for an image, built as in :meth:`cervscan.pipeline.steps.Pipeline.prepare`:
         the crop (``box``, in the decoded image's pixels; the whole frame when None) squashed to the
         classifier's input size and normalised with the checkpoint's mean and std."""
-        from .pipeline import crop_to_box, resize_square
-        from .transforms import to_tensor_batch
+        from cervscan.pipeline.steps import crop_to_box, resize_square
+        from cervscan.pipeline.transforms import to_tensor_batch
 
         ck = self.ckpt
         assert ck is not None
@@ -449,7 +449,7 @@ class HeatmapMaker:
     def cam(self, rgb: np.ndarray, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
         """Grad-CAM (class 'severe') of the classifier's input (the crop ``box`` of ``rgb``, else the
         whole frame), at the classifier's input size, values in [0, 1]."""
-        from .gradcam import grad_cam
+        from cervscan.report.gradcam import grad_cam
 
         assert self.model is not None
         return grad_cam(self.model, self.input_tensor(rgb, box), class_idx=1)
@@ -463,8 +463,8 @@ class HeatmapMaker:
         crop is framed in white."""
         import cv2
 
-        from .gradcam import heatmap_overlay
-        from .pipeline import crop_to_box
+        from cervscan.report.gradcam import heatmap_overlay
+        from cervscan.pipeline.steps import crop_to_box
 
         cam = self.cam(rgb, box)
         if box is None or self.frame_view:
@@ -484,7 +484,7 @@ class HeatmapMaker:
 
 def _row_box(r: dict) -> tuple[int, int, int, int] | None:
     """The crop box of an images.csv row (None for older outputs without the column, or an empty value)."""
-    from .pipeline import parse_box
+    from cervscan.pipeline.steps import parse_box
 
     return parse_box(r.get("crop_box"))
 
@@ -502,7 +502,7 @@ def _check_box(box: tuple[int, int, int, int], rgb: np.ndarray) -> tuple[int, in
 def _read_rgb(path: Path | None, max_side: int = 2048) -> tuple[np.ndarray | None, str | None]:
     if path is None:
         return None, "not found"
-    from .io import read_image
+    from cervscan.files import read_image
 
     try:
         return read_image(path, max_side=max_side).rgb, None
@@ -571,7 +571,7 @@ def _keep_heatmap(so: "ScreenOutput", folder: str, stem: str, blended: np.ndarra
 def _save_heatmap(so: "ScreenOutput", folder: str, stem: str, blended: np.ndarray) -> Path:
     """Write ``OUT/heatmaps/<folder>/<stem>.jpg`` (``folder``: the patient's :func:`_file_names` name),
     claimed in the output ledger first, so that a file cervscan did not create is never replaced."""
-    from .io import atomic_write_image
+    from cervscan.files import atomic_write_image
 
     rel = Path("heatmaps") / folder / f"{_safe_stem(stem)}.jpg"
     if so.ledger is not None:
@@ -587,7 +587,7 @@ def _font_files() -> dict[str, Path] | None:
 
     cands: list[tuple[Path, tuple[str, str, str, str]]] = []
     dejavu = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSans-BoldOblique.ttf")
-    cands.append((Path(__file__).resolve().parent / "fonts", dejavu))
+    cands.append((Path(__file__).resolve().parents[1] / "fonts", dejavu))
     spec = importlib.util.find_spec("matplotlib")
     if spec and spec.submodule_search_locations:
         for loc in spec.submodule_search_locations:
@@ -1135,7 +1135,7 @@ def _file_name(pid: str) -> str:
     import hashlib
     import unicodedata
 
-    from .io import clean_text
+    from cervscan.files import clean_text
 
     shown = clean_text(pid)  # bytes of a name that is not UTF-8 (lone surrogates) as \xNN
     name = "".join("_" if ch in _UNSAFE_CHARS or unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Zl", "Zp")
@@ -1286,7 +1286,7 @@ def _build_pdf(path: Path, story: list, *, page_size, title: str, footer: str, f
     from reportlab.lib.units import mm
     from reportlab.platypus import SimpleDocTemplate
 
-    from .io import atomic_write_bytes
+    from cervscan.files import atomic_write_bytes
 
     from reportlab import rl_config
 
@@ -1973,7 +1973,7 @@ def _claim_outputs(so: "ScreenOutput", rels: list[Path]) -> None:
     """Before any report is written: refuse an OUT that is, holds or lies inside the run's input folders
     (from ``run.json``), and claim the report files in OUT's ledger, so that a file cervscan did not
     create is never overwritten (CervscanError naming it)."""
-    from .io import OutputLedger, check_overlap, from_display_id
+    from cervscan.files import OutputLedger, check_overlap, from_display_id
 
     inputs = [from_display_id(str(x)) for x in so.run.get("inputs") or [] if isinstance(x, str)]
     inputs = [x for x in inputs if Path(x).exists()]
@@ -2003,8 +2003,8 @@ def write_reports(out: str | Path, *, patients: list[str] | None = None, clinic:
     report's file name is :func:`_file_names`' (the id, or a cleaned id with a
     hash suffix).
     """
-    from .config import load_config_file
-    from .io import display_id
+    from cervscan.config import load_config_file
+    from cervscan.files import display_id
 
     psize = _page_size(page_size)
     cfg = load_config_file(config_file) if config_file else {}
@@ -2012,7 +2012,7 @@ def write_reports(out: str | Path, *, patients: list[str] | None = None, clinic:
     known = [p.get("patient_id", "") for p in so.patients]
     if patients:
         # an id given as a folder name on the command line (bytes that are not UTF-8, a backslash) is
-        # matched as the tables show it (cervscan.io.display_id)
+        # matched as the tables show it (cervscan.files.display_id)
         known_set = set(known)
         wanted = list(dict.fromkeys(x if x in known_set else display_id(x) for x in patients))
         unknown = [x for x in wanted if x not in known_set]

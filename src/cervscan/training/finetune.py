@@ -6,14 +6,13 @@ with the given segmenter and stored (original and segmented image, both at the
 input size) in a cache keyed by the segmenter's sha256, so cross-validation
 folds and later runs do not segment again.
 
-Validation (:mod:`cervscan.validation`): the held-out patient AUC and its bootstrap 95 % CI; a classifier
-whose CI does not lie above 0.5 gets no ``model.pt`` and :class:`cervscan.validation.ValidationFailed` is
+Validation (:mod:`cervscan.training.validation`): the held-out patient AUC and its bootstrap 95 % CI; a classifier
+whose CI does not lie above 0.5 gets no ``model.pt`` and :class:`cervscan.training.validation.ValidationFailed` is
 raised after the run's metrics are written, unless ``force``. Every checkpoint records the validation.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import itertools
 import logging
@@ -28,16 +27,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
-from .config import STUDY_WEIGHTS, VARIANT_NAMES, VotingConfig, DEFAULT_BRIGHTNESS
-from .errors import CervscanError, DataError
-from .io import atomic_write_csv, atomic_write_json, discover_visits, file_key, read_image
-from .metrics import binary_metrics, bootstrap_ci, full_report, plot_confusion, plot_roc, threshold_for_sensitivity
-from .validation import classifier_validation, enforce
-from .models import (build_classifier, default_norm, load_lite0_into_timm, make_checkpoint, to_deploy)
-from .seg_training import seed_everything
-from .transforms import resize_square, to_tensor_batch
-from .variants import make_variants, segment_region, weighted_score
+from cervscan import __version__
+from cervscan.config import STUDY_WEIGHTS, VotingConfig, DEFAULT_BRIGHTNESS
+from cervscan.errors import CervscanError, DataError
+from cervscan.files import atomic_write_csv, atomic_write_json, discover_visits, file_key
+from cervscan.metrics import binary_metrics, full_report, plot_confusion, plot_roc, threshold_for_sensitivity
+from cervscan.training.validation import classifier_validation, enforce
+from cervscan.models.networks import build_classifier, default_norm, load_lite0_into_timm, make_checkpoint, to_deploy
+from cervscan.training.segmenter import seed_everything
+from cervscan.pipeline.transforms import resize_square, to_tensor_batch
+from cervscan.pipeline.vote import make_variants
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +85,8 @@ class ClsTrainConfig:
 
 def read_labels(path: str | Path, notes: list[dict] | None = None) -> list[dict]:
     """Labelled rows of ``labels.csv``; a missing source becomes ``all`` (``notes``: as
-    :func:`cervscan.io.read_labels`)."""
-    from .io import read_labels as _read
+    :func:`cervscan.files.read_labels`)."""
+    from cervscan.files import read_labels as _read
 
     rows, _ = _read(path, notes)
     return [{**r, "source": r["source"] or "all"} for r in rows]
@@ -110,10 +109,11 @@ def preparation_pipeline(cfg: ClsTrainConfig):
     ``cfg.crop`` is ``cervix``. Returns the pipeline and what to record of its models."""
     from dataclasses import replace
 
-    from .config import ScreenConfig
-    from .device import resolve_device
-    from .pipeline import Pipeline, load_model
-    from .weights import resolve
+    from cervscan.config import ScreenConfig
+    from cervscan.device import resolve_device
+    from cervscan.models.loading import load_model
+    from cervscan.pipeline.steps import Pipeline
+    from cervscan.models.registry import resolve
 
     dev = resolve_device(cfg.device)
     refs = {"segmenter": resolve("segmenter", cfg.seg_model)}
@@ -133,8 +133,8 @@ def prepare_samples(cfg: ClsTrainConfig, progress=None, checks: dict | None = No
     """Decode every labelled image and run the screening pipeline up to the classifier's inputs
     (cervix crop, lesion, segmented image at the input size); cached by model sha256s and settings.
     Returns samples and the models' info; the labels' check against the visit folders
-    (:func:`cervscan.validation.label_check`) goes to ``checks["labels_check"]`` when given."""
-    from .validation import label_check
+    (:func:`cervscan.training.validation.label_check`) goes to ``checks["labels_check"]`` when given."""
+    from cervscan.training.validation import label_check
 
     notes: list[dict] = []
     rows = read_labels(cfg.labels, notes)
@@ -146,7 +146,7 @@ def prepare_samples(cfg: ClsTrainConfig, progress=None, checks: dict | None = No
         checks["labels_check"] = rec
     pipe, info = preparation_pipeline(cfg)
     S = cfg.input_size
-    from .io import cache_root
+    from cervscan.files import cache_root
 
     cache = cache_root(cfg.cache_dir)
     c = pipe.cfg
@@ -436,7 +436,6 @@ def patient_scores(samples: list[Sample], logits: np.ndarray, temperature: float
 
 def tune_vote_weights(samples, logits, temperature, y_by_pid: dict, step: float = 0.05) -> tuple[tuple, float]:
     """Simplex grid over the six weights (step ``step``) maximising patient AUC; ties keep the study's order."""
-    from sklearn.metrics import roc_auc_score
 
     p = p_severe(logits, temperature)
     pids = sorted({s.patient_id for s in samples})
@@ -473,7 +472,7 @@ def _auc_many(y: np.ndarray, S: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- the command
 
 def train_cls(cfg: ClsTrainConfig, progress: Callable[[dict], None] | None = None) -> dict:
-    from .device import resolve_device
+    from cervscan.device import resolve_device
 
     if cfg.samples not in ("both", "original", "segmented"):
         raise CervscanError(f"--samples must be both, original or segmented, not {cfg.samples!r}")
@@ -656,7 +655,7 @@ def train_cls(cfg: ClsTrainConfig, progress: Callable[[dict], None] | None = Non
              title=f"{cfg.arch}: held-out patients ({metrics['evaluation']})")
     plot_confusion(rep["confusion"], out / "confusion.png", title=f"threshold {op['threshold']:.3f}")
 
-    from .models import save_checkpoint
+    from cervscan.models.networks import save_checkpoint
 
     def write_ckpt(m: nn.Module, path: Path, note: str, already_deploy: bool = False) -> None:
         deploy = m if already_deploy else to_deploy(m.cpu().eval())

@@ -25,7 +25,7 @@ def to_tensor_batch(images: list[np.ndarray], mean, std):
 
 def image_quality(img: np.ndarray) -> dict:
     """Simple, documented whole-frame image-quality measures (not a gate; screening measures inside the
-    cervix and gates with :mod:`cervscan.quality`; this is kept for ``benchmarks/screen_speed.py``).
+    cervix and gates with :mod:`cervscan.pipeline.quality`; this is kept for ``benchmarks/screen_speed.py``).
 
     sharpness: variance of the Laplacian of the grey image resized to 512 px on
     its longer side; brightness: mean grey level 0-255; overexposed / underexposed:

@@ -51,7 +51,7 @@ unchanged it is not screened again and the note goes.
 
 Nothing outside OUT is written: an OUT that is ROOT, lies inside it or holds it
 is refused, and only files listed in the output ledger
-(:class:`cervscan.io.OutputLedger`) are ever replaced or deleted. A visit whose
+(:class:`cervscan.files.OutputLedger`) are ever replaced or deleted. A visit whose
 output files cannot be written is committed as failed, with the reason, and
 screened again by the next run (``changed_because``: ``retry``).
 
@@ -79,9 +79,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from . import __version__
-from . import io as cio
-from .errors import CervscanError
+from cervscan import __version__
+from cervscan import files as cio
+from cervscan.errors import CervscanError
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ TEST_DELAY_ENV = "CERVSCAN_BATCH_TEST_DELAY"
 #: ScreenConfig fields that change speed, not results: left out of the config fingerprint.
 RUNTIME_ONLY = ("device", "num_workers", "batch_images", "classify_batch")
 OUTPUT_DIRS = ("masks", "cervix", "overlays")
-#: Temp files of :func:`cervscan.io.atomic_write_bytes` (mkstemp: ".<name>.<8 chars>.tmp") and the write probe.
+#: Temp files of :func:`cervscan.files.atomic_write_bytes` (mkstemp: ".<name>.<8 chars>.tmp") and the write probe.
 _TEMP_RE = cio.TEMP_RE
 #: Start of the files fingerprint of a visit whose output files could not be written: the next run screens
 #: it again (``changed_because``: ``retry``).
@@ -483,7 +483,7 @@ def inputs_key(opts: dict) -> str:
     role's resolved file and sha256 (or why none resolves), the config file's bytes, the options, the
     default screening configuration and the cervscan version. Equal keys mean equal models and
     configuration fingerprints (the converse need not hold)."""
-    from .weights import resolve
+    from cervscan.models.registry import resolve
 
     models: dict[str, Any] = {}
     roles = {"segmenter": opts.get("seg_model"), "classifier": opts.get("cls_model"),
@@ -503,7 +503,7 @@ def inputs_key(opts: dict) -> str:
             cfg = hashlib.sha256(Path(cfg_file).read_bytes()).hexdigest()
         except OSError as e:
             cfg = f"unreadable: {e.strerror}"
-    from .config import ScreenConfig
+    from cervscan.config import ScreenConfig
 
     defaults = {k: v for k, v in ScreenConfig().to_dict().items() if k not in RUNTIME_ONLY}  # the code's own
     other = {k: v for k, v in opts.items() if k not in ("device", "num_workers", "batch_images", "config_file")}
@@ -596,11 +596,11 @@ def remove_stale_outputs(out: Path, folder: str, records: list[dict], ledger: ci
 
 
 def render_csv(rows: list[dict], columns: list[str]) -> bytes:
-    """Exactly what :func:`cervscan.io.atomic_write_csv` writes."""
+    """Exactly what :func:`cervscan.files.atomic_write_csv` writes."""
     import csv
     import io
 
-    from .io import _csv_cell
+    from cervscan.files.atomic import _csv_cell
 
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
@@ -612,7 +612,7 @@ def render_csv(rows: list[dict], columns: list[str]) -> bytes:
 
 def write_if_changed(path: Path, data: bytes, journal: Path, ledger: cio.OutputLedger | None = None) -> bool:
     """Atomically replace ``path`` with ``data`` unless it already holds exactly that; a file the ledger
-    does not list as cervscan's is never replaced (:class:`cervscan.io.OutputConflictError`)."""
+    does not list as cervscan's is never replaced (:class:`cervscan.files.OutputConflictError`)."""
     if ledger is not None:
         ledger.claim([os.path.relpath(path, ledger.out)])
     with contextlib.suppress(OSError):
@@ -636,8 +636,8 @@ def write_tables(out: Path, journal: Journal, stray: list[dict], *, ledger: cio.
     """skipped.csv, images.csv and patients.csv from the journal, each atomically; patients.csv last, so
     that once it exists the other two exist as well. ``removed``: patient id -> former folder of the visits
     no longer in ROOT, whose ``reason`` says so."""
-    from .pipeline import IMAGE_COLUMNS, PATIENT_COLUMNS
-    from .writer import SKIPPED_COLUMNS
+    from cervscan.pipeline.steps import IMAGE_COLUMNS, PATIENT_COLUMNS
+    from cervscan.pipeline.outputs import SKIPPED_COLUMNS
 
     patients, images, skipped = journal.tables()
     for p in patients:
@@ -678,8 +678,8 @@ def _prepare_out(out: Path) -> None:
 def _discover(root: Path, out: Path | None = None) -> tuple[list, list[dict]]:
     """Visits under ROOT and stray files. An empty ROOT (no visit folder yet) has no visits. A visit folder
     that leads (through a link) into OUT is not screened: it gets decision ``error`` with the reason."""
-    from .api import refuse_overlapping_visits
-    from .io import discover_visits, display_id
+    from cervscan.pipeline.screening import refuse_overlapping_visits
+    from cervscan.files import discover_visits, display_id
 
     stray: list[tuple[Path, str]] = []
     visits = discover_visits([root], stray)
@@ -719,7 +719,7 @@ class _Screener:
                 "(complete); fix this and run again") from None
 
     def run(self, todo: list, plan: Plan) -> None:
-        from .api import decide_patient
+        from cervscan.pipeline.screening import decide_patient
 
         for v in todo:
             self.writer.add_visit(v.patient_id, [cio.display_id(p.name) for p in v.images])
@@ -764,12 +764,12 @@ def _check_inputs(root: Path, config_file, overrides: dict | None, device: str |
                   out: Path | None = None) -> None:
     """Fail before anything is written: a bad config file, an unavailable device, a missing ROOT, an OUT
     that is ROOT, lies inside it or holds it."""
-    from .config import load_config_file
+    from cervscan.config import load_config_file
 
     file_cfg = load_config_file(config_file) if config_file else {}
     spec = (overrides or {}).get("device") or device or file_cfg.get("device") or "auto"
     if str(spec).strip().lower() not in ("auto", "cpu"):  # those two never fail; checking imports torch
-        from .device import resolve_device
+        from cervscan.device import resolve_device
 
         resolve_device(spec)
     if not root.is_dir():
@@ -788,10 +788,10 @@ def run_batch(root: str | Path, out: str | Path, *, seg_model: str | None = None
               report: bool = False, report_options: dict | None = None, csv_every: int = CSV_EVERY) -> BatchResult:
     """Screen what is new or changed under ``root`` into ``out`` (see the module docstring).
 
-    The model and configuration arguments are those of :func:`cervscan.api.load_pipeline`. ``wait``:
+    The model and configuration arguments are those of :func:`cervscan.pipeline.build.build_pipeline`. ``wait``:
     wait for a run holding OUT's lock (``wait_timeout`` seconds at most, which implies ``wait``).
     ``report``: PDF reports of the new or changed visits (``report_options``: keyword arguments of
-    :func:`cervscan.report.write_reports`). ``csv_every``: rewrite the CSVs after that many committed
+    :func:`cervscan.report.reports.write_reports`). ``csv_every``: rewrite the CSVs after that many committed
     visits (0: only at the end). Raises :class:`BatchLockedError` when another run holds the lock and
     :class:`~cervscan.errors.CervscanError` (naming the file) on any other failure; every result
     committed before a failure is kept.
@@ -837,9 +837,10 @@ class _Night:
         """Load the pipeline (once) and take the fingerprints of what it really uses."""
         if self.pipe is not None:
             return
-        from .api import load_pipeline
+        from cervscan.pipeline import steps
 
-        self.pipe, self.refs, self.provenance, self.load_s = load_pipeline(**self.opts)
+        self.pipe = steps.Pipeline.from_config(**self.opts)
+        self.refs, self.provenance, self.load_s = self.pipe.refs, self.pipe.provenance, self.pipe.load_seconds
         self.fps = {"models": models_fingerprint(self.refs, self.pipe.models),
                     "config": config_fingerprint(self.pipe.cfg)}
 
@@ -863,7 +864,7 @@ class _Night:
                         "kept; the rest is screened now", rid, pid, started, n)
         visits, stray = _discover(self.root, self.out)
         self.ledger.add_inputs(v.folder for v in visits)
-        from .writer import TABLES
+        from cervscan.pipeline.outputs import TABLES
 
         self.ledger.claim(TABLES)  # a patients.csv cervscan did not write fails here, before any screening
         stored = journal.stored()
@@ -879,7 +880,7 @@ class _Night:
         t_loaded = time.time()
         patients, n_images = [], 0
         if plan.todo:
-            from .writer import OutputWriter
+            from cervscan.pipeline.outputs import OutputWriter
 
             cfg = self.pipe.cfg
             scr = _Screener(self.pipe, OutputWriter(self.out, masks=cfg.write_masks, overlays=cfg.write_overlays,
@@ -917,7 +918,7 @@ class _Night:
             if run is None:
                 self.load()
         if run is None:
-            from .api import _run_record
+            from cervscan.pipeline.screening import run_record as _run_record
 
             run = _run_record("screen", self.out, [self.root], self.pipe, self.refs, self.provenance, timings)
         batch = {**summary, "journal": str(self.journal.path), "run_id": run_id, "inputs_key": self.key,
@@ -966,7 +967,7 @@ def _reports(out: Path, patients: list[str], options: dict | None) -> list[Path]
     if not patients:
         log.info("reports: no new or changed visit, none written")
         return []
-    from .report import write_reports
+    from cervscan.report.reports import write_reports
 
     paths = write_reports(out, patients=patients, **(options or {}))
     log.info("reports: %d written", len(paths))
@@ -1001,7 +1002,7 @@ def log_to_file(path: str | Path | None, console_level: int) -> Iterator[None]:
     try:
         yield
     except CervscanError as e:  # the console shows it once (the caller prints it); the log file records it too
-        handler.handle(logging.LogRecord("cervscan.batch", logging.ERROR, __file__, 0, "%s", (e,), None))
+        handler.handle(logging.LogRecord("cervscan.batch.nightly", logging.ERROR, __file__, 0, "%s", (e,), None))
         raise
     finally:
         logger.removeHandler(handler)

@@ -1,0 +1,1 @@
+"""Networks, the checkpoint format and the model registry (shipped, installed and given models)."""

@@ -1,0 +1,2 @@
+"""The screening pipeline: per-image steps, the quality gate, the vote and the patient decision, and the
+files a screen writes."""

@@ -1,0 +1,78 @@
+"""What a Pipeline is built from: every model resolved and loaded for its role, and the configuration
+resolved (checkpoint < config file < options, every value checked, where each came from recorded).
+:meth:`cervscan.pipeline.steps.Pipeline.from_config` calls :func:`resolve`. No torch import at load."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+from cervscan.config import CROP_MODES, ScreenConfig, check_layer, gate_from, load_config_file, resolve_choice, voting_from
+from cervscan.errors import CervscanError
+from cervscan.models.loading import load_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Resolved:
+    """Everything a Pipeline is made of, and where it came from."""
+
+    models: dict  # role -> cervscan.models.loading.LoadedModel
+    cfg: ScreenConfig
+    device: object  # torch.device
+    refs: dict  # role -> cervscan.models.registry.ResolvedModel
+    provenance: dict  # setting -> where its value came from
+    seconds: float  # to resolve and load
+
+
+def resolve(*, seg_model: str | None = None, cls_model: str | None = None, cervix_model: str | None = None,
+                  stage_model: str | None = None, config_file: str | None = None, overrides: dict | None = None,
+                  device: str | None = None, num_workers: int | None = None, batch_images: int | None = None,
+                  write_masks: bool = True, write_overlays: bool = True, use_stage: bool = True):
+    """Resolve and load every model and resolve the configuration (checkpoint < config file < options)."""
+    from cervscan.config import SETTINGS
+    from cervscan.device import resolve_device
+    from cervscan.models.registry import resolve
+
+    overrides = dict(overrides or {})
+    check_layer(overrides, SETTINGS, "option")  # every option, before any model is loaded
+    file_cfg = load_config_file(config_file) if config_file else {}
+    dev = resolve_device(overrides.pop("device", None) or device or file_cfg.get("device") or "auto")
+    t0 = time.time()
+    refs = {"segmenter": resolve("segmenter", seg_model), "classifier": resolve("classifier", cls_model)}
+    models = {role: load_model(role, refs[role].path, dev, refs[role]) for role in ("segmenter", "classifier")}
+    val = models["classifier"].ckpt.get("validation")
+    if isinstance(val, dict) and not val.get("passed", False):
+        log.warning("%s: this classifier failed its validation (cross-validated patient AUC %s, 95 %% CI %s-%s) "
+                    "and was kept with --force: its decisions may be no better than chance",
+                    refs["classifier"].path, val.get("auc"), val.get("ci_low"), val.get("ci_high"))
+    voting, threshold, provenance = voting_from(models["classifier"].ckpt, file_cfg, overrides, models["segmenter"].ckpt)
+    crop = resolve_choice("crop", CROP_MODES, "frame", models["classifier"].ckpt, file_cfg, overrides, provenance)
+    if crop == "cervix":
+        refs["cervix"] = resolve("cervix", cervix_model)
+        models["cervix"] = load_model("cervix", refs["cervix"].path, dev, refs["cervix"])
+    if use_stage:
+        try:
+            refs["stage"] = resolve("stage", stage_model)
+        except CervscanError as e:
+            if stage_model:
+                raise
+            log.warning("no exam-stage model (%s); stage left empty", e)
+        else:
+            models["stage"] = load_model("stage", refs["stage"].path, dev, refs["stage"])
+    gate = gate_from(file_cfg, overrides, provenance, models["classifier"].ckpt)
+    view = resolve_choice("classify_view", ("crop", "frame"), "crop", models["classifier"].ckpt, file_cfg,
+                           overrides, provenance)
+    base = ScreenConfig()
+    cfg = dataclasses.replace(
+        base, voting=voting, threshold=threshold, device=str(dev), crop=crop, gate=gate, classify_view=view,
+        num_workers=num_workers if num_workers is not None else int(file_cfg.get("num_workers", base.num_workers)),
+        batch_images=batch_images or int(file_cfg.get("batch_images", base.batch_images)),
+        **{k: type(getattr(base, k))(file_cfg[k]) for k in ("max_side", "max_pixels", "min_side", "max_decode_mb",
+                                                             "cervix_margin", "cervix_min_fraction", "centre_crop",
+                                                             "classify_batch")
+           if k in file_cfg},
+        write_masks=write_masks, write_overlays=write_overlays)
+    return Resolved(models, cfg, dev, refs, provenance, time.time() - t0)

@@ -1,0 +1,1 @@
+"""PDF referral reports and run summaries, with Grad-CAM heatmaps."""

@@ -1,0 +1,125 @@
+"""The shape of the package, checked: arrows point down, rooms stay small.
+
+- no import circle between cervscan's modules, counting imports inside functions too
+  (a lazy import hides a dependency from a reader, not from this graph);
+- only the CLI imports ``cervscan.api``, and nothing imports the CLI;
+- no module over 600 lines, no function over 80 lines unless its docstring says why
+  (a line starting ``Long:``).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[1] / "src" / "cervscan"
+MAX_MODULE_LINES = 600
+MAX_FUNCTION_LINES = 80
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PKG.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in sorted(PKG.rglob("*.py"))}
+
+
+def _resolve(mod: str, is_pkg: bool, node: ast.ImportFrom) -> str:
+    if node.level == 0:
+        return node.module or ""
+    base = mod.split(".") if is_pkg else mod.split(".")[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def import_graph() -> dict[str, set[str]]:
+    mods = _modules()
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for mod, path in mods.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        is_pkg = path.name == "__init__.py"
+        for node in ast.walk(tree):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = _resolve(mod, is_pkg, node)
+                targets = [f"{base}.{a.name}" for a in node.names] + [base]
+            for t in targets:
+                # the longest known module that the import names
+                while t and t not in mods:
+                    t = t.rpartition(".")[0]
+                if t and t != mod and t != "cervscan":
+                    graph[mod].add(t)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n: str) -> list[str] | None:
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(graph.get(n, ())):
+            if state.get(m) == 1:
+                return stack[stack.index(m):] + [m]
+            if m not in state:
+                found = visit(m)
+                if found:
+                    return found
+        stack.pop()
+        state[n] = 2
+        return None
+
+    for n in sorted(graph):
+        if n not in state:
+            found = visit(n)
+            if found:
+                return found
+    return None
+
+
+def test_find_cycle_detects_a_circle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_no_import_circle():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import circle: " + " -> ".join(cycle)
+
+
+def test_arrows_point_down_from_the_cli():
+    graph = import_graph()
+    for mod, deps in graph.items():
+        if mod not in ("cervscan.cli", "cervscan.__main__"):
+            assert "cervscan.cli" not in deps, f"{mod} imports the CLI"
+            assert "cervscan.api" not in deps or mod == "cervscan.cli", f"{mod} imports cervscan.api"
+
+
+def test_modules_are_small():
+    big = {m: n for m, p in _modules().items() if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES}
+    assert not big, f"modules over {MAX_MODULE_LINES} lines: {big}"
+
+
+def long_functions() -> list[str]:
+    out = []
+    for mod, path in _modules().items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                doc = ast.get_docstring(node) or ""
+                if n > MAX_FUNCTION_LINES and not any(line.strip().startswith("Long:") for line in doc.splitlines()):
+                    out.append(f"{mod}.{node.name} ({n} lines)")
+    return out
+
+
+def test_functions_are_short_or_say_why():
+    assert not long_functions(), f"functions over {MAX_FUNCTION_LINES} lines without a 'Long:' reason"
