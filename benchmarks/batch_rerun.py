@@ -9,7 +9,7 @@ line (a fresh Python process, as cron runs it) is measured as well.
 
     python benchmarks/batch_rerun.py [--visits 200] [--threads 1] [--shipped] [--no-write]
 
-Default models: the tiny random test models (tests/helpers.py ``make_tiny_models``; screening
+Default models: the tiny random test models (benchmarks/tiny_models.py ``make_tiny_models``; screening
 is then mostly decoding and writing files); ``--shipped`` uses the shipped weights.
 Target: the rerun takes < 5 % of the first run's time. Prints JSON and rewrites the
 ``batch_rerun`` block of benchmarks/RESULTS.md (``--no-write``: don't).
@@ -27,6 +27,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from results_md import replace_block
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "visits"
@@ -53,8 +55,7 @@ def build_root(dest: Path, n_visits: int) -> int:
 def model_args(work: Path, shipped: bool) -> dict:
     if shipped:
         return {}
-    sys.path.insert(0, str(ROOT / "tests"))
-    from helpers import make_tiny_models
+    from tiny_models import make_tiny_models  # lazy: torch, after main() has set OMP_NUM_THREADS
 
     m = make_tiny_models(work / "models")
     return {"seg_model": str(m["seg"]), "cls_model": str(m["cls"])}
@@ -163,8 +164,6 @@ Python start-up: {r['cli_rerun_ratio'] * 100:.1f} %. A night with nothing new lo
 command line, imports no torch) when the models' sha256, the config file and the options are those of the last
 finished run; it lists ROOT, stats every image and compares the CSVs it would write with the ones on disk.
 {END}"""
-    from results_md import replace_block
-
     replace_block(START, END, block, RESULTS)
 
 

@@ -44,6 +44,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import decision_features as F  # noqa: E402
 
+from cervscan.config import STUDY_WEIGHTS, VARIANT_NAMES  # noqa: E402
+from cervscan.training.selection import STRUCTURE, choose, noise, structure  # noqa: E402,F401 - the rule of docs/model-selection.md
+from cervscan.training.splits import fold_index, strata  # noqa: E402
+
 ROOT = F.ROOT
 OUT = ROOT / "runs" / "decision"
 RESULTS = HERE / "RESULTS.md"
@@ -51,8 +55,7 @@ START, END = "<!-- decision:start -->", "<!-- decision:end -->"
 SEEDS = (0, 1, 2)
 K = 5
 C_DEFAULT = 0.01
-STUDY = {"original": 0.20, "segmented": 0.25, "original_flip": 0.15, "segmented_flip": 0.20,
-         "original_bright": 0.11, "segmented_bright": 0.09}
+STUDY = dict(zip(VARIANT_NAMES, STUDY_WEIGHTS))  # the study's six vote weights, from the package
 OTHER_STEPS_MS = 145.0  # 1.2.0: screening time per image less its classifier step (docs/model-selection.md)
 STAGE_SPEC = "lite0:frame:224:original"  # the stage model's input (whole frame, 224 px)
 
@@ -219,17 +222,9 @@ class Data:
         return float(np.median(ts)) if ts else float("nan")
 
     def folds(self) -> list[np.ndarray]:
-        """Fold index per patient, one array per repeat."""
-        from sklearn.model_selection import StratifiedKFold
-
-        strata = np.array([f"{a}-{b}" for a, b in zip(self.y, self.source)])
-        out = []
-        for s in SEEDS:
-            f = np.full(len(self.patients), -1)
-            for k, (_, va) in enumerate(StratifiedKFold(K, shuffle=True, random_state=s).split(strata, strata)):
-                f[va] = k
-            out.append(f)
-        return out
+        """Fold index per patient, one array per repeat: train-cls's fold plan (cervscan.training.splits)."""
+        st = strata(self.y, self.source)
+        return [fold_index(st, K, s) for s in SEEDS]
 
 
 # --------------------------------------------------------------------------- stage out-of-fold
@@ -506,68 +501,6 @@ def summarise(D: Data, c: dict, res: dict) -> dict:
             "cost_ms_1thread": cost_ms, "est_img_s": ips, "fit_seconds": res["fit_seconds"],
             "fallback_patients": res["fallback_patients"], "n_inputs": n_var,
             "recorded_stage": c["stage"] == "recorded" and c["select"] != "all"}
-
-
-def noise(a: dict, b: dict) -> float:
-    d = np.array(a["fold_auc"]) - np.array(b["fold_auc"])
-    return float(d.std(ddof=1) / np.sqrt(len(d)))
-
-
-def choose(rows: list[dict]) -> tuple[dict | None, list[str]]:
-    """The rule of docs/model-selection.md (baselines compete too: they are candidates as well)."""
-    elig = [r for r in rows if min(r["auc_iarc"], r["auc_annocerv"]) >= 0.65 and r["est_img_s"] >= 3.0
-            and not r["recorded_stage"]]
-    why = [f"not eligible: {r['name']} (" + ("recorded stage, which screening does not have; " if r["recorded_stage"]
-                                             else "") + f"lowest source AUC {min(r['auc_iarc'], r['auc_annocerv']):.3f}, "
-           f"{r['est_img_s']:.1f} img/s)" for r in rows if r not in elig]
-    elig.sort(key=lambda r: (round(r["cost_ms_1thread"], 0), r["fit_seconds"]))
-    best = None
-    for r in elig:
-        if best is None:
-            best = r
-            continue
-        same_cost = abs(r["cost_ms_1thread"] - best["cost_ms_1thread"]) < 0.5
-        margin = 0.0 if same_cost else max(0.005, 2 * noise(r, best))
-        if r["auc"] > best["auc"] + margin:
-            why.append(f"{r['name']} replaces {best['name']}: {r['auc']:.3f} > {best['auc']:.3f} + {margin:.3f}")
-            best = r
-        elif r["auc"] > best["auc"]:
-            why.append(f"{r['name']} does not replace {best['name']}: {r['auc']:.3f} <= {best['auc']:.3f} + {margin:.3f}")
-    return best, why
-
-
-#: Rule 3: (candidate without a part of the study's structure, the same candidate with it, the part)
-STRUCTURE = [("I1 ", "F1s ", "segmented images (study weights 0.20 : 0.25)"),
-             ("I3 ", "M5 ", "segmented images"), ("F1s ", "F2 ", "six variants"), ("M5 ", "M4 ", "six variants")]
-
-
-def structure(rows: list[dict], best: dict | None) -> tuple[dict | None, list[str]]:
-    """Rule 3: a part of the study's structure is added back to the chosen candidate unless it lowers AUC by
-    more than 2 x noise (or its candidate is not eligible); repeated while a pair applies."""
-    if best is None:
-        return None, []
-    by = {r["name"]: r for r in rows}
-    find = lambda prefix: next((r for n, r in by.items() if n.startswith(prefix)), None)  # noqa: E731
-    why, shipped, changed = [], best, True
-    while changed:
-        changed = False
-        for a, b, part in STRUCTURE:
-            ra, rb = find(a), find(b)
-            if ra is None or rb is None or ra["name"] != shipped["name"]:
-                continue
-            elig = min(rb["auc_iarc"], rb["auc_annocerv"]) >= 0.65 and rb["est_img_s"] >= 3.0
-            lower = ra["auc"] - rb["auc"]
-            if not elig:
-                why.append(f"{part}: {rb['name']} is not eligible ({rb['est_img_s']:.1f} img/s, lowest source AUC "
-                           f"{min(rb['auc_iarc'], rb['auc_annocerv']):.3f}); the part stays selectable, not default")
-            elif lower > 2 * noise(ra, rb):
-                why.append(f"{part}: lowers AUC by {lower:.3f} > 2 x noise {2 * noise(ra, rb):.3f}; left out of the default")
-            else:
-                why.append(f"{part}: kept ({rb['name']}: AUC {rb['auc']:.3f} against {ra['auc']:.3f}, "
-                           f"2 x noise {2 * noise(ra, rb):.3f})")
-                shipped, changed = rb, True
-                break
-    return shipped, why
 
 
 def render(rows: list[dict], best: dict | None, why: list[str], n_img: int, n_pat: int,

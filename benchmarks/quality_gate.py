@@ -440,18 +440,10 @@ def cv_effect(run: Path, visits: Path, pipe, cache: dict, model_key: str, max_se
 
 
 def _bootstrap_delta(y, a, b, n: int = 2000) -> dict:
-    """Paired patient bootstrap of AUC(b) - AUC(a): 95 % interval."""
-    from sklearn.metrics import roc_auc_score
+    """Paired patient bootstrap of AUC(b) - AUC(a): 95 % interval (:func:`cervscan.metrics.paired_auc_delta`)."""
+    from cervscan.metrics import paired_auc_delta
 
-    rng = np.random.default_rng(SEED)
-    d = []
-    for _ in range(n):
-        i = rng.integers(0, len(y), len(y))
-        if y[i].min() == y[i].max():
-            continue
-        d.append(roc_auc_score(y[i], b[i]) - roc_auc_score(y[i], a[i]))
-    return {"delta": float(roc_auc_score(y, b) - roc_auc_score(y, a)),
-            "ci95": [float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))], "n": n}
+    return paired_auc_delta(y, a, b, n=n, seed=SEED)
 
 
 # --------------------------------------------------------------------------- report

@@ -67,17 +67,15 @@ GOAL_RSS_MB = 1000.0
 
 #: Per-step names, in pipeline order, with what each one covers.
 STEPS = [
-    ("decode", "read_image (PIL decode, EXIF, size guards), in the calling thread"),
-    ("quality", "image_quality (sharpness, brightness, exposure)"),
-    ("stage", "exam-stage net: resize, normalise, forward, softmax"),
-    ("cervix_net", "cervix finder: resize, normalise, forward, sigmoid, mask back to frame size"),
-    ("cervix_component", "largest connected component of the cervix mask"),
-    ("cervix_box", "crop box from the cervix mask (or centre crop)"),
-    ("crop", "crop_to_box"),
-    ("lesion", "lesion segmenter on the crop, mask pasted back to frame size, lesion fraction"),
-    ("variants", "segment_region, both images to the classifier's size, the six variants"),
-    ("classify", "one classifier forward pass for all variants of the batch, temperature, softmax"),
-    ("score", "weighted vote, decision, quality flags, image record"),
+    ("decode", "Pipeline.decode: read_image (PIL decode, EXIF, size and memory guards); in the run, decoding ahead"),
+    ("stage", "Pipeline.stage: exam-stage net (resize, normalise, forward, softmax)"),
+    ("cervix", "Pipeline.cervix: cervix finder net, largest component, crop box (or the centre crop)"),
+    ("lesion", "Pipeline.lesion: lesion segmenter on the crops"),
+    ("quality", "Pipeline.quality: measures inside the cervix"),
+    ("gate", "Pipeline.gate: eligibility and reason"),
+    ("variants", "Pipeline.variants: the classifier's variants of each eligible image"),
+    ("classify", "Pipeline.classify: classifier passes, temperature, softmax"),
+    ("score", "Pipeline.score: the weighted vote"),
     ("write", "OutputWriter.image: lesion mask PNG, cervix mask PNG, overlay JPEG"),
 ]
 
@@ -283,130 +281,63 @@ def run_naive(spec: dict) -> dict:
 
 
 def run_steps(spec: dict) -> dict:
-    """Each step of Pipeline.process timed on batches of batch_images images (after one warm-up batch)."""
+    """Each step of the screening path timed where it runs: the Pipeline's own methods (and the writer's)
+    are wrapped with a timer, then ``Pipeline.run`` screens the images as ``screen`` does (after one
+    warm-up batch), so the breakdown can never drift from the path it measures."""
     import torch
 
     torch.set_num_threads(spec["threads"])
-    from cervscan.pipeline.steps import Pipeline
-    from cervscan.config import VARIANT_NAMES
     from cervscan.files import discover_visits
-    from cervscan.pipeline.steps import (ImageResult, Prepared, cervix_box, crop_to_box, format_box, largest_component,
-                                   paste_box)
-    from cervscan.pipeline.transforms import quality_flags, resize_square
-    from cervscan.pipeline.vote import decide, segment_region
     from cervscan.pipeline.outputs import OutputWriter
+    from cervscan.pipeline.steps import Pipeline
 
     pipe = Pipeline.from_config(**_load_kwargs(spec))
     cfg = pipe.cfg
     visits = discover_visits([spec["visits"]])
     items = [(v.patient_id, p) for v in visits for p in v.images]
-    out = Path(spec["out"])
-    writer = OutputWriter(out, masks=cfg.write_masks, overlays=cfg.write_overlays)
+    writer = OutputWriter(Path(spec["out"]), masks=cfg.write_masks, overlays=cfg.write_overlays)
     for v in visits:
         writer.add_visit(v.patient_id, [p.name for p in v.images])
-    B = cfg.batch_images
-    S = pipe.cls_size
     acc = {k: 0.0 for k, _ in STEPS}
     clock = time.perf_counter
+    n_vars = [0]
 
-    def batch(chunk, timed: bool):
-        t = {}
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            t0 = clock()
+            try:
+                return fn(*a, **k)
+            finally:
+                acc[name] += clock() - t0
+        return wrapper
 
-        def tick(name, t0):
-            t[name] = t.get(name, 0.0) + clock() - t0
-
-        t0 = clock()
-        dec = [pipe.decode(p) for _, p in chunk]
-        tick("decode", t0)
-        rgbs = [d.rgb for d in dec]
-        t0 = clock()
-        quals = [pipe.quality(im) for im in rgbs]
-        tick("quality", t0)
-        t0 = clock()
-        stages = pipe.stage(rgbs)
-        tick("stage", t0)
-        if cfg.crop == "cervix":  # Pipeline.cervix, split into its parts
-            thr = float(pipe.models["cervix"].ckpt.get("mask_threshold") or 0.5)
-            t0 = clock()
-            masks = pipe._segment("cervix", rgbs, thr)
-            tick("cervix_net", t0)
-            t0 = clock()
-            masks = [largest_component(m) for m in masks]
-            tick("cervix_component", t0)
-            t0 = clock()
-            cervices = [(m, *cervix_box(m, cfg)) for m in masks]
-            tick("cervix_box", t0)
-        else:
-            t0 = clock()
-            cervices = pipe.cervix(rgbs)
-            tick("cervix_box", t0)
-        t0 = clock()
-        crops = [crop_to_box(im, box) for im, (_, box, _, _) in zip(rgbs, cervices)]
-        tick("crop", t0)
-        t0 = clock()
-        lesions = pipe.lesion(crops)
-        pasted, fracs = [], []
-        for im, (cmask, box, found, _), lm in zip(rgbs, cervices, lesions):
-            area = float(crop_to_box(cmask, box).sum()) if found else float(lm.size)
-            fracs.append(min(1.0, float(lm.sum()) / area) if area else 0.0)
-            pasted.append(paste_box(lm, box, im.shape[0], im.shape[1]))
-        tick("lesion", t0)
-        t0 = clock()
-        prepared, all_vars, spans = [], [], []
-        for (st, conf), (cmask, box, found, cfrac), crop, lm, frac, pm in zip(stages, cervices, crops, lesions,
-                                                                               fracs, pasted):
-            reg = segment_region(crop, lm, cfg.voting)
-            p = Prepared(original=resize_square(crop, S), segmented=resize_square(reg.image, S), empty_mask=reg.empty,
-                         lesion_fraction=frac, stage=st, stage_confidence=conf, cervix_found=found,
-                         cervix_fraction=cfrac, crop_box=box, lesion_mask=pm, cervix_mask=cmask)
-            prepared.append(p)
-            vs = pipe.variants(p)
-            spans.append((len(all_vars), list(vs)))
-            all_vars.extend(vs.values())
-        tick("variants", t0)
-        t0 = clock()
-        probs = pipe.classify(all_vars)
-        tick("classify", t0)
-        t0 = clock()
-        results = []
-        for (pid, path), d, p, q, (start, names) in zip(chunk, dec, prepared, quals, spans):
-            pv = {n: float(probs[start + k]) for k, n in enumerate(names)}
-            s = pipe.score(pv)
-            rec = {"patient_id": pid, "image": path.name, "path": str(path.resolve()), "status": "ok", "error": "",
-                   "width": d.width, "height": d.height, "stage": p.stage, "stage_confidence": p.stage_confidence,
-                   "cervix_found": p.cervix_found, "cervix_fraction": p.cervix_fraction,
-                   "crop_box": format_box(p.crop_box), "lesion_fraction": p.lesion_fraction,
-                   "empty_mask": p.empty_mask, **{f"p_v{i + 1}": pv.get(n) for i, n in enumerate(VARIANT_NAMES)},
-                   "score": s, "threshold": cfg.threshold, "decision": decide(s, cfg.threshold),
-                   "sharpness": q["sharpness"], "brightness": q["brightness"],
-                   "quality_flags": ";".join(quality_flags(q))}
-            results.append(ImageResult(rec, d.rgb, p))
-        tick("score", t0)
-        t0 = clock()
-        for r in results:
-            writer.image(r)
-        tick("write", t0)
-        if timed:
-            for k, x in t.items():
-                acc[k] += x
-        return t, len(all_vars)
-
-    chunks = [items[i:i + B] for i in range(0, len(items), B)]
+    inner = {"decode": "decode", "stage": "stage", "cervix": "cervix", "lesion": "lesion", "quality": "quality",
+             "gate": "gate", "variants": "variants", "classify": "classify", "score": "score"}
+    for name, method in inner.items():
+        setattr(pipe, method, timed(name, getattr(pipe, method)))
+    classify = pipe.classify
+    pipe.classify = lambda images: (n_vars.__setitem__(0, n_vars[0] + len(images)), classify(images))[1]
+    write = timed("write", writer.image)
+    B = cfg.batch_images
     t0 = clock()
-    warm, _ = batch(chunks[0], timed=False)
+    for res in pipe.run(items[:B]):  # warm-up batch: not counted
+        write(res)
     warm_s = clock() - t0
-    n_vars = 0
+    warm = dict(acc)
+    acc.update({k: 0.0 for k in acc})
+    n_vars[0] = 0
     t0 = clock()
-    for ch in chunks:
-        n_vars += batch(ch, timed=True)[1]
+    for res in pipe.run(items):
+        write(res)
     total_s = clock() - t0
     n = len(items)
-    steps = {k: {"ms_per_image": 1000 * acc[k] / n, "share": acc[k] / max(1e-12, sum(acc.values()))} for k, _ in STEPS
-             if k in acc and (acc[k] > 0 or k not in ("cervix_net", "cervix_component"))}
-    return {"images": n, "batches": len(chunks), "batch_images": B, "classifier_inputs": n_vars,
+    # a method that calls another (prepare -> stage, cervix, lesion) is timed by its parts only
+    steps = {k: {"ms_per_image": 1000 * acc[k] / n, "share": acc[k] / max(1e-12, sum(acc.values()))}
+             for k, _ in STEPS if acc.get(k, 0.0) > 0}
+    return {"images": n, "batches": -(-n // B), "batch_images": B, "classifier_inputs": n_vars[0],
             "steps": steps, "sum_ms_per_image": 1000 * sum(acc.values()) / n, "loop_ms_per_image": 1000 * total_s / n,
-            "warmup_batch_ms_per_image": 1000 * warm_s / len(chunks[0]),
-            "warmup_steps_ms": {k: 1000 * x for k, x in warm.items()}, "crop": cfg.crop, **_rss()}
+            "warmup_batch_ms_per_image": 1000 * warm_s / max(1, min(B, n)),
+            "warmup_steps_ms": {k: 1000 * x for k, x in warm.items() if x > 0}, "crop": cfg.crop, **_rss()}
 
 
 def run_onnx(spec: dict) -> dict:

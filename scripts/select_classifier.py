@@ -15,6 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
+from cervscan.training.selection import choose_by_cost as choose  # the rule of docs/model-selection.md
+
 
 def load(run: Path) -> dict:
     m = json.loads((run / "metrics.json").read_text())
@@ -25,22 +27,6 @@ def load(run: Path) -> dict:
             "cost": (c["input_size"], c["epochs"]), "arch": c["arch"], "head_std": c.get("head_std", 0.0),
             "spec": m["operating_point"]["specificity"], "folds": c["folds"], "seed": c["seed"],
             "by_source": {k: v.get("auc") for k, v in m["held_out"].get("by_source", {}).items()}}
-
-
-def choose(cands: list[dict], margin: float) -> tuple[dict, list[str]]:
-    order = sorted(cands, key=lambda d: d["cost"])
-    best, why = order[0], []
-    for c in order[1:]:
-        if c["cost"] == best["cost"]:
-            if c["auc"] > best["auc"]:
-                why.append(f"{c['run'].name} replaces {best['run'].name} at equal cost ({c['auc']:.3f} > {best['auc']:.3f})")
-                best = c
-        elif c["auc"] > best["auc"] + margin:
-            why.append(f"{c['run'].name} replaces {best['run'].name}: {c['auc']:.3f} beats {best['auc']:.3f} by more than {margin}")
-            best = c
-        else:
-            why.append(f"{c['run'].name} ({c['auc']:.3f}) does not beat {best['run'].name} ({best['auc']:.3f}) by more than {margin}")
-    return best, why
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 - no import circle between cervscan's modules, counting imports inside functions too
   (a lazy import hides a dependency from a reader, not from this graph);
-- only the CLI imports ``cervscan.api``, and nothing imports the CLI;
+- only the CLI (``cervscan.cli`` and its modules) imports ``cervscan.api``, and nothing imports the CLI;
 - no module over 600 lines, no function over 80 lines unless its docstring says why
   (a line starting ``Long:``).
 """
@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "src" / "cervscan"
@@ -95,12 +96,17 @@ def test_no_import_circle():
     assert cycle is None, "import circle: " + " -> ".join(cycle)
 
 
+def _in_cli(mod: str) -> bool:
+    return mod == "cervscan.cli" or mod.startswith("cervscan.cli.")
+
+
 def test_arrows_point_down_from_the_cli():
     graph = import_graph()
     for mod, deps in graph.items():
-        if mod not in ("cervscan.cli", "cervscan.__main__"):
-            assert "cervscan.cli" not in deps, f"{mod} imports the CLI"
-            assert "cervscan.api" not in deps or mod == "cervscan.cli", f"{mod} imports cervscan.api"
+        if _in_cli(mod) or mod == "cervscan.__main__":
+            continue
+        assert not any(_in_cli(d) for d in deps), f"{mod} imports the CLI"
+        assert "cervscan.api" not in deps, f"{mod} imports cervscan.api"
 
 
 def test_modules_are_small():
@@ -123,3 +129,51 @@ def long_functions() -> list[str]:
 
 def test_functions_are_short_or_say_why():
     assert not long_functions(), f"functions over {MAX_FUNCTION_LINES} lines without a 'Long:' reason"
+
+
+MIN_REPEAT = 6
+
+
+def _normalised_lines(path: Path) -> list[tuple[int, str]]:
+    """A module's code lines, stripped, without blank lines, comments, imports, lines of bare punctuation and
+    the option declarations typer needs (``Annotated[...]``, ``typer.Option``, a parameter typed by an option
+    alias)."""
+    out = []
+    for n, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = raw.strip()
+        if (not line or line.startswith(("#", "import ", "from ", "@")) or len(line) < 4
+                or "typer.Option" in line or "typer.Argument" in line or "Annotated[" in line
+                or re.match(r"^\w+: (\w+Opt|dict) = ", line)):
+            continue
+        out.append((n, line))
+    return out
+
+
+def repeated_runs() -> list[str]:
+    """Places where the same run of MIN_REPEAT code lines stands twice in the package (a copy to merge)."""
+    seen: dict[tuple[str, ...], str] = {}
+    found = []
+    for mod, path in _modules().items():
+        lines = _normalised_lines(path)
+        last_end = -1
+        for i in range(len(lines) - MIN_REPEAT + 1):
+            key = tuple(t for _, t in lines[i:i + MIN_REPEAT])
+            where = f"{mod}:{lines[i][0]}"
+            if key in seen and i > last_end:
+                found.append(f"{where} repeats {seen[key]}")
+                last_end = i + MIN_REPEAT - 1
+            seen.setdefault(key, where)
+    return found
+
+
+def test_repeated_runs_detects_a_copy(tmp_path, monkeypatch):
+    body = "\n".join(f"    x{i} = compute({i}, y)" for i in range(MIN_REPEAT))
+    (tmp_path / "cervscan").mkdir()
+    (tmp_path / "cervscan" / "a.py").write_text(f"def f():\n{body}\n", encoding="utf-8")
+    (tmp_path / "cervscan" / "b.py").write_text(f"def g():\n{body}\n", encoding="utf-8")
+    monkeypatch.setattr(__import__(__name__), "PKG", tmp_path / "cervscan")
+    assert repeated_runs() == ["cervscan.b:2 repeats cervscan.a:2"]
+
+
+def test_no_code_is_written_twice():
+    assert not repeated_runs(), "the same code stands twice: merge it into one function"

@@ -27,10 +27,10 @@ import pytest
 from typer.testing import CliRunner
 
 from cervscan import api
-from cervscan.batch import nightly as B
+from cervscan import batch as B
 from cervscan import files as cio
 from cervscan.cli import app
-from cervscan.errors import CervscanError
+from cervscan.errors import EXIT_FAILED, BatchLockedError, CervscanError
 from cervscan.pipeline.steps import IMAGE_COLUMNS, PATIENT_COLUMNS
 from cervscan.pipeline.outputs import SKIPPED_COLUMNS
 
@@ -326,7 +326,7 @@ def test_failed_image_exits_3_once(root, tmp_path, models):
     out = tmp_path / "out"
     (root / "V02" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     res = batch(root, out, models)
-    assert res.exit_code == B.EXIT_FAILED
+    assert res.exit_code == EXIT_FAILED
     assert (res.summary["failed"], res.summary["failed_ids"]) == (1, ["V02"])
     assert read_json(out / "run.json")["exit_code"] == 3
     # the next night the same files are not screened again, and nothing new failed
@@ -473,7 +473,7 @@ def test_read_only_out_exits_1_and_keeps_results(root, tmp_path, cli_models, mod
 
 HOLDER = textwrap.dedent("""
     import sys, time
-    from cervscan.batch.nightly import BatchLock
+    from cervscan.batch.lock import BatchLock
     lock = BatchLock(sys.argv[1])
     lock.acquire()
     print("locked", flush=True)
@@ -542,7 +542,7 @@ def test_lock_of_a_dead_process_is_taken_over(root, tmp_path, models, caplog):
 def test_second_run_in_the_same_process_is_refused(tmp_path):
     with B.BatchLock(tmp_path / "lock") as a:
         a.acquire()
-        with pytest.raises(B.BatchLockedError, match=f"pid {os.getpid()}"):
+        with pytest.raises(BatchLockedError, match=f"pid {os.getpid()}"):
             B.BatchLock(tmp_path / "lock").acquire()
     with B.BatchLock(tmp_path / "lock") as b:
         b.acquire()
@@ -569,6 +569,32 @@ def test_cli_json_summary_log_file_and_exit_codes(root, tmp_path, cli_models):
     assert "V03" in r.stderr and "failed" in r.stderr  # cron mails stderr
     s = last_json_line(r.stdout)
     assert (s["changed"], s["failed"], s["failed_ids"]) == (1, 1, ["V03"])
+
+
+def test_api_log_file_records_the_run_and_a_refused_one(root, tmp_path, models):
+    out, log_file = tmp_path / "out", tmp_path / "logs" / "batch.log"
+    handlers = list(logging.getLogger("cervscan").handlers)
+    batch(root, out, models, log_file=log_file)
+    first = log_file.read_text(encoding="utf-8")
+    assert "plan: 3 new, 0 changed" in first and "tables: written" in first
+    with B.BatchLock(out / ".cervscan" / "batch.lock") as held:
+        held.acquire()
+        with pytest.raises(BatchLockedError):
+            batch(root, out, models, log_file=log_file)
+    refused = log_file.read_text(encoding="utf-8")[len(first):]
+    assert "ERROR" in refused and "another batch run is in progress" in refused
+    assert logging.getLogger("cervscan").handlers == handlers  # the file handler is gone after the run
+
+
+def test_cli_reaches_the_batch_only_through_api():
+    import ast
+
+    import cervscan.cli
+
+    tree = ast.parse(Path(cervscan.cli.__file__).read_text(encoding="utf-8"))
+    from_batch = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                  and (n.module or "").startswith("cervscan.batch")]
+    assert from_batch == []
 
 
 def test_cli_help_documents_batch(cli_models):

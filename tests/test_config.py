@@ -207,3 +207,110 @@ def test_pooling_and_variants_come_from_the_checkpoint_and_the_config_file_wins(
     assert cfg == {"pooling": "probability", "classify_view": "crop"}
     v, _, src = _voting_from(ck, cfg, {})
     assert v.pooling == "probability" and src["pooling"] == "config"
+
+
+# --------------------------------------------------------------------------- one schema: SETTINGS
+
+#: Dataclass fields that are not settings of a config file: the nested configurations, what the command
+#: line's --no-masks sets, the backend and the gate's measuring scale.
+NOT_SETTINGS = {("ScreenConfig", "voting"), ("ScreenConfig", "gate"), ("ScreenConfig", "write_masks"),
+                ("ScreenConfig", "write_overlays"), ("ScreenConfig", "write_heatmaps"), ("ScreenConfig", "backend"),
+                ("GateConfig", "measure_side")}
+
+
+def test_every_configuration_field_is_one_setting_of_the_table():
+    from cervscan.config import CONFIGS, SETTINGS, GateConfig, keys_of
+
+    classes = {"VotingConfig": VotingConfig, "GateConfig": GateConfig, "ScreenConfig": ScreenConfig}
+    assert set(classes) == set(CONFIGS)
+    for name, cls in classes.items():
+        fields = {f.name for f in dataclasses.fields(cls)} - {f for c, f in NOT_SETTINGS if c == name}
+        by_field = keys_of(name)
+        assert sorted(by_field.values()) == sorted(fields), name  # each field once, no setting without a field
+    assert {s.owner for s in SETTINGS.values()} == set(CONFIGS) | {"report"}
+
+
+def test_defaults_are_read_from_the_dataclasses():
+    from cervscan.config import SETTINGS, GateConfig, default_of
+
+    made = {"VotingConfig": VotingConfig(), "GateConfig": GateConfig(), "ScreenConfig": ScreenConfig()}
+    for key, s in SETTINGS.items():
+        if s.owner == "report":
+            assert default_of(key) is None
+        else:
+            assert default_of(key) == getattr(made[s.owner], s.field or key), key
+    assert default_of("threshold") == DEFAULT_THRESHOLD and default_of("quality_gate") is True
+
+
+def test_every_screening_setting_at_its_default_is_accepted_by_a_config_file(tmp_path):
+    from cervscan.config import CONFIGS, SETTINGS, default_of
+
+    data = {k: (list(v) if isinstance(v, tuple) else v) for k in SETTINGS if SETTINGS[k].owner in CONFIGS
+            for v in [default_of(k)]}
+    p = tmp_path / "all.json"
+    p.write_text(json.dumps(data))
+    got = load_config_file(p)
+    assert set(got) == set(data)
+    for k, v in got.items():
+        assert (tuple(v) if isinstance(v, list) else v) == default_of(k), k
+
+
+@pytest.mark.parametrize("item, key, value", [
+    ("min_sharpness=0.4", "min_sharpness", 0.4),
+    ("max_side=1024", "max_side", 1024),
+    (" quality_gate = false ", "quality_gate", False),
+    ("decision_stages=acetic,lugol", "decision_stages", "acetic,lugol"),
+    ("crop=cervix", "crop", "cervix"),
+    ("min_brightness=abc", "min_brightness", "abc"),  # left as text: the check names it
+])
+def test_parse_set_reads_each_value_as_its_settings_kind(item, key, value):
+    from cervscan.config import parse_set
+
+    assert parse_set([item]) == {key: value}
+
+
+@pytest.mark.parametrize("items, msg", [
+    (["min_sharpness"], "KEY=VALUE"),
+    (["=0.4"], "KEY=VALUE"),
+    (["sharpness=0.4"], "not a screening setting"),
+    (["clinic=Nord"], "not a screening setting"),  # read by reports only
+    (["max_glare=0.1", "max_glare=0.2"], "given twice"),
+])
+def test_parse_set_refuses_what_is_not_a_setting(items, msg):
+    from cervscan.config import parse_set
+
+    with pytest.raises(CervscanError, match=msg):
+        parse_set(items)
+
+
+def test_option_values_are_named_as_given_on_the_command_line():
+    from cervscan.config import SETTINGS, check_layer
+
+    with pytest.raises(CervscanError, match=r"command line: --set min_sharpness = 2: must be a finite number in \[0, 1\]"):
+        check_layer({"min_sharpness": 2}, SETTINGS, "option")
+    with pytest.raises(CervscanError, match=r"command line: --threshold = 1.5"):
+        check_layer({"threshold": 1.5}, SETTINGS, "option")
+    with pytest.raises(CervscanError, match='command line: --set max_side = "abc": must be a whole number'):
+        check_layer({"max_side": "abc"}, SETTINGS, "option")
+
+
+def test_gate_settings_come_from_the_command_line_too():
+    from cervscan.config import gate_from
+
+    prov: dict = {}
+    g = gate_from({"min_sharpness": 0.3, "max_glare": 0.02}, {"min_sharpness": 0.4, "decision_stages": "acetic,lugol"},
+                  prov)
+    assert g.min_sharpness == 0.4 and g.max_glare == 0.02 and g.decision_stages == ("acetic", "lugol")
+    assert prov == {"min_sharpness": "option", "max_glare": "config", "decision_stages": "option"}
+
+
+def test_screen_settings_config_file_then_options_with_provenance():
+    from cervscan.config import screen_settings
+
+    prov: dict = {}
+    got = screen_settings({"max_side": 1024, "centre_crop": 1, "threshold": 0.2}, {"max_side": 512.0, "num_workers": 2},
+                          prov)
+    assert got == {"max_side": 512, "centre_crop": 1.0, "num_workers": 2}
+    assert type(got["max_side"]) is int and type(got["centre_crop"]) is float
+    assert prov == {"max_side": "option", "centre_crop": "config", "num_workers": "option"}
+    assert ScreenConfig(**got).max_side == 512

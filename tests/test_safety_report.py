@@ -84,10 +84,10 @@ def write_tables(out: Path, ids, *, run: dict | None = None) -> Path:
 @pytest.fixture
 def fresh_fonts(monkeypatch):
     """A new font chain for the test (the fallback fonts are looked up again)."""
-    import cervscan.report.reports as R
+    import cervscan.report.fonts as F
 
-    monkeypatch.setattr(R, "_CHAIN", None, raising=False)
-    return R
+    monkeypatch.setattr(F, "_CHAIN", None)
+    return F
 
 
 def reports_by_id(paths: list[Path], ids) -> dict[str, Path]:
@@ -97,7 +97,7 @@ def reports_by_id(paths: list[Path], ids) -> dict[str, Path]:
 # --------------------------------------------------------------------------- ids in any script
 
 def test_every_id_is_printed_as_written_or_as_code_points(tmp_path, fresh_fonts, caplog):
-    from cervscan.report.reports import write_reports
+    from cervscan.report import write_reports
 
     out = write_tables(tmp_path / "out", IDS)
     with caplog.at_level(logging.WARNING, logger="cervscan"):
@@ -134,15 +134,17 @@ def test_without_a_fallback_font_ids_are_code_points_with_a_warning(tmp_path, fr
     a placeholder for a whole block, does not count), the ids are printed as code points."""
     import matplotlib
 
-    R = fresh_fonts
+    from cervscan.report import write_reports
+
+    F = fresh_fonts
     last_resort = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "LastResortHE-Regular.ttf"
-    monkeypatch.setattr(R, "_fontconfig_candidates", lambda: [], raising=False)
-    monkeypatch.setattr(R, "_folder_candidates", lambda: [R._FontCandidate(last_resort)] if last_resort.is_file()
-                        else [], raising=False)
+    monkeypatch.setattr(F, "_fontconfig_candidates", lambda: [])
+    monkeypatch.setattr(F, "_folder_candidates", lambda: [F._FontCandidate(last_resort)] if last_resort.is_file()
+                        else [])
     ids = (*CJK, DEVANAGARI)
     out = write_tables(tmp_path / "out", ids)
     with caplog.at_level(logging.WARNING, logger="cervscan"):
-        paths = R.write_reports(out, heatmaps=False)
+        paths = write_reports(out, heatmaps=False)
     warned = "\n".join(r.getMessage() for r in caplog.records)
     for pid, pdf in reports_by_id(paths, ids).items():
         want = escaped(pid, pid)
@@ -157,13 +159,15 @@ def test_a_character_only_a_fallback_font_has_is_printed_with_that_font(tmp_path
     written, with STIX embedded."""
     import matplotlib
 
-    R = fresh_fonts
+    from cervscan.report import write_reports
+
+    F = fresh_fonts
     stix = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "STIXGeneral.ttf"
-    monkeypatch.setattr(R, "_fontconfig_candidates", lambda: [], raising=False)
-    monkeypatch.setattr(R, "_folder_candidates", lambda: [R._FontCandidate(stix)], raising=False)
+    monkeypatch.setattr(F, "_fontconfig_candidates", lambda: [])
+    monkeypatch.setattr(F, "_folder_candidates", lambda: [F._FontCandidate(stix)])
     pid = "pac \u1d8d-7"
     out = write_tables(tmp_path / "out", [pid])
-    paths = R.write_reports(out, heatmaps=False)
+    paths = write_reports(out, heatmaps=False)
     assert id_line(paths[0]) == pid
     assert any("STIX" in f for f in embedded_fonts(paths[0])), embedded_fonts(paths[0])
 
@@ -171,7 +175,7 @@ def test_a_character_only_a_fallback_font_has_is_printed_with_that_font(tmp_path
 def test_ids_that_would_print_alike_get_their_exact_code_points(tmp_path, fresh_fonts):
     """Two folders 'Zoë' (composed, as Linux keeps it) and 'Zoë' (decomposed, as macOS writes it) are two
     ids that look the same: each report adds its exact code points, and their files stay apart."""
-    from cervscan.report.reports import write_reports
+    from cervscan.report import write_reports
 
     nfc, nfd = "Zo\u00eb", "Zoe\u0308"
     out = write_tables(tmp_path / "out", [nfc, nfd])
@@ -184,7 +188,7 @@ def test_ids_that_would_print_alike_get_their_exact_code_points(tmp_path, fresh_
 
 def test_hidden_characters_are_printed_as_code_points(tmp_path, fresh_fonts):
     """A zero-width space or a no-break space would make two ids look alike: printed as code points."""
-    from cervscan.report.reports import write_reports
+    from cervscan.report import write_reports
 
     ids = ["P\u200b01", "P 02", "P\u00a002"]
     out = write_tables(tmp_path / "out", ids)
@@ -196,7 +200,7 @@ def test_hidden_characters_are_printed_as_code_points(tmp_path, fresh_fonts):
 def test_right_to_left_ids_are_drawn_in_display_order():
     """PDF text is drawn left to right in display order (Unicode bidirectional algorithm): a Hebrew or
     Arabic name reversed, its numbers not, brackets around them mirrored, left-to-right ids untouched."""
-    from cervscan.report.reports import _visual_order
+    from cervscan.report.bidi import visual_order as _visual_order
 
     assert _visual_order("שרה 12") == "12 הרש"
     assert _visual_order("P-12 שרה") == "P-12 הרש"
@@ -208,7 +212,7 @@ def test_right_to_left_ids_are_drawn_in_display_order():
 
 
 def test_file_names_of_reports_never_collide_or_escape(fresh_fonts):
-    from cervscan.report.reports import _file_name, _file_names
+    from cervscan.report.filenames import _file_name, _file_names
 
     ids = ["a\\b", "a_b", "Anna", "anna", "summary", "summary_patient", "../x", ".hidden", "CON", "x" * 300,
            "caf\\xe9", "caf_xe9", "Zo\u00eb", "Zoe\u0308", "李娜"]
@@ -306,7 +310,7 @@ def test_heatmap_folder_that_cannot_be_written_keeps_the_heatmaps_in_the_report(
     from pypdf import PdfReader
 
     from conftest import read_csv
-    from cervscan.report.reports import write_reports
+    from cervscan.report import write_reports
 
     out = _copy(two_runs[0], tmp_path / "out")
     (out / "heatmaps").mkdir()
@@ -322,7 +326,7 @@ def test_heatmap_folder_that_cannot_be_written_keeps_the_heatmaps_in_the_report(
 
 def test_images_of_another_run_are_refused(two_runs, tmp_path):
     from cervscan.cli import app
-    from cervscan.report.reports import write_reports
+    from cervscan.report import write_reports
 
     out = _copy(two_runs[0], tmp_path / "out")
     paths = write_reports(out, heatmaps=False)  # the folder as screen wrote it is reported
@@ -341,7 +345,7 @@ def test_images_of_another_run_are_refused(two_runs, tmp_path):
 def test_patients_of_another_run_missing_images_are_refused(two_runs, tmp_path):
     """The reported case: a patient 'SEVERE' beside 'No score' and '0 of 5 used'."""
     from conftest import read_csv
-    from cervscan.report.reports import write_reports
+    from cervscan.report import write_reports
 
     out = _copy(two_runs[0], tmp_path / "out")
     rows = [r for r in read_csv(out / "images.csv") if r["patient_id"] != "V01"]
@@ -355,7 +359,7 @@ def test_patients_of_another_run_missing_images_are_refused(two_runs, tmp_path):
 
 def test_same_counts_other_scores_or_models_are_refused(two_runs, tmp_path):
     from conftest import read_csv
-    from cervscan.report.reports import write_reports
+    from cervscan.report import write_reports
 
     out = _copy(two_runs[0], tmp_path / "out")
     imgs = read_csv(out / "images.csv")
@@ -393,7 +397,7 @@ def test_same_counts_other_scores_or_models_are_refused(two_runs, tmp_path):
 
 
 def test_run_json_of_another_run_is_refused(two_runs, tmp_path):
-    from cervscan.report.reports import write_reports
+    from cervscan.report import write_reports
 
     out = _copy(two_runs[0], tmp_path / "out")
     shutil.copy(two_runs[1] / "images.csv", out / "images.csv")
@@ -405,7 +409,7 @@ def test_run_json_of_another_run_is_refused(two_runs, tmp_path):
 
 def test_batch_output_is_reported_and_checked(tiny_models, tmp_path):
     from cervscan import api
-    from cervscan.report.reports import write_reports
+    from cervscan.report import write_reports
 
     root = _visits(tmp_path / "root", {"V01": 2, "V02": 1}, seed=3)
     out = tmp_path / "out"
@@ -425,7 +429,7 @@ def test_batch_output_is_reported_and_checked(tiny_models, tmp_path):
 def test_patient_given_as_a_folder_name_that_is_not_utf8(tmp_path, fresh_fonts):
     """screen writes a Latin-1 folder name as 'caf\\xe9' (cervscan.files.display_id); --patient with the
     folder's name finds it, and its report file name stays inside reports/."""
-    from cervscan.report.reports import write_reports
+    from cervscan.report import write_reports
 
     out = write_tables(tmp_path / "out", ["caf\\xe9", "P2"])
     paths = write_reports(out, patients=[os.fsdecode(b"caf\xe9")], heatmaps=False)
@@ -434,7 +438,7 @@ def test_patient_given_as_a_folder_name_that_is_not_utf8(tmp_path, fresh_fonts):
 
 
 def test_cli_report_names_a_file_it_cannot_write(tmp_path, monkeypatch):
-    import cervscan.report.reports as R
+    import cervscan.api
     from cervscan.cli import app
 
     out = write_tables(tmp_path / "out", ["P001"])
@@ -442,7 +446,7 @@ def test_cli_report_names_a_file_it_cannot_write(tmp_path, monkeypatch):
     def full_disk(*a, **kw):
         raise OSError(28, "No space left on device", str(out / "reports" / "P001.pdf"))
 
-    monkeypatch.setattr(R, "write_reports", full_disk)
+    monkeypatch.setattr(cervscan.api, "write_reports", full_disk)
     r = CliRunner().invoke(app, ["report", str(out)])
     assert r.exit_code == 1 and isinstance(r.exception, SystemExit)  # no traceback
     assert "No space left on device" in " ".join(r.stderr.split())
@@ -450,7 +454,7 @@ def test_cli_report_names_a_file_it_cannot_write(tmp_path, monkeypatch):
 
 
 def test_report_never_overwrites_a_file_cervscan_did_not_create(two_runs, tmp_path):
-    from cervscan.report.reports import write_reports
+    from cervscan.report import write_reports
 
     out = _copy(two_runs[0], tmp_path / "out")
     (out / "reports").mkdir()
@@ -467,7 +471,7 @@ def test_report_never_overwrites_a_file_cervscan_did_not_create(two_runs, tmp_pa
 
 
 def test_report_refuses_an_output_folder_that_holds_the_runs_input(two_runs, tmp_path):
-    from cervscan.report.reports import write_reports
+    from cervscan.report import write_reports
 
     out = _copy(two_runs[0], tmp_path / "out")
     visits = out / "visits" / "V01"

@@ -100,15 +100,12 @@ def fake_features(monkeypatch, meta: dict, *, inverted: bool, folds: int = 2, se
     the opposite of what holds for its held-out patients: out-of-fold AUC 0 (a classifier worse than chance).
     """
     import timm
-    from sklearn.model_selection import StratifiedKFold
-
     from cervscan.config import VotingConfig
+    from cervscan.training.splits import fold_index, strata
 
     allp = sorted(meta)
-    strata = np.array([f"{meta[p][0]}-{meta[p][1]}" for p in allp])
-    fold = {}
-    for k, (_, te) in enumerate(StratifiedKFold(folds, shuffle=True, random_state=seed).split(strata, strata)):
-        fold.update({allp[i]: k for i in te})
+    idx = fold_index(strata([meta[p][0] for p in allp], [meta[p][1] for p in allp]), folds, seed)
+    fold = dict(zip(allp, idx.tolist()))
     rng = np.random.default_rng(1)
     value = {}
     for p in allp:
@@ -192,14 +189,18 @@ def test_train_decision_of_a_good_classifier_installs(tmp_path, monkeypatch):
     assert W.resolve("classifier").entry["validation"]["passed"] is True
 
 
-def test_cli_train_decision_exit_code_and_force(tmp_path, monkeypatch):
+@pytest.mark.parametrize("command", ["train-cls", "train-decision"])
+def test_cli_train_frozen_exit_code_and_force(command, tmp_path, monkeypatch):
+    """train-cls's default recipe, and train-decision, its deprecated alias (which says so)."""
     visits, labels, meta = decision_bank(tmp_path)
     fake_features(monkeypatch, meta, inverted=True)
     out = tmp_path / "run"
-    args = ["train-decision", str(visits), "--labels", str(labels), "-o", str(out), "--input-size", "64",
+    args = [command, str(visits), "--labels", str(labels), "-o", str(out), "--input-size", "64",
             "--folds", "2", "--repeats", "1", "--C", "1", "--variants", "original+segmented"]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == EXIT_NOT_VALIDATED == 6, r.output
+    assert ("'train-decision' is deprecated" in r.output) == (command == "train-decision")
+    assert read_json(out / "run.json")["recipe"] == "frozen"
     assert "AUC0.000" in flat(r.output) and "BELOWCHANCE" in flat(r.output) and "Traceback" not in r.output
     assert not (out / "model.pt").exists()
     r = CliRunner().invoke(app, [*args, "--force"])
@@ -251,13 +252,13 @@ def test_train_cls_below_chance_writes_no_model_unless_forced(tmp_path, monkeypa
     inverted_logits(monkeypatch)
     out = tmp_path / "run"
     with pytest.raises(ValidationFailed, match="BELOW CHANCE"):
-        api.train_cls(**cls_kwargs(visits, labels, out, tiny_models, tmp_path))
+        api.train_cls("finetune", **cls_kwargs(visits, labels, out, tiny_models, tmp_path))
     assert not (out / "model.pt").exists()
     m = read_json(out / "metrics.json")
     assert m["validation"]["passed"] is False and m["validation"]["auc"] == 0.0 and m["checkpoint"] is None
     for rec in (m["labels_check"], read_json(out / "run.json")["labels_check"]):
         assert rec["labelled_without_folder"] == ["GONE"] and rec["folders_without_label"] == ["STRAY"]
-    m = api.train_cls(**cls_kwargs(visits, labels, out, tiny_models, tmp_path, force=True))
+    m = api.train_cls("finetune", **cls_kwargs(visits, labels, out, tiny_models, tmp_path, force=True))
     ck = read_checkpoint(out / "model.pt")
     assert ck["validation"]["forced"] is True and ck["validation"] == m["validation"]
     with pytest.raises(CheckpointError, match="its recorded validation failed"):
@@ -268,7 +269,7 @@ def test_cli_train_cls_exit_code(tmp_path, monkeypatch, tiny_models):
     visits, labels = cls_bank(tmp_path)
     inverted_logits(monkeypatch)
     out = tmp_path / "run"
-    r = CliRunner().invoke(app, ["train-cls", str(visits), "--labels", str(labels), "-o", str(out),
+    r = CliRunner().invoke(app, ["train-cls", str(visits), "--labels", str(labels), "-o", str(out), "--recipe", "finetune",
                                  "--seg-model", str(tiny_models["seg"]), "--cervix-model", str(tiny_models["cervix"]),
                                  "--input-size", "64", "--epochs", "1", "--batch-size", "4", "--val-fraction", "0.4",
                                  "--max-steps", "1", "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"])

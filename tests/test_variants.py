@@ -219,20 +219,3 @@ def test_failed_images_are_left_out_of_the_patient_mean():
 def test_patient_without_usable_images_is_an_error():
     assert aggregate_patient([], 0.5) == (None, "error")
     assert aggregate_patient([None, float("nan")], 0.5) == (None, "error")
-
-
-def test_quality_flags_mark_blurry_dark_and_glare_images():
-    import cv2
-
-    from cervscan.pipeline.transforms import image_quality, quality_flags
-
-    rng = np.random.default_rng(0)
-    sharp = rng.integers(60, 200, (256, 256, 3), dtype=np.uint8)
-    assert quality_flags(image_quality(sharp)) == []
-    blurry = cv2.GaussianBlur(sharp, (0, 0), 8)
-    assert "blurry" in quality_flags(image_quality(blurry))
-    dark = (sharp // 8).astype(np.uint8)
-    assert "dark" in quality_flags(image_quality(dark))
-    glare = sharp.copy()
-    glare[:64] = 255
-    assert "glare" in quality_flags(image_quality(glare))

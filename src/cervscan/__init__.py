@@ -7,4 +7,9 @@ weighted voting and aggregates the image scores per patient.
 The result supports, and does not replace, a clinician's judgement.
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:  # one version, the package's (pyproject.toml), equal to the CHANGELOG's latest release
+    __version__ = version("cervscan")
+except PackageNotFoundError:  # a source tree on sys.path that was never installed
+    __version__ = "0+unknown"

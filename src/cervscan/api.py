@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import Callable
 
 from cervscan import __version__
-from cervscan.config import load_config_file
+from cervscan.batch import BatchResult, run_batch
+from cervscan.config import SETTINGS, check_layer, load_config_file
 from cervscan.errors import CervscanError, exit_code_of
-from cervscan.config import check_layer
+from cervscan.models import registry
 from cervscan.pipeline.steps import Pipeline
 from cervscan.pipeline.screening import decide_patient, probe_writable, refuse_overlapping_visits, run_record
+from cervscan.report import write_reports
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +54,8 @@ def screen(paths: list[str | Path], out: str | Path, *, seg_model: str | None = 
 
     t0 = time.time()
     # a bad option, config file or device fails before anything is written
-    from cervscan.config import SETTINGS
-
-    check_layer(dict(overrides or {}), SETTINGS, "option")
+    given = {"num_workers": num_workers, "batch_images": batch_images}
+    check_layer({**(overrides or {}), **{k: v for k, v in given.items() if v is not None}}, SETTINGS, "option")
     file_cfg = load_config_file(config_file) if config_file else {}
     resolve_device((overrides or {}).get("device") or device or file_cfg.get("device") or "auto")
     stray: list[tuple[Path, str]] = []
@@ -80,6 +81,34 @@ def screen(paths: list[str | Path], out: str | Path, *, seg_model: str | None = 
     for v in visits:
         writer.add_visit(v.patient_id, [display_id(p.name) for p in v.images])
     items = [(v.patient_id, p) for v in visits for p in v.images]
+    records = _screen_images(pipe, writer, items, out, progress)
+    t_screened = time.time()
+
+    by_pid: dict[str, list[dict]] = {}
+    for r in records:
+        by_pid.setdefault(r["patient_id"], []).append(r)
+    patients = [decide_patient(pipe, v.patient_id, by_pid.get(v.patient_id, []), v.error or "") for v in visits]
+    skipped = [{"patient_id": "", "file": display_id(str(p)), "reason": why} for p, why in stray]
+    skipped += [{"patient_id": v.patient_id, "file": name, "reason": why} for v in visits for name, why in v.skipped]
+
+    run = run_record("screen", out, paths, pipe, pipe.refs, pipe.provenance, {
+        "load_models_s": round(pipe.load_seconds, 3), "screen_s": round(t_screened - t_loaded, 3),
+        "total_s": round(time.time() - t0, 3), "images_per_s": round(len(items) / max(1e-9, t_screened - t_loaded), 3)})
+    run["counts"] = _counts(patients, records, skipped)
+    exit_code = run["exit_code"] = exit_code_of(run["counts"]["images_failed"] + run["counts"]["patients_error"],
+                                                run["counts"]["inadequate"])
+    try:
+        writer.finish(patients, records, skipped, run)
+    except OSError as e:
+        raise CervscanError(f"{display_id(str(out))}: cannot write the result tables ({e.strerror or e}); "
+                            "fix this and run again") from None
+    return ScreenResult(out, patients, records, skipped, run, exit_code)
+
+
+def _screen_images(pipe, writer, items: list, out: Path, progress) -> list[dict]:
+    """Every image through the pipeline, its masks and overlays written; its record (with the models' labels)."""
+    from cervscan.files import display_id
+
     labels = pipe.labels()
     model_cols = {"stage_model": labels.get("stage", ""), "cervix_model": labels.get("cervix", ""),
                   "seg_model": labels.get("segmenter", ""), "cls_model": labels.get("classifier", "")}
@@ -97,36 +126,19 @@ def screen(paths: list[str | Path], out: str | Path, *, seg_model: str | None = 
         records.append({**rec, **model_cols})
         if progress:
             progress("images", len(records), len(items))
-    t_screened = time.time()
+    return records
 
-    by_pid: dict[str, list[dict]] = {}
-    for r in records:
-        by_pid.setdefault(r["patient_id"], []).append(r)
-    patients = [decide_patient(pipe, v.patient_id, by_pid.get(v.patient_id, []), v.error or "") for v in visits]
-    skipped = [{"patient_id": "", "file": display_id(str(p)), "reason": why} for p, why in stray]
-    skipped += [{"patient_id": v.patient_id, "file": name, "reason": why} for v in visits for name, why in v.skipped]
 
-    n_failed_img = sum(r["status"] != "ok" for r in records)
-    n_err_pat = sum(p["decision"] == "error" for p in patients)
-    n_inadequate = sum(p["decision"] == "inadequate" for p in patients)
-    exit_code = exit_code_of(n_failed_img + n_err_pat, n_inadequate)
-    run = run_record("screen", out, paths, pipe, pipe.refs, pipe.provenance, {
-        "load_models_s": round(pipe.load_seconds, 3), "screen_s": round(t_screened - t_loaded, 3),
-        "total_s": round(time.time() - t0, 3), "images_per_s": round(len(items) / max(1e-9, t_screened - t_loaded), 3)})
-    run["counts"] = {"patients": len(patients), "images": len(records), "images_failed": n_failed_img,
-                     "patients_error": n_err_pat, "severe": sum(p["decision"] == "severe" for p in patients),
-                     "mildly_normal": sum(p["decision"] == "mildly_normal" for p in patients),
-                     "inadequate": n_inadequate,
-                     "images_ineligible": sum(r["status"] == "ok" and r.get("eligible") is False for r in records),
-                     "no_cervix": sum(r.get("cervix_found") is False for r in records),
-                     "skipped_files": len(skipped)}
-    run["exit_code"] = exit_code
-    try:
-        writer.finish(patients, records, skipped, run)
-    except OSError as e:
-        raise CervscanError(f"{display_id(str(out))}: cannot write the result tables ({e.strerror or e}); "
-                            "fix this and run again") from None
-    return ScreenResult(out, patients, records, skipped, run, exit_code)
+def _counts(patients: list[dict], records: list[dict], skipped: list[dict]) -> dict:
+    """run.json's ``counts`` of a screen run."""
+    return {"patients": len(patients), "images": len(records), "images_failed": sum(r["status"] != "ok" for r in records),
+            "patients_error": sum(p["decision"] == "error" for p in patients),
+            "severe": sum(p["decision"] == "severe" for p in patients),
+            "mildly_normal": sum(p["decision"] == "mildly_normal" for p in patients),
+            "inadequate": sum(p["decision"] == "inadequate" for p in patients),
+            "images_ineligible": sum(r["status"] == "ok" and r.get("eligible") is False for r in records),
+            "no_cervix": sum(r.get("cervix_found") is False for r in records),
+            "skipped_files": len(skipped)}
 
 
 def evaluate(visits: list[str | Path], labels: str | Path, out: str | Path, *, n_bootstrap: int = 2000, seed: int = 0,
@@ -257,27 +269,35 @@ def _cv_in_sample(run: dict) -> dict:
 
 
 def train_seg(**kwargs) -> dict:
-    """``cervscan train-seg``: keyword arguments of :class:`cervscan.training.segmenter.SegTrainConfig`."""
-    from cervscan.training.segmenter import SegTrainConfig, train_seg as _train
+    """``cervscan train-seg``: keyword arguments of :class:`cervscan.training.configs.SegTrainConfig`; those left
+    out are the shipped recipe of the ``target`` (:func:`cervscan.training.configs.seg_config`)."""
+    from cervscan.training.configs import seg_config
+    from cervscan.training.segmenter import train_seg as _train
 
     progress = kwargs.pop("progress", None)
-    return _train(SegTrainConfig(**kwargs), progress=progress)
+    return _train(seg_config(**kwargs), progress=progress)
 
 
-def train_cls(**kwargs) -> dict:
-    """``cervscan train-cls``: keyword arguments of :class:`cervscan.training.finetune.ClsTrainConfig`."""
-    from cervscan.training.finetune import ClsTrainConfig, train_cls as _train
+def train_cls(recipe: str = "frozen", **kwargs) -> dict:
+    """``cervscan train-cls``: the classifier role. ``recipe`` "frozen" (the shipped recipe: keyword arguments of
+    :class:`cervscan.training.configs.DecisionTrainConfig`) or "finetune" (those of
+    :class:`cervscan.training.configs.ClsTrainConfig`); settings left out are the recipe's defaults."""
+    from cervscan.training.configs import classifier_config
 
     progress = kwargs.pop("progress", None)
-    return _train(ClsTrainConfig(**kwargs), progress=progress)
+    cfg = classifier_config(recipe, **kwargs)
+    if recipe == "finetune":
+        from cervscan.training.finetune import train_cls as _finetune
+
+        return _finetune(cfg, progress=progress)
+    from cervscan.training.classifier import train_decision as _frozen
+
+    return _frozen(cfg, progress=progress)
 
 
 def train_decision(**kwargs) -> dict:
-    """``cervscan train-decision``: keyword arguments of :class:`cervscan.training.classifier.DecisionTrainConfig`."""
-    from cervscan.training.classifier import DecisionTrainConfig, train_decision as _train
-
-    progress = kwargs.pop("progress", None)
-    return _train(DecisionTrainConfig(**kwargs), progress=progress)
+    """Deprecated (one release): ``train_cls(recipe="frozen", ...)``."""
+    return train_cls("frozen", **kwargs)
 
 
 def train_stage(**kwargs) -> dict:
@@ -288,15 +308,60 @@ def train_stage(**kwargs) -> dict:
 
 
 def report(out: str | Path, **kwargs) -> list[Path]:
-    """``cervscan report``: PDF reports of a screen output folder (see :func:`cervscan.report.reports.write_reports`)."""
-    from cervscan.report.reports import write_reports
-
+    """``cervscan report``: PDF reports of a screen output folder (see :func:`cervscan.report.write_reports`)."""
     return write_reports(out, **kwargs)
 
 
-def batch(root: str | Path, out: str | Path, **kwargs):
+def batch(root: str | Path, out: str | Path, **kwargs) -> BatchResult:
     """``cervscan batch``: incremental, crash-safe, locked screening of a growing folder of visits
-    (keyword arguments of :func:`cervscan.batch.nightly.run_batch`; returns a :class:`cervscan.batch.nightly.BatchResult`)."""
-    from cervscan.batch.nightly import run_batch
-
+    (keyword arguments of :func:`cervscan.batch.run.run_batch`, among them ``log_file`` and ``console_level``
+    for a log file of the run). Raises :class:`cervscan.errors.BatchLockedError` when another run holds OUT."""
     return run_batch(root, out, **kwargs)
+
+
+# --------------------------------------------------------------------------- models
+
+def models_list() -> dict:
+    """``cervscan models list``: ``rows``, every shipped and installed model (its manifest entry with
+    ``source``, ``tag``, ``folder`` and ``in_use``: whether screening uses it now), and ``active``, per role the
+    model screening uses now as (folder, source), or ("", "error: ...") when none resolves."""
+    rows = registry.list_models()
+    active: dict[str, tuple[str, str]] = {}
+    for role in registry.ROLES:
+        try:
+            r = registry.resolve(role)
+            active[role] = (str(r.path.parent), r.source)
+        except CervscanError as e:
+            active[role] = ("", f"error: {e}")
+    rows = [{**r, "in_use": active.get(r["role"], ("", ""))[0] == str(Path(r["folder"]))} for r in rows]
+    return {"rows": rows, "active": active}
+
+
+def models_install(runs: list[str | Path], *, name: str | None = None, force: bool = False) -> dict:
+    """``cervscan models install``: each checkpoint loaded as screening loads it, a classifier's validation
+    checked (``force`` installs one that failed), then copied and made the default for its role
+    (:func:`cervscan.models.registry.install`). Returns role -> folder, sha256 (and ``forced``)."""
+    return registry.install([Path(r) for r in runs], name=name, force=force)
+
+
+def models_rollback(role: str | None = None) -> dict:
+    """``cervscan models rollback``: back to the shipped model of ``role`` (default every role)."""
+    return registry.rollback(role)
+
+
+def models_use(role: str, tag: str) -> dict:
+    """``cervscan models use``: make the installed model ``tag`` the default for ``role`` again."""
+    return registry.use(role, tag)
+
+
+def models_verify() -> list[tuple[dict, str | None]]:
+    """``cervscan models verify``: every shipped and installed model with None when its file matches its
+    recorded sha256, else the message saying why not."""
+    checked = []
+    for r in registry.list_models():
+        try:
+            registry.verify(Path(r["folder"]) / r["file"], r)
+            checked.append((r, None))
+        except CervscanError as e:
+            checked.append((r, str(e)))
+    return checked

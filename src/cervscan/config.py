@@ -1,238 +1,60 @@
-"""Run configuration: frozen dataclasses, JSON/TOML loading, and the type and allowed range of every
-setting (:data:`SETTINGS`), checked wherever a value comes in. No torch import."""
+"""Run configuration: the frozen dataclasses VotingConfig, GateConfig and ScreenConfig, config-file loading,
+and the resolution checkpoint < config file < options, every value checked against the one table of settings
+(:data:`cervscan.settings.SETTINGS`, re-exported here; see that module for the schema and why it is a table
+and dataclasses, not pydantic). No torch import."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
-import math
-import numbers
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomllib
+
 from cervscan.errors import CervscanError
 from cervscan.files import MAX_DECODE_MB
+from cervscan.settings import (  # noqa: F401 - the schema, re-exported
+    _CHECK_OFF,
+    CONFIGS,
+    CROP_MODES,
+    DECISIONS,
+    GATE_KEYS,
+    SETTINGS,
+    STAGES,
+    VARIANT_NAMES,
+    VARIANT_SETS,
+    Setting,
+    check_setting,
+    check_settings,
+    from_checkpoint,
+    keys_of,
+    option_name,
+    parse_set,
+    parse_stages,
+    parse_variants,
+    parse_weights,
+)
 
 log = logging.getLogger(__name__)
 
-#: The six variants of the method, in order (v1..v6).
-VARIANT_NAMES: tuple[str, ...] = (
-    "original",
-    "segmented",
-    "original_flip",
-    "segmented_flip",
-    "original_bright",
-    "segmented_bright",
-)
 #: The study's hand-tuned voting weights (METHOD.md, step 4).
 STUDY_WEIGHTS: tuple[float, ...] = (0.20, 0.25, 0.15, 0.20, 0.11, 0.09)
 #: Brightness factor of variants 5 and 6 (pixel values multiplied, clipped to 255).
 DEFAULT_BRIGHTNESS = 1.2
+#: The decision threshold when the classifier checkpoint records none (ScreenConfig.threshold's default).
 DEFAULT_THRESHOLD = 0.5
 
-#: What the lesion segmenter and the classifier look at (see ScreenConfig.crop).
-CROP_MODES = ("cervix", "centre", "frame")
-#: Exam stages (the stage model's classes; ``cervscan.training.stage.STAGES``).
-STAGES: tuple[str, ...] = ("acetic", "lugol", "green", "saline", "other")
 
-VARIANT_SETS = {
-    "all": VARIANT_NAMES,
-    "original": ("original",),
-    "original+segmented": ("original", "segmented"),
-}
-#: Decisions a report's ``next_step`` text can be given for.
-DECISIONS: tuple[str, ...] = ("severe", "mildly_normal", "inadequate", "error")
-
-
-# --------------------------------------------------------------------------- settings: type and range
-
-@dataclass(frozen=True)
-class Setting:
-    """Type and allowed values of one setting (a config-file key, a command-line option, a value from a
-    model checkpoint, a field of the configuration dataclasses).
-
-    ``kind``: "number" (finite, in the range), "int" (whole, in the range), "bool", "choice" (one of
-    ``choices``), "str", "weights" (6 finite numbers >= 0, not all 0), "names" (a non-empty list of
-    ``choices``) or "table" (``choices`` -> text).
-    """
-
-    kind: str
-    lo: float | None = None
-    hi: float | None = None
-    lo_open: bool = False
-    hi_open: bool = False
-    choices: tuple[str, ...] = ()
-
-    def allowed(self) -> str:
-        """What the setting may be, in words."""
-        if self.kind in ("number", "int"):
-            rng = (f"{'(' if self.lo_open else '['}{_num(self.lo)}, {_num(self.hi)}"
-                   f"{')' if self.hi_open else ']'}")
-            return ("a finite number in " if self.kind == "number" else "a whole number in ") + rng
-        if self.kind == "bool":
-            return "true or false"
-        if self.kind == "choice":
-            return "one of " + ", ".join(f'"{c}"' for c in self.choices)
-        if self.kind == "weights":
-            return "6 finite numbers >= 0, not all 0 (a list, or comma-separated)"
-        if self.kind == "names":
-            return f"a non-empty list of {', '.join(self.choices)} (or comma-separated)"
-        if self.kind == "table":
-            return f"a table of text for {', '.join(self.choices)}"
-        return "a string"
-
-
-def _num(x: float | None) -> str:
-    return str(int(x)) if x is not None and float(x).is_integer() else repr(x)
-
-
-#: Every setting: config-file key -> type and allowed range. Checked when a config file is loaded (the error
-#: names the file), for command-line options, for the values a model checkpoint brings (threshold, voting,
-#: mask threshold, exam stages) and when the configuration dataclasses are built.
-SETTINGS: dict[str, Setting] = {
-    # decision
-    "threshold": Setting("number", 0, 1, hi_open=True),  # score > 1 never happens: 1 would refer nobody
-    "pooling": Setting("choice", choices=("probability", "logit")),
-    # variants and voting
-    "weights": Setting("weights"),
-    "brightness": Setting("number", 0, 4, lo_open=True),
-    "brightness_from_flipped": Setting("bool"),
-    "variants": Setting("names", choices=VARIANT_NAMES),
-    "crop_margin": Setting("number", 0, 1),
-    "min_lesion_fraction": Setting("number", 0, 0.5),
-    "mask_threshold": Setting("number", 0, 1, lo_open=True, hi_open=True),  # 0: every pixel; >= 1: none
-    # crop
-    "crop": Setting("choice", choices=CROP_MODES),
-    "classify_view": Setting("choice", choices=("crop", "frame")),
-    "cervix_margin": Setting("number", 0, 1),
-    "cervix_min_fraction": Setting("number", 0, 0.5, lo_open=True),
-    "centre_crop": Setting("number", 0.25, 1),
-    # decoding
-    "max_side": Setting("int", 64, 16384),
-    "max_pixels": Setting("int", 1_000_000, 1_000_000_000),
-    "min_side": Setting("int", 1, 4096),
-    "max_decode_mb": Setting("int", 16, 1_000_000),
-    # quality gate
-    "quality_gate": Setting("bool"),
-    "min_sharpness": Setting("number", 0, 1),
-    "min_brightness": Setting("number", 0, 255),
-    "max_overexposed": Setting("number", 0, 1),
-    "max_glare": Setting("number", 0, 1),
-    "min_cervix_px": Setting("number", 0, 16384),
-    "decision_stages": Setting("names", choices=STAGES),
-    "stage_min_confidence": Setting("number", 0, 1),
-    # running
-    "device": Setting("str"),
-    "batch_images": Setting("int", 1, 1024),
-    "classify_batch": Setting("int", 0, 4096),
-    "num_workers": Setting("int", 0, 64),
-    # report
-    "clinic": Setting("str"),
-    "next_step": Setting("table", choices=DECISIONS),
-}
-
-#: Gate settings at which a check rejects no image (allowed, but said in the log).
-_CHECK_OFF = {"min_sharpness": (0, "the blur check"), "min_brightness": (0, "the dark check"),
-              "max_overexposed": (1, "the over-exposure check"), "max_glare": (1, "the glare check"),
-              "min_cervix_px": (0, "the cervix-size check")}
-
-
-def _shown(v: Any) -> str:
-    """A value as written in a config file (TOML-like), for messages."""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, numbers.Integral):
-        return str(int(v))
-    if isinstance(v, numbers.Real):
-        return repr(float(v))
-    if isinstance(v, str):
-        return json.dumps(v, ensure_ascii=False)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_shown(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{k} = {_shown(x)}" for k, x in v.items()) + "}"
-    return repr(v)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and type(v).__name__ != "bool_"
-
-
-def check_setting(key: str, value: Any, where: str, name: str | None = None) -> Any:
-    """``value`` of setting ``key`` checked against :data:`SETTINGS` (type; finite, not nan or inf; range)
-    and normalised: a whole float of an "int" setting becomes an int, a comma-separated string of
-    ``weights``, ``variants`` or ``decision_stages`` a tuple (lists are returned as given).
-
-    Raises CervscanError ``"<where>: <name> = <value>: must be <what is allowed>"``, e.g.
-    ``settings.toml: min_sharpness = nan: must be a finite number in [0, 1]``; ``where`` is the config file,
-    "command line" or the checkpoint, ``name`` the key as the user wrote it (default ``key``).
-    """
+def default_of(key: str) -> Any:
+    """The default of a screening setting: its dataclass field's default (None for a report setting)."""
     s = SETTINGS[key]
-    name = name or key
-
-    def bad(why: str | None = None) -> CervscanError:
-        return CervscanError(f"{where}: {name} = {_shown(value)}: {why or 'must be ' + s.allowed()}")
-
-    if s.kind in ("number", "int"):
-        if not _is_number(value):
-            raise bad()
-        v = float(value)
-        if not math.isfinite(v) or (s.kind == "int" and not v.is_integer()):
-            raise bad()
-        if (v < s.lo or (s.lo_open and v == s.lo)) or (v > s.hi or (s.hi_open and v == s.hi)):
-            raise bad()
-        return int(v) if s.kind == "int" else value
-    if s.kind == "bool":
-        if not isinstance(value, bool):
-            raise bad()
-        return value
-    if s.kind == "choice":
-        if not isinstance(value, str) or value not in s.choices:
-            raise bad()
-        return value
-    if s.kind == "str":
-        if not isinstance(value, str):
-            raise bad()
-        return value
-    if s.kind == "table":
-        if not (isinstance(value, dict) and all(k in s.choices and isinstance(t, str) for k, t in value.items())):
-            raise bad()
-        return value
-    out = value
-    if isinstance(value, str):  # written as on the command line
-        parse = parse_weights if s.kind == "weights" else parse_variants if key == "variants" else parse_stages
-        try:
-            out = parse(value)
-        except CervscanError as e:
-            raise bad(str(e).split(": ", 1)[-1]) from None
-    elif not isinstance(value, (list, tuple)):
-        raise bad()
-    if s.kind == "weights":
-        if (len(out) != 6 or not all(_is_number(x) and math.isfinite(float(x)) and x >= 0 for x in out)
-                or sum(out) <= 0):
-            raise bad()
-    elif not out or not all(isinstance(x, str) and x in s.choices for x in out):
-        raise bad()
-    return out
-
-
-def check_settings(data: dict[str, Any], where: str, names: dict[str, str] | None = None) -> dict[str, Any]:
-    """Every value of ``data`` (key -> value; None: not given, passed through) checked with
-    :func:`check_setting`; unknown keys are an error. ``names``: how each key is shown (e.g. the
-    command-line option). A gate setting that switches its check off (e.g. ``max_glare = 1``) is logged."""
-    names = names or {}
-    unknown = sorted(k for k in data if k not in SETTINGS)
-    if unknown:
-        raise CervscanError(f"{where}: unknown setting(s): {', '.join(unknown)}")
-    out = {}
-    for k, v in data.items():
-        out[k] = v if v is None else check_setting(k, v, where, names.get(k))
-        if k in _CHECK_OFF and v is not None and float(v) == _CHECK_OFF[k][0]:
-            log.warning("%s: %s = %s: %s rejects no image", where, names.get(k, k), _shown(v), _CHECK_OFF[k][1])
-    return out
+    if s.owner not in CONFIGS:
+        return None
+    fld = next(f for f in dataclasses.fields(globals()[s.owner]) if f.name == (s.field or key))
+    return fld.default if fld.default is not dataclasses.MISSING else fld.default_factory()  # type: ignore[misc]
 
 
 def _check_fields(obj: Any, keys: dict[str, str]) -> None:
@@ -283,7 +105,7 @@ class VotingConfig:
         w = sum(self.weights[VARIANT_NAMES.index(v)] for v in self.variants)
         if w <= 0:
             raise CervscanError("the selected variants all have weight 0")
-        _check_fields(self, {f.name: f.name for f in dataclasses.fields(self)})
+        _check_fields(self, {fld: key for key, fld in keys_of("VotingConfig").items()})
 
     def active_weights(self) -> dict[str, float]:
         """Weights of the variants in use, renormalised to sum to 1."""
@@ -340,12 +162,6 @@ class GateConfig:
         _check_fields(self, {fld: key for key, fld in GATE_KEYS.items()})
 
 
-#: Config-file keys of the gate -> GateConfig field.
-GATE_KEYS = {"quality_gate": "enabled", "min_sharpness": "min_sharpness", "min_brightness": "min_brightness",
-             "max_overexposed": "max_overexposed", "max_glare": "max_glare", "min_cervix_px": "min_cervix_px",
-             "decision_stages": "decision_stages", "stage_min_confidence": "stage_min_confidence"}
-
-
 @dataclass(frozen=True)
 class ScreenConfig:
     voting: VotingConfig = field(default_factory=VotingConfig)
@@ -386,10 +202,7 @@ class ScreenConfig:
     backend: str = "torch"
 
     def __post_init__(self) -> None:
-        _check_fields(self, {k: k for k in ("threshold", "device", "batch_images", "classify_batch", "num_workers",
-                                            "max_side", "max_pixels", "min_side", "max_decode_mb", "crop",
-                                            "classify_view", "cervix_margin", "cervix_min_fraction",
-                                            "centre_crop")})
+        _check_fields(self, {fld: key for key, fld in keys_of("ScreenConfig").items()})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -422,42 +235,6 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return check_settings(data, str(p))
 
 
-def parse_variants(spec: str) -> tuple[str, ...]:
-    spec = spec.strip()
-    if spec in VARIANT_SETS:
-        return VARIANT_SETS[spec]
-    names = tuple(s.strip() for s in spec.split(",") if s.strip())
-    bad = [n for n in names if n not in VARIANT_NAMES]
-    if bad or not names:
-        raise CervscanError(
-            f"--variants: unknown {bad or spec!r}; use all, original, original+segmented "
-            f"or a comma list of {', '.join(VARIANT_NAMES)}"
-        )
-    return names
-
-
-def parse_weights(spec: str) -> tuple[float, ...]:
-    try:
-        w = tuple(float(x) for x in spec.split(","))
-    except ValueError:
-        raise CervscanError(f"--weights: expected 6 comma-separated numbers, got {spec!r}") from None
-    if len(w) != 6:
-        raise CervscanError(f"--weights: expected 6 numbers, got {len(w)}")
-    return w
-
-
-def parse_stages(spec: str) -> tuple[str, ...]:
-    """'acetic,lugol' -> ('acetic', 'lugol'); 'all' -> every stage."""
-    spec = spec.strip()
-    if spec == "all":
-        return STAGES
-    names = tuple(s.strip() for s in spec.replace("+", ",").split(",") if s.strip())
-    bad = [n for n in names if n not in STAGES]
-    if bad or not names:
-        raise CervscanError(f"decision_stages: unknown {bad or spec!r}; use all or a comma list of {', '.join(STAGES)}")
-    return names
-
-
 # --------------------------------------------------------------------------- resolving: checkpoint < config file < options
 
 #: Where a value that fails its check came from, as the error names it (a config file is named by its path
@@ -467,11 +244,20 @@ WHERE = {"config": "config file", "option": "command line"}
 
 def check_layer(layer: dict, keys, layer_name: str) -> dict:
     """The values of ``layer`` for ``keys`` (None: not given, left out), each checked against
-    :data:`cervscan.config.SETTINGS`; options are named as on the command line (``--threshold``)."""
+    :data:`cervscan.config.SETTINGS`; options are named as on the command line (``--threshold``,
+    ``--set min_sharpness``)."""
 
     where = WHERE.get(layer_name, layer_name)
-    return {k: check_setting(k, v, where, "--" + k.replace("_", "-") if layer_name == "option" else None)
+    return {k: check_setting(k, v, where, option_name(k) if layer_name == "option" else None)
             for k, v in layer.items() if k in keys and v is not None}
+
+
+def _layers(keys, file_cfg: dict, overrides: dict, vals: dict, provenance: dict) -> None:
+    """Config file < options for ``keys``: each value given, checked, into ``vals``, where it came from into
+    ``provenance``."""
+    for layer_name, layer in (("config", file_cfg), ("option", overrides)):
+        for k, v in check_layer(layer, keys, layer_name).items():
+            vals[k], provenance[k] = v, layer_name
 
 
 def voting_from(ckpt: dict, file_cfg: dict, overrides: dict, seg_ckpt: dict | None = None) -> tuple[VotingConfig, float, dict]:
@@ -482,24 +268,21 @@ def voting_from(ckpt: dict, file_cfg: dict, overrides: dict, seg_ckpt: dict | No
     """
     src: dict[str, str] = {}
     vals: dict[str, Any] = {}
-    fields = {f.name for f in dataclasses.fields(VotingConfig)}
-    if seg_ckpt and seg_ckpt.get("mask_threshold") is not None:
-        vals |= check_layer({"mask_threshold": float(seg_ckpt["mask_threshold"])}, fields, "segmenter checkpoint")
-        src["mask_threshold"] = "segmenter checkpoint"
-    ck_vote = check_layer(ckpt.get("voting") or {}, ("weights", "brightness", "brightness_from_flipped", "variants",
-                                                   "pooling"), "classifier checkpoint")
+    fields = keys_of("VotingConfig")  # every key is its field's name
+    for key in from_checkpoint("segmenter"):
+        if seg_ckpt and seg_ckpt.get(key) is not None:
+            vals |= check_layer({key: float(seg_ckpt[key])}, fields, "segmenter checkpoint")
+            src[key] = "segmenter checkpoint"
+    ck_vote = check_layer(ckpt.get("voting") or {}, from_checkpoint("classifier voting"), "classifier checkpoint")
     vals |= ck_vote
     src |= dict.fromkeys(ck_vote, "checkpoint")
-    thr, src["threshold"] = 0.5, "default"
+    thr, src["threshold"] = default_of("threshold"), "default"
     if ckpt.get("threshold") is not None:
         thr = check_layer({"threshold": float(ckpt["threshold"])}, ("threshold",), "classifier checkpoint")["threshold"]
         src["threshold"] = "checkpoint"
-    for layer_name, layer in (("config", file_cfg), ("option", overrides)):
-        for k, v in check_layer(layer, fields | {"threshold"}, layer_name).items():
-            if k == "threshold":
-                thr, src["threshold"] = float(v), layer_name
-            else:
-                vals[k], src[k] = v, layer_name
+    _layers(fields.keys() | {"threshold"}, file_cfg, overrides, vals, src)
+    if "threshold" in vals:
+        thr = float(vals.pop("threshold"))
     if "weights" in vals:
         vals["weights"] = tuple(float(x) for x in vals["weights"])
     if "variants" in vals:
@@ -531,9 +314,20 @@ def gate_from(file_cfg: dict, overrides: dict, provenance: dict, cls_ckpt: dict 
         stages = check_layer({"decision_stages": cls_ckpt["decision_stages"]}, GATE_KEYS, "classifier checkpoint")
         vals["decision_stages"] = tuple(stages["decision_stages"])
         provenance["decision_stages"] = "classifier checkpoint"
-    for layer_name, layer in (("config", file_cfg), ("option", overrides)):
-        for key, v in check_layer(layer, GATE_KEYS, layer_name).items():
-            fld = GATE_KEYS[key]
-            vals[fld] = tuple(v) if fld == "decision_stages" else v
-            provenance[key] = layer_name
-    return GateConfig(**vals)
+    _layers(GATE_KEYS, file_cfg, overrides, vals, provenance)
+    return GateConfig(**{GATE_KEYS[k]: tuple(v) if k == "decision_stages" else v for k, v in vals.items()})
+
+
+#: ScreenConfig settings resolved on their own: the threshold with the voting (:func:`voting_from`), the
+#: choices a classifier checkpoint records (:func:`resolve_choice`), the device (:mod:`cervscan.device`).
+_RESOLVED_APART = ("threshold", "crop", "classify_view", "device")
+
+
+def screen_settings(file_cfg: dict, overrides: dict, provenance: dict) -> dict[str, Any]:
+    """The other ScreenConfig settings (decoding, cropping, batching, workers): defaults < config file <
+    options, as ScreenConfig field -> value of the field's type; where each given value came from goes to
+    ``provenance``."""
+    keys = {k: f for k, f in keys_of("ScreenConfig").items() if k not in _RESOLVED_APART}
+    vals: dict[str, Any] = {}
+    _layers(keys, file_cfg, overrides, vals, provenance)
+    return {keys[k]: type(default_of(k))(v) for k, v in vals.items()}

@@ -51,7 +51,7 @@ def bootstrap_ci(y_true, scores, threshold: float, n: int = 2000, seed: int = 0,
     n1 = Y.sum(1)
     n0 = y.size - n1
     both = (n1 > 0) & (n0 > 0)
-    auc = _rank_auc(Y, S)
+    auc = rank_auc(Y, S)
     with np.errstate(invalid="ignore", divide="ignore"):
         sens = (P & (Y == 1)).sum(1) / n1
         spec = (~P & (Y == 0)).sum(1) / n0
@@ -65,7 +65,7 @@ def _resamples(size: int, n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, size, (n, size))
 
 
-def _rank_auc(Y: np.ndarray, S: np.ndarray) -> np.ndarray:
+def rank_auc(Y: np.ndarray, S: np.ndarray) -> np.ndarray:
     """AUC of each row (labels ``Y``, scores ``S``) by the Mann-Whitney rank statistic, ties at average
     ranks; NaN for a row that lacks a class."""
     from scipy.stats import rankdata
@@ -88,11 +88,25 @@ def bootstrap_auc_ci(y_true, scores, n: int = 2000, seed: int = 0, alpha: float 
         raise ValueError(f"{S.shape[1]} scores for {y.size} labels")
     idx = _resamples(y.size, n, seed)
     Y = y[idx]
-    auc = np.mean([_rank_auc(Y, row[idx]) for row in S], axis=0)
+    auc = np.mean([rank_auc(Y, row[idx]) for row in S], axis=0)
     auc = auc[np.isfinite(auc)]
     if not auc.size:
         raise DataError("no bootstrap resample holds both classes: the AUC's confidence interval is undefined")
     return float(np.percentile(auc, 100 * alpha / 2)), float(np.percentile(auc, 100 * (1 - alpha / 2)))
+
+
+def paired_auc_delta(y_true, a, b, n: int = 2000, seed: int = 0, alpha: float = 0.05) -> dict:
+    """AUC(b) - AUC(a) on the same patients, with a paired percentile bootstrap CI over patients (each
+    resample scores both on the same patients; resamples that lack a class are skipped)."""
+    y = np.asarray(y_true, dtype=int)
+    A, B = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    idx = _resamples(y.size, n, seed)
+    Y = y[idx]
+    d = rank_auc(Y, B[idx]) - rank_auc(Y, A[idx])
+    d = d[np.isfinite(d)]
+    full = rank_auc(y[None], B[None])[0] - rank_auc(y[None], A[None])[0]
+    return {"delta": float(full), "ci95": [float(np.percentile(d, 100 * alpha / 2)),
+                                          float(np.percentile(d, 100 * (1 - alpha / 2)))], "n": n}
 
 
 def platt_scaling(scores, y_true) -> dict:

@@ -10,6 +10,7 @@ from cervscan.files.atomic import (  # noqa: F401
     atomic_write_image,
     atomic_write_json,
     atomic_write_text,
+    csv_bytes,
 )
 from cervscan.files.names import (  # noqa: F401
     MAX_NAME_BYTES,

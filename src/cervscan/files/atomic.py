@@ -65,12 +65,17 @@ def _json_default(o: Any):
 
 
 def atomic_write_csv(path: Path, rows: Iterable[dict], columns: list[str]) -> Path:
+    return atomic_write_bytes(path, csv_bytes(rows, columns))
+
+
+def csv_bytes(rows: Iterable[dict], columns: list[str]) -> bytes:
+    """Exactly the bytes :func:`atomic_write_csv` writes (for a writer that compares before it writes)."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in rows:
         w.writerow({k: _csv_cell(r.get(k)) for k in columns})
-    return atomic_write_text(path, buf.getvalue())
+    return clean_text(buf.getvalue()).encode("utf-8", errors="backslashreplace")
 
 
 def _csv_cell(v: Any) -> Any:

@@ -288,10 +288,6 @@ def load_lite_into_timm(model: nn.Module, variant: int = 0, *, include_head: boo
         raise CheckpointError(f"Lite{variant} weights did not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
-def load_lite0_into_timm(model: nn.Module, *, include_head: bool = False) -> None:
-    load_lite_into_timm(model, 0, include_head=include_head)
-
-
 @torch.inference_mode()
 def pooled_features(model: nn.Module, images: list, size: int, mean=LITE0_MEAN, std=LITE0_STD):
     """A timm classifier's pooled pre-logit features (N x num_features, NumPy) of RGB uint8 images, each

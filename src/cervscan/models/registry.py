@@ -24,9 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cervscan.errors import CheckpointError, ChecksumError, CervscanError, ModelNotFoundError
-
-#: Model roles: the exam-stage model, the cervix finder, the lesion segmenter, the classifier.
-ROLES = ("stage", "cervix", "segmenter", "classifier")
+from cervscan.models.loading import ROLES, load_model  # ROLES: the model roles, declared there once
 ENV_FILE = {"segmenter": "CERVSCAN_SEG_MODEL", "classifier": "CERVSCAN_CLS_MODEL",
             "cervix": "CERVSCAN_CERVIX_MODEL", "stage": "CERVSCAN_STAGE_MODEL"}
 OPTION = {"segmenter": "--seg-model", "classifier": "--cls-model", "cervix": "--cervix-model", "stage": "--stage-model"}
@@ -197,10 +195,9 @@ def check_usable(f: Path, role: str) -> None:
     """Load a checkpoint as screening will (read, build the network, load its weights, one forward pass at its
     input size; for a classifier also its screening settings) and raise a one-line
     :class:`~cervscan.errors.CheckpointError` naming the file when anything fails."""
-    import torch
+    import torch  # lazy: torch
 
-    from cervscan.models.networks import _first_line
-    from cervscan.models.loading import load_model
+    from cervscan.models.networks import _first_line  # lazy: torch
 
     def refuse(why: str) -> CheckpointError:
         return CheckpointError(f"{f}: not a usable cervscan checkpoint ({why}); not installed")
@@ -237,51 +234,58 @@ def check_usable(f: Path, role: str) -> None:
         raise refuse(f"loading it failed: {_first_line(e)}") from None
 
 
+def _read_for_install(rd: Path) -> tuple[str, Path, dict]:
+    """The checkpoint of a run folder (its model.pt) or file, read safely: its role, its path and what its
+    manifest entry records (with its sha256 as read, and ``installed_with_force`` when a classifier's
+    validation is missing or failed)."""
+    from cervscan.models.networks import load_file  # lazy: torch
+    from cervscan.training.validation import install_problem
+
+    f = rd / "model.pt" if rd.is_dir() else rd
+    if not f.is_file():
+        hint = ""
+        if rd.is_dir() and (rd / "metrics.json").is_file():
+            try:
+                v = json.loads((rd / "metrics.json").read_text(encoding="utf-8")).get("validation") or {}
+            except (OSError, ValueError):
+                v = {}
+            if v.get("passed") is False:
+                hint = " (the training run wrote none: its classifier failed its validation, see metrics.json)"
+        raise ModelNotFoundError(f"{rd}: no model.pt to install{hint}")
+    if f.stat().st_size == 0:
+        raise CheckpointError(f"{f}: not a cervscan checkpoint (the file is empty)")
+    checked_sha = sha256_file(f)
+    ck = load_file(f, what="a cervscan checkpoint")
+    if not isinstance(ck, dict):
+        raise CheckpointError(f"{f}: not a cervscan checkpoint (it holds a {type(ck).__name__}, "
+                              f"not a checkpoint dict)")
+    kind = ck.get("kind")
+    if kind == "segmenter" and ck.get("target") == "cervix":
+        kind = "cervix"  # the cervix finder is a segmenter of the cervix
+    if kind not in ROLES:
+        why = "it has no 'kind'" if kind is None else f"kind {kind!r:.60} is not one of {', '.join(ROLES)}"
+        raise CheckpointError(f"{f}: not a cervscan checkpoint ({why})")
+    meta = {k: ck.get(k) for k in ("name", "version", "arch", "input_size", "threshold", "operating_point",
+                                    "target", "classes", "crop", "validation", "train_summary",
+                                    "cervscan_version")}
+    meta["_checked_sha256"] = checked_sha
+    problem = install_problem(ck) if kind == "classifier" else None
+    if problem:
+        meta["installed_with_force"] = problem
+    return kind, f, meta
+
+
 def install(run_dirs: list[Path], *, name: str | None = None, force: bool = False) -> dict:
     """Copy trained model(s) into the user data dir and make them the default for their role.
 
     Each checkpoint is loaded fully first (:func:`check_usable`); a classifier whose recorded validation is
     missing or failed (:func:`cervscan.training.validation.install_problem`) is refused unless ``force``. Nothing is
     installed unless every file given passes."""
-    from cervscan.models.networks import load_file
-    from cervscan.training.validation import install_problem
-
     found: dict[str, tuple[Path, dict]] = {}
     for rd in run_dirs:
-        rd = Path(rd)
-        f = rd / "model.pt" if rd.is_dir() else rd
-        if not f.is_file():
-            hint = ""
-            if rd.is_dir() and (rd / "metrics.json").is_file():
-                try:
-                    v = json.loads((rd / "metrics.json").read_text(encoding="utf-8")).get("validation") or {}
-                except (OSError, ValueError):
-                    v = {}
-                if v.get("passed") is False:
-                    hint = " (the training run wrote none: its classifier failed its validation, see metrics.json)"
-            raise ModelNotFoundError(f"{rd}: no model.pt to install{hint}")
-        if f.stat().st_size == 0:
-            raise CheckpointError(f"{f}: not a cervscan checkpoint (the file is empty)")
-        checked_sha = sha256_file(f)
-        ck = load_file(f, what="a cervscan checkpoint")
-        if not isinstance(ck, dict):
-            raise CheckpointError(f"{f}: not a cervscan checkpoint (it holds a {type(ck).__name__}, "
-                                  f"not a checkpoint dict)")
-        kind = ck.get("kind")
-        if kind == "segmenter" and ck.get("target") == "cervix":
-            kind = "cervix"  # the cervix finder is a segmenter of the cervix
-        if kind not in ROLES:
-            why = "it has no 'kind'" if kind is None else f"kind {kind!r:.60} is not one of {', '.join(ROLES)}"
-            raise CheckpointError(f"{f}: not a cervscan checkpoint ({why})")
+        kind, f, meta = _read_for_install(Path(rd))
         if kind in found:
             raise CervscanError(f"two {kind} models given ({found[kind][0]} and {f})")
-        meta = {k: ck.get(k) for k in ("name", "version", "arch", "input_size", "threshold", "operating_point",
-                                        "target", "classes", "crop", "validation", "train_summary",
-                                        "cervscan_version")}
-        meta["_checked_sha256"] = checked_sha
-        problem = install_problem(ck) if kind == "classifier" else None
-        if problem:
-            meta["installed_with_force"] = problem
         found[kind] = (f, meta)
     # then the full check of each: loaded as screening loads it; a classifier validated
     for kind, (f, meta) in found.items():

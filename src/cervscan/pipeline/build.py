@@ -8,7 +8,8 @@ import dataclasses
 import logging
 import time
 
-from cervscan.config import CROP_MODES, ScreenConfig, check_layer, gate_from, load_config_file, resolve_choice, voting_from
+from cervscan.config import (CROP_MODES, SETTINGS, ScreenConfig, check_layer, gate_from, load_config_file,
+                             resolve_choice, screen_settings, voting_from)
 from cervscan.errors import CervscanError
 from cervscan.models.loading import load_model
 
@@ -31,12 +32,15 @@ def resolve(*, seg_model: str | None = None, cls_model: str | None = None, cervi
                   stage_model: str | None = None, config_file: str | None = None, overrides: dict | None = None,
                   device: str | None = None, num_workers: int | None = None, batch_images: int | None = None,
                   write_masks: bool = True, write_overlays: bool = True, use_stage: bool = True):
-    """Resolve and load every model and resolve the configuration (checkpoint < config file < options)."""
-    from cervscan.config import SETTINGS
+    """Resolve and load every model and resolve the configuration (checkpoint < config file < options).
+
+    ``overrides``: setting -> value given on the command line (named options and ``--set``); ``device``,
+    ``num_workers`` and ``batch_images`` count as such options too."""
     from cervscan.device import resolve_device
     from cervscan.models.registry import resolve
 
     overrides = dict(overrides or {})
+    overrides |= {k: v for k, v in (("num_workers", num_workers), ("batch_images", batch_images)) if v is not None}
     check_layer(overrides, SETTINGS, "option")  # every option, before any model is loaded
     file_cfg = load_config_file(config_file) if config_file else {}
     dev = resolve_device(overrides.pop("device", None) or device or file_cfg.get("device") or "auto")
@@ -65,14 +69,7 @@ def resolve(*, seg_model: str | None = None, cls_model: str | None = None, cervi
     gate = gate_from(file_cfg, overrides, provenance, models["classifier"].ckpt)
     view = resolve_choice("classify_view", ("crop", "frame"), "crop", models["classifier"].ckpt, file_cfg,
                            overrides, provenance)
-    base = ScreenConfig()
-    cfg = dataclasses.replace(
-        base, voting=voting, threshold=threshold, device=str(dev), crop=crop, gate=gate, classify_view=view,
-        num_workers=num_workers if num_workers is not None else int(file_cfg.get("num_workers", base.num_workers)),
-        batch_images=batch_images or int(file_cfg.get("batch_images", base.batch_images)),
-        **{k: type(getattr(base, k))(file_cfg[k]) for k in ("max_side", "max_pixels", "min_side", "max_decode_mb",
-                                                             "cervix_margin", "cervix_min_fraction", "centre_crop",
-                                                             "classify_batch")
-           if k in file_cfg},
-        write_masks=write_masks, write_overlays=write_overlays)
+    cfg = ScreenConfig(voting=voting, threshold=threshold, device=str(dev), crop=crop, gate=gate, classify_view=view,
+                       **screen_settings(file_cfg, overrides, provenance),
+                       write_masks=write_masks, write_overlays=write_overlays)
     return Resolved(models, cfg, dev, refs, provenance, time.time() - t0)

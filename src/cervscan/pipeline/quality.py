@@ -64,7 +64,7 @@ REASON_WORDS = {
     "dark": "too dark", "overexposed": "overexposed", "no_cervix": "cervix not found",
     "cervix_too_small": "cervix too small", "glare": "strong glare", "blurred": "blurred",
 }
-_STAGE_WORDS = {"acetic": "acetic acid", "lugol": "Lugol's iodine", "green": "green filter", "saline": "saline",
+STAGE_WORDS = {"acetic": "acetic acid", "lugol": "Lugol's iodine", "green": "green filter", "saline": "saline",
                 "other": "other view"}
 
 
@@ -230,14 +230,14 @@ def primary(reason: str) -> str:
 
 
 def _stages_words(stages) -> str:
-    words = [_STAGE_WORDS.get(s, s) for s in stages]
+    words = [STAGE_WORDS.get(s, s) for s in stages]
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
 
 
 def _first_stage(stages) -> str:
     """The stage to repeat the examination at: acetic acid when it decides, else the first deciding stage."""
     order = [s for s in ("acetic", "lugol", "green", "saline", "other") if s in stages]
-    return _STAGE_WORDS.get(order[0], order[0]) if order else "the deciding stage"
+    return STAGE_WORDS.get(order[0], order[0]) if order else "the deciding stage"
 
 
 def patient_reason(reasons: list[str], decision_stages) -> str:
@@ -292,7 +292,7 @@ def excluded_note(reasons: list[str]) -> str:
 
     def words(key: str) -> str:
         if key.startswith("stage:"):
-            return "stage " + _STAGE_WORDS.get(key.split(":", 1)[1], key.split(":", 1)[1])
+            return "stage " + STAGE_WORDS.get(key.split(":", 1)[1], key.split(":", 1)[1])
         return REASON_WORDS.get(key, key)
 
     return "not used: " + ", ".join(f"{n} {words(k)}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))

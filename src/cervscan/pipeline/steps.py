@@ -34,19 +34,20 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 
+from cervscan import __version__
 from cervscan.config import VARIANT_NAMES, ScreenConfig
 from cervscan.errors import CervscanError, ImageError
 from cervscan.files import read_image
 from cervscan.pipeline import quality as Q
-from cervscan.pipeline.transforms import resize_square, to_tensor_batch
+from cervscan.models.loading import LoadedModel
+from cervscan.pipeline import build
+from cervscan.pipeline.runners import TorchRunner, torch_device
+from cervscan.pipeline.transforms import resize_square
 from cervscan.pipeline.vote import aggregate_patient, decide, make_variants, segment_region, weighted_score
-
-from cervscan.models.loading import LoadedModel  # noqa: E402
-from cervscan.pipeline import build  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -175,11 +176,11 @@ class Pipeline:
     """Loaded models + configuration; see the module docstring for the steps."""
 
     def __init__(self, models: dict[str, LoadedModel], cfg: ScreenConfig, device=None):
-        import torch
-
         self.models = models
         self.cfg = cfg
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.device = torch_device(device)
+        #: role -> the runner every step calls its network through (:mod:`cervscan.pipeline.runners`)
+        self.runners = {role: TorchRunner(m, self.device) for role, m in models.items()}
 
     # ---- construction
     @classmethod
@@ -243,12 +244,8 @@ class Pipeline:
     def stage(self, rgbs: list[np.ndarray]) -> list[tuple[str, float | None]]:
         if not self.has("stage"):
             return [("", None)] * len(rgbs)
-        import torch
-
         m = self.models["stage"]
-        x = to_tensor_batch([resize_square(im, m.size) for im in rgbs], m.ckpt["mean"], m.ckpt["std"]).to(self.device)
-        with torch.inference_mode():
-            p = torch.softmax(m.net(x).float(), dim=1).cpu().numpy()
+        p = self.runners["stage"].probabilities(rgbs, activation="softmax")
         classes = list(m.ckpt["classes"])
         return [(classes[int(k)], float(pp[int(k)])) for pp, k in zip(p, p.argmax(1))]
 
@@ -256,14 +253,8 @@ class Pipeline:
     def _segment(self, role: str, images: list[np.ndarray], threshold: float) -> list[np.ndarray]:
         """Binary masks (uint8 0/1) at each image's own size."""
         import cv2
-        import torch
 
-        m = self.models[role]
-        x = to_tensor_batch([resize_square(im, m.size) for im in images], m.ckpt["mean"], m.ckpt["std"]).to(self.device)
-        if self.device.type == "cpu":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
-            prob = torch.sigmoid(m.net(x)).float().cpu().numpy()[:, 0]
+        prob = self.runners[role].probabilities(images, activation="sigmoid")[:, 0]
         return [(cv2.resize(p, (im.shape[1], im.shape[0]), interpolation=cv2.INTER_LINEAR) > threshold).astype(np.uint8)
                 for im, p in zip(images, prob)]
 
@@ -318,8 +309,6 @@ class Pipeline:
     def classify(self, images: list[np.ndarray]) -> np.ndarray:
         """P(severe) (temperature-scaled) of each image, in forward passes of ``cfg.classify_batch`` images
         on a CPU (bounds peak memory), all at once on a GPU."""
-        import torch
-
         m = self.models["classifier"]
         if self.device.type != "cpu":
             n = max(1, len(images))
@@ -328,12 +317,9 @@ class Pipeline:
         else:  # bound the pixels per pass: six inputs at 160 px, one at 384 px
             n = max(1, (6 * 160 * 160) // (m.size[0] * m.size[1]))
         out = []
+        runner = self.runners["classifier"]
         for i in range(0, len(images), n):
-            x = to_tensor_batch([resize_square(im, m.size) for im in images[i:i + n]], m.ckpt["mean"],
-                                m.ckpt["std"]).to(self.device)
-            with torch.inference_mode():
-                logits = m.net(x).float() / self.temperature
-                out.append(torch.softmax(logits, dim=1)[:, 1].cpu().numpy())
+            out.append(runner.probabilities(images[i:i + n], activation="softmax", temperature=self.temperature)[:, 1])
         return np.concatenate(out) if out else np.zeros(0, np.float32)
 
     def score(self, p_severe: dict[str, float]) -> float:
@@ -383,7 +369,7 @@ class Pipeline:
                             "threshold": threshold, "decision": "error"})
 
     # ---- many images: decode ahead, process in batches, results in input order
-    def run(self, items: list[tuple[str, Path]], *, on_result: Callable[[ImageResult], None] | None = None) -> Iterator[ImageResult]:
+    def run(self, items: list[tuple[str, Path]]) -> Iterator[ImageResult]:
         """Yield one :class:`ImageResult` per (patient_id, path), in order; a bad file yields a failed record."""
         pending: list[dict] = []
         for d in iter_decoded(items, self.cfg, self.decode):
@@ -424,8 +410,8 @@ class Pipeline:
         thr = self.cfg.threshold
         ok = [r for r in results if r["status"] == "ok"]
         failed = [r for r in results if r["status"] != "ok"]
-        eligible = [r for r in ok if _eligible(r)]
-        left_out = [r.get("reason") or "" for r in ok if not _eligible(r)]
+        eligible = [r for r in ok if is_eligible(r)]
+        left_out = [r.get("reason") or "" for r in ok if not is_eligible(r)]
         score, decision = aggregate_patient([r["score"] for r in eligible], thr, self.cfg.voting.pooling)
         reason = Q.excluded_note(left_out)
         if ok and not eligible:
@@ -454,21 +440,15 @@ class Pipeline:
             "quality": quality if ok else "", "reason": reason if not visit_error else "", "error": err,
             "stage_model": labels.get("stage", ""), "cervix_model": labels.get("cervix", ""),
             "seg_model": labels.get("segmenter", ""), "cls_model": labels.get("classifier", ""),
-            "cervscan_version": _version(),
+            "cervscan_version": __version__,
         }
 
 
-def _eligible(rec: dict) -> bool:
+def is_eligible(rec: dict) -> bool:
     """An image record counts towards the score unless the gate marked it ineligible (older records,
     without the column, count)."""
     v = rec.get("eligible")
     return not (v is False or str(v).strip().lower() in ("false", "0"))
-
-
-def _version() -> str:
-    from cervscan import __version__
-
-    return __version__
 
 
 # --------------------------------------------------------------------------- decoding ahead of the models

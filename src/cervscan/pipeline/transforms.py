@@ -23,45 +23,6 @@ def to_tensor_batch(images: list[np.ndarray], mean, std):
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
-def image_quality(img: np.ndarray) -> dict:
-    """Simple, documented whole-frame image-quality measures (not a gate; screening measures inside the
-    cervix and gates with :mod:`cervscan.pipeline.quality`; this is kept for ``benchmarks/screen_speed.py``).
-
-    sharpness: variance of the Laplacian of the grey image resized to 512 px on
-    its longer side; brightness: mean grey level 0-255; overexposed / underexposed:
-    fraction of pixels >= 250 / <= 5.
-    """
-    import cv2
-
-    g = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
-    s = 512 / max(g.shape)
-    if s < 1:
-        g = cv2.resize(g, (max(1, round(g.shape[1] * s)), max(1, round(g.shape[0] * s))), interpolation=cv2.INTER_AREA)
-    return {
-        "sharpness": float(cv2.Laplacian(g, cv2.CV_64F).var()),
-        "brightness": float(g.mean()),
-        "overexposed": float((g >= 250).mean()),
-        "underexposed": float((g <= 5).mean()),
-    }
-
-
-#: Thresholds for quality flags (informative; a later quality gate may act on them).
-BLUR_SHARPNESS = 20.0
-DARK_BRIGHTNESS = 35.0
-GLARE_FRACTION = 0.08
-
-
-def quality_flags(q: dict) -> list[str]:
-    flags = []
-    if q["sharpness"] < BLUR_SHARPNESS:
-        flags.append("blurry")
-    if q["brightness"] < DARK_BRIGHTNESS:
-        flags.append("dark")
-    if q["overexposed"] > GLARE_FRACTION:
-        flags.append("glare")
-    return flags
-
-
 def overlay(img: np.ndarray, mask: np.ndarray, color=(0, 255, 0), alpha: float = 0.3,
             cervix: np.ndarray | None = None, cervix_color=(0, 170, 255), box=None) -> np.ndarray:
     """Translucent fill plus contour of a binary lesion mask on an RGB image; the cervix outline

@@ -34,54 +34,19 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from cervscan import __version__
-from cervscan.config import STUDY_WEIGHTS, VARIANT_NAMES
 from cervscan.errors import CervscanError, DataError
 from cervscan.files import atomic_write_csv, atomic_write_json, cache_root, file_key
+from cervscan.training.configs import BACKBONES, DecisionTrainConfig  # noqa: F401 - re-exported
+from cervscan.training.splits import repeated_folds, strata
 
 log = logging.getLogger(__name__)
-
-BACKBONES = ("lite0", "lite1", "lite2")
-
-
-@dataclass
-class DecisionTrainConfig:
-    visits: str
-    labels: str
-    out: str
-    backbone: str = "lite0"
-    input_size: int = 384
-    #: The classifier's original views: "crop" (the cervix crop) or "frame" (the whole image).
-    classify_view: str = "crop"
-    #: Variants scored at screening (their weights: ``weights``, renormalised over these).
-    variants: tuple[str, ...] = VARIANT_NAMES
-    weights: tuple[float, ...] = STUDY_WEIGHTS
-    #: Variants whose patient features are training rows (the study trains on original + segmented).
-    train_variants: tuple[str, ...] = ("original", "segmented")
-    decision_stages: tuple[str, ...] = ("acetic",)
-    #: False: every image of a deciding stage counts, whatever its quality (to measure the gate's effect).
-    quality_gate: bool = True
-    C: float = 0.01
-    folds: int = 5
-    repeats: int = 3
-    seed: int = 0
-    target_sensitivity: float = 0.90
-    seg_model: str | None = None
-    cervix_model: str | None = None
-    stage_model: str | None = None
-    cache_dir: str | None = None
-    threads: int = 0
-    name: str = "cervscan-decision-lite0"
-    version: str = "0.0.0-local"
-    #: Write model.pt even when the classifier fails its validation (recorded as ``forced`` in it).
-    force: bool = False
-    n_bootstrap: int = 2000
 
 
 def backbone(name: str):
@@ -211,8 +176,6 @@ def linear_of(model) -> tuple[np.ndarray, float]:
 
 def train_decision(cfg: DecisionTrainConfig, progress=None) -> dict:
     from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import StratifiedKFold
-
     from cervscan.files import discover_visits, read_labels
     from cervscan.metrics import full_report, platt_scaling, threshold_for_sensitivity
     from cervscan.models.networks import make_checkpoint, save_checkpoint
@@ -275,16 +238,15 @@ def train_decision(cfg: DecisionTrainConfig, progress=None) -> dict:
     # when the gate leaves a patient without an eligible image (and match benchmarks/decision.py's); a patient
     # without one is neither trained on nor scored
     allp = sorted(pats)
-    strata = np.array([f"{lab[p]}-{src[p] or 'unknown'}" for p in allp])
+    plan = repeated_folds(strata([lab[p] for p in allp], [src[p] for p in allp]), cfg.folds, cfg.repeats, cfg.seed)
     pos = {p: i for i, p in enumerate(P)}
     fold_all: dict[str, int] = {}
     oof = np.zeros((cfg.repeats, len(P)))
     fold_of = np.zeros(len(P), int)
     fold_models = []
     fold_auc = []
-    for r in range(cfg.repeats):
-        skf = StratifiedKFold(cfg.folds, shuffle=True, random_state=cfg.seed + r)
-        for k, (tr_all, te_all) in enumerate(skf.split(strata, strata)):
+    for r, repeat in enumerate(plan):
+        for k, (tr_all, te_all) in enumerate(repeat):
             tr = np.array([pos[allp[i]] for i in tr_all if allp[i] in pos], int)
             te = np.array([pos[allp[i]] for i in te_all if allp[i] in pos], int)
             if r == 0:
@@ -391,7 +353,7 @@ def train_decision(cfg: DecisionTrainConfig, progress=None) -> dict:
         metrics["checkpoint"] = None
     metrics["seconds"]["total"] = time.time() - t0
     atomic_write_json(out / "metrics.json", metrics)
-    atomic_write_json(out / "run.json", {"command": "train-decision", "config": asdict(cfg),
+    atomic_write_json(out / "run.json", {"command": "train-cls", "recipe": "frozen", "config": asdict(cfg),
                                          "cervscan_version": __version__, "torch": torch.__version__,
                                          "validation": validation, "labels_check": labels_check,
                                          "models": {r: {"label": getattr(refs[r], "label", ""),

@@ -13,13 +13,10 @@ raised after the run's metrics are written, unless ``force``. Every checkpoint r
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
-import math
-import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -28,12 +25,15 @@ import torch
 from torch import nn
 
 from cervscan import __version__
-from cervscan.config import STUDY_WEIGHTS, VotingConfig, DEFAULT_BRIGHTNESS
+from cervscan.config import STUDY_WEIGHTS, VotingConfig
 from cervscan.errors import CervscanError, DataError
-from cervscan.files import atomic_write_csv, atomic_write_json, discover_visits, file_key
-from cervscan.metrics import binary_metrics, full_report, plot_confusion, plot_roc, threshold_for_sensitivity
+from cervscan.files import atomic_write_csv, atomic_write_json
+from cervscan.metrics import binary_metrics, full_report, plot_confusion, plot_roc, rank_auc, threshold_for_sensitivity
+from cervscan.training.configs import ClsTrainConfig  # noqa: F401 - re-exported
+from cervscan.training.samples import Sample, patient_table, prepare_samples, preparation_pipeline, read_labels  # noqa: F401
+from cervscan.training.splits import patient_folds, patient_split  # noqa: F401 - re-exported
 from cervscan.training.validation import classifier_validation, enforce
-from cervscan.models.networks import build_classifier, default_norm, load_lite0_into_timm, make_checkpoint, to_deploy
+from cervscan.models.networks import build_classifier, default_norm, load_lite_into_timm, make_checkpoint, to_deploy
 from cervscan.training.segmenter import seed_everything
 from cervscan.pipeline.transforms import resize_square, to_tensor_batch
 from cervscan.pipeline.vote import make_variants
@@ -41,201 +41,7 @@ from cervscan.pipeline.vote import make_variants
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class ClsTrainConfig:
-    visits: str
-    labels: str
-    out: str
-    seg_model: str | None = None
-    images_csv: str | None = None
-    arch: str = "repvgg_a0"
-    pretrained: bool = False
-    samples: str = "both"  # both | original | segmented
-    epochs: int = 12
-    batch_size: int = 16
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    input_size: int = 224
-    val_fraction: float = 0.2
-    folds: int = 0
-    full: bool = False
-    target_sensitivity: float = 0.90
-    tune_votes: bool = False
-    seed: int = 0
-    device: str = "auto"
-    resume: bool = False
-    threads: int = 0
-    max_steps_per_epoch: int = 0
-    cache_dir: str | None = None
-    name: str = "cervscan-cls"
-    version: str = "0.0.0-local"
-    brightness: float = DEFAULT_BRIGHTNESS
-    head_std: float = 0.0  # > 0: re-initialise the classification head ~ N(0, head_std), bias 0 (0 keeps timm's init)
-    eval_epochs: tuple[int, ...] = ()  # also score the held-out patients after these epochs (learning curve)
-    #: what the classifier sees (as screening will): "cervix" (cervix finder crop), "centre" or "frame"
-    crop: str = "cervix"
-    cervix_model: str | None = None
-    #: train and score only these folds (1-based; 0 = the all-patient model), for running folds in parallel
-    only_folds: tuple[int, ...] = ()
-    #: write model.pt even when the classifier fails its validation (recorded as ``forced`` in it)
-    force: bool = False
-
-
 # --------------------------------------------------------------------------- data
-
-def read_labels(path: str | Path, notes: list[dict] | None = None) -> list[dict]:
-    """Labelled rows of ``labels.csv``; a missing source becomes ``all`` (``notes``: as
-    :func:`cervscan.files.read_labels`)."""
-    from cervscan.files import read_labels as _read
-
-    rows, _ = _read(path, notes)
-    return [{**r, "source": r["source"] or "all"} for r in rows]
-
-
-@dataclass
-class Sample:
-    patient_id: str
-    image: str
-    label: int
-    source: str
-    original: np.ndarray  # S x S x 3 uint8
-    segmented: np.ndarray  # S x S x 3 uint8
-    empty_mask: bool
-    lesion_fraction: float
-
-
-def preparation_pipeline(cfg: ClsTrainConfig):
-    """The screening pipeline's models for data preparation: lesion segmenter, and the cervix finder when
-    ``cfg.crop`` is ``cervix``. Returns the pipeline and what to record of its models."""
-    from dataclasses import replace
-
-    from cervscan.config import ScreenConfig
-    from cervscan.device import resolve_device
-    from cervscan.models.loading import load_model
-    from cervscan.pipeline.steps import Pipeline
-    from cervscan.models.registry import resolve
-
-    dev = resolve_device(cfg.device)
-    refs = {"segmenter": resolve("segmenter", cfg.seg_model)}
-    if cfg.crop == "cervix":
-        refs["cervix"] = resolve("cervix", cfg.cervix_model)
-    models = {role: load_model(role, ref.path, dev, ref) for role, ref in refs.items()}
-    seg_ck = models["segmenter"].ckpt
-    base = ScreenConfig()
-    pcfg = replace(base, crop=cfg.crop, voting=VotingConfig(mask_threshold=float(seg_ck.get("mask_threshold") or 0.5),
-                                                            brightness=cfg.brightness))
-    info = {role: {"path": str(ref.path), "sha256": ref.sha256, "name": models[role].ckpt.get("name"),
-                   "version": models[role].ckpt.get("version")} for role, ref in refs.items()}
-    return Pipeline(models, pcfg, dev), info
-
-
-def prepare_samples(cfg: ClsTrainConfig, progress=None, checks: dict | None = None) -> tuple[list[Sample], dict]:
-    """Decode every labelled image and run the screening pipeline up to the classifier's inputs
-    (cervix crop, lesion, segmented image at the input size); cached by model sha256s and settings.
-    Returns samples and the models' info; the labels' check against the visit folders
-    (:func:`cervscan.training.validation.label_check`) goes to ``checks["labels_check"]`` when given."""
-    from cervscan.training.validation import label_check
-
-    notes: list[dict] = []
-    rows = read_labels(cfg.labels, notes)
-    labels = {r["patient_id"]: r for r in rows}
-    visits = {v.patient_id: v for v in discover_visits([cfg.visits])}
-    rec = label_check(rows, notes, list(visits), without_images=[p for p, v in visits.items() if not v.images],
-                      labels=str(cfg.labels), what=f" under {cfg.visits} (skipped)")
-    if checks is not None:
-        checks["labels_check"] = rec
-    pipe, info = preparation_pipeline(cfg)
-    S = cfg.input_size
-    from cervscan.files import cache_root
-
-    cache = cache_root(cfg.cache_dir)
-    c = pipe.cfg
-    key_src = "|".join([f"{r}:{i['sha256']}" for r, i in sorted(info.items())] + [
-        f"S{S}", f"crop:{c.crop}:{c.cervix_margin}:{c.cervix_min_fraction}:{c.centre_crop}",
-        f"t{c.voting.mask_threshold:g}:{c.voting.crop_margin}:{c.voting.min_lesion_fraction}", "v2"])
-    cache = cache / f"cls-{hashlib.sha1(key_src.encode()).hexdigest()[:16]}"
-    cache.mkdir(parents=True, exist_ok=True)
-    samples: list[Sample] = []
-    todo = [(pid, p) for pid in sorted(labels) if pid in visits for p in visits[pid].images]
-    t0 = time.time()
-    for k, (pid, path) in enumerate(todo):
-        key = file_key(path)
-        f = cache / f"{key}.npz"
-        if f.exists():
-            z = np.load(f)
-            orig, segm, empty, frac = z["original"], z["segmented"], bool(z["empty"]), float(z["frac"])
-        else:
-            try:
-                rgb = pipe.decode(path).rgb
-            except CervscanError as e:
-                log.warning("skipped: %s", e)
-                continue
-            p = pipe.prepare([rgb], size=S)[0]
-            orig, segm, empty, frac = p.original, p.segmented, p.empty_mask, p.lesion_fraction
-            tmp = cache / f".{key}.{os.getpid()}.tmp.npz"
-            np.savez(tmp, original=orig, segmented=segm, empty=empty, frac=frac)
-            tmp.replace(f)
-        lab = labels[pid]
-        samples.append(Sample(pid, path.name, lab["label"], lab["source"], orig, segm, empty, frac))
-        if progress:
-            progress({"phase": "train", "epoch": 0, "epochs": 0, "step": k + 1, "steps": len(todo), "loss": 0.0,
-                      "fold": "preparing"})
-    log.info("prepared %d images of %d patients in %.0fs (cache %s)", len(samples),
-             len({s.patient_id for s in samples}), time.time() - t0, cache)
-    if not samples:
-        raise DataError("no usable training images")
-    return samples, info
-
-
-def patient_table(samples: list[Sample]) -> tuple[list[str], np.ndarray, np.ndarray]:
-    pids = sorted({s.patient_id for s in samples})
-    first = {}
-    for s in samples:
-        first.setdefault(s.patient_id, s)
-    y = np.array([first[p].label for p in pids])
-    src = np.array([first[p].source for p in pids], dtype=object)
-    return pids, y, src
-
-
-def patient_folds(pids, y, src, k: int, seed: int) -> list[tuple[set, set]]:
-    """Stratified (label x source) K-fold over patients. Every patient is in exactly one validation fold."""
-    from sklearn.model_selection import StratifiedKFold
-
-    strata = np.array([f"{a}|{b}" for a, b in zip(y, src)])
-    # rare strata cannot be split k ways: fall back to label only
-    _, counts = np.unique(strata, return_counts=True)
-    if counts.min() < k:
-        strata = y.astype(str)
-        _, counts = np.unique(strata, return_counts=True)
-        if counts.min() < k:
-            raise DataError(f"{k}-fold cross-validation needs at least {k} patients of each class, "
-                            f"have {counts.min()} of one class; use fewer folds")
-    skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-    out = []
-    for tr, va in skf.split(np.zeros(len(pids)), strata):
-        out.append(({pids[i] for i in tr}, {pids[i] for i in va}))
-    return out
-
-
-def patient_split(pids, y, src, val_fraction: float, seed: int) -> tuple[set, set]:
-    from sklearn.model_selection import train_test_split
-
-    n_val = math.ceil(val_fraction * len(pids))  # how train_test_split counts a fractional test_size
-
-    def splittable(st) -> bool:  # sklearn needs >= 2 per stratum and >= 1 per stratum on each side
-        _, c = np.unique(st, return_counts=True)
-        return c.min() >= 2 and min(n_val, len(pids) - n_val) >= len(c)
-
-    strata = np.array([f"{a}|{b}" for a, b in zip(y, src)])
-    if not splittable(strata):
-        strata = y.astype(str)
-        if not splittable(strata):
-            raise DataError(f"{len(pids)} patients are too few for a stratified validation split of {val_fraction:g}: "
-                            f"each class needs at least 2 patients and a place on both sides; use more patients "
-                            f"or a different --val-fraction")
-    tr, va = train_test_split(list(pids), test_size=val_fraction, random_state=seed, stratify=strata)
-    return set(tr), set(va)
-
 
 class ClsDataset(torch.utils.data.Dataset):
     def __init__(self, samples: list[Sample], which: str, mean, std, train: bool, size: int):
@@ -276,7 +82,7 @@ def _build(cfg: ClsTrainConfig) -> tuple[nn.Module, tuple, tuple]:
     if cfg.pretrained:
         if cfg.arch != "tf_efficientnet_lite0":
             raise CervscanError(f"ImageNet weights are available offline only for tf_efficientnet_lite0, not {cfg.arch}")
-        load_lite0_into_timm(model)
+        load_lite_into_timm(model, 0)
     if cfg.head_std > 0:
         # timm's EfficientNet head starts at U(+-1/sqrt(num_classes)) = U(+-0.71) for two classes: large
         # logits before any training
@@ -450,23 +256,13 @@ def tune_vote_weights(samples, logits, temperature, y_by_pid: dict, step: float 
     grid = np.array([(*c, n - sum(c)) for c in itertools.product(range(n + 1), repeat=5) if sum(c) <= n], float) / n
     study = np.array(STUDY_WEIGHTS) / sum(STUDY_WEIGHTS)
     grid = np.vstack([study, grid])
-    aucs = _auc_many(y, P @ grid.T)
+    aucs = rank_auc(np.broadcast_to(y, (len(grid), y.size)), (P @ grid.T).T)
     study_auc = float(aucs[0])
     i = int(np.argmax(aucs > aucs[0] + 1e-9)) if (aucs > aucs[0] + 1e-9).any() else 0
     i = int(np.argmax(aucs)) if i else 0
     best_auc, best_w = float(aucs[i]), tuple(float(x) for x in grid[i])
     log.info("vote weights: study AUC %.4f -> tuned %.4f %s", study_auc, best_auc, best_w)
     return best_w, best_auc
-
-
-def _auc_many(y: np.ndarray, S: np.ndarray) -> np.ndarray:
-    """ROC AUC of each column of S (patients x candidates), Mann-Whitney with tied ranks."""
-    from scipy.stats import rankdata
-
-    r = rankdata(S, axis=0)
-    pos = y == 1
-    n1, n0 = pos.sum(), (~pos).sum()
-    return (r[pos].sum(0) - n1 * (n1 + 1) / 2) / (n1 * n0)
 
 
 # --------------------------------------------------------------------------- the command
@@ -702,7 +498,7 @@ def train_cls(cfg: ClsTrainConfig, progress: Callable[[dict], None] | None = Non
             fold_rows_csv += [{"patient_id": q, "fold": k + 1, "label": y_by[q], "source": src_by[q]} for q in sorted(va)]
         atomic_write_csv(out / "folds.csv", fold_rows_csv, ["patient_id", "fold", "label", "source"])
     atomic_write_json(out / "metrics.json", metrics)
-    atomic_write_json(out / "run.json", {"command": "train-cls", "config": asdict(cfg), "cervscan_version": __version__,
+    atomic_write_json(out / "run.json", {"command": "train-cls", "recipe": "finetune", "config": asdict(cfg), "cervscan_version": __version__,
                                          "torch": torch.__version__, "device": str(dev), "threads": torch.get_num_threads(),
                                          "validation": validation, "labels_check": checks.get("labels_check"),
                                          "models": model_info})

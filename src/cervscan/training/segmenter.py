@@ -8,7 +8,7 @@ import math
 import random
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -18,47 +18,11 @@ import torch
 from cervscan import __version__
 from cervscan.errors import CervscanError, DataError
 from cervscan.files import IMAGE_EXTS, atomic_write_csv, atomic_write_json, read_image
-from cervscan.models.networks import DEFAULT_SEG_ENCODER, build_segmenter, default_norm, load_lite0_into_smp_encoder, make_checkpoint, model_from_checkpoint, read_checkpoint, save_checkpoint
+from cervscan.models.networks import build_segmenter, default_norm, load_lite0_into_smp_encoder, make_checkpoint, model_from_checkpoint, read_checkpoint, save_checkpoint
+
+from cervscan.training.configs import ANNOCERV_GROUP_REGEX, TARGETS, SegTrainConfig  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
-
-ANNOCERV_GROUP_REGEX = r"^(C\d+)"
-#: what a segmenter finds; recorded in its checkpoint as ``target``
-TARGETS = ("lesion", "cervix")
-
-
-@dataclass
-class SegTrainConfig:
-    data: str
-    out: str
-    encoder: str = DEFAULT_SEG_ENCODER
-    pretrained: bool = True
-    init: str | None = None
-    input_size: int = 256
-    epochs: int = 30
-    batch_size: int = 8
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    val_fraction: float = 0.2
-    group_regex: str = ANNOCERV_GROUP_REGEX
-    seed: int = 0
-    resume: bool = False
-    threads: int = 0
-    channels_last: bool = True
-    max_steps_per_epoch: int = 0  # 0 = all; >0 for smoke tests
-    stop_after: int = 0  # stop after this epoch (learning-rate schedule still planned for `epochs`); resume later
-    name: str = "cervscan-seg"
-    version: str = "0.0.0-local"
-    extra_notes: dict = field(default_factory=dict)
-    #: what the masks show: "lesion" (acetowhite lesion) or "cervix" (region of interest)
-    target: str = "lesion"
-    #: colour augmentation strength (brightness, contrast, saturation; hue is a quarter of it)
-    color_jitter: float = 0.25
-    #: CSV with ``image,split[,kind]``: given splits are kept, ``kind=open`` rows left out
-    images_csv: str | None = None
-    #: cervix finder checkpoint: images and masks are cropped to the cervix as screening does
-    crop_cervix: str | None = None
-
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)

@@ -15,20 +15,20 @@ import csv
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from cervscan import __version__
+from cervscan.config import STAGES  # the stage classes, in the model's output order
 from cervscan.errors import CervscanError, DataError
 from cervscan.files import atomic_write_csv, atomic_write_json, cache_root, file_key, read_image
+from cervscan.training.configs import StageTrainConfig  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
-#: The stage classes, in the model's output order.
-STAGES: tuple[str, ...] = ("acetic", "lugol", "green", "saline", "other")
 STAGE_INPUT = 224
 
 
@@ -55,25 +55,12 @@ def stage_class(raw: str) -> str | None:
     return "other"
 
 
-@dataclass
-class StageTrainConfig:
-    visits: str
-    out: str
-    images_csv: str | None = None  # default VISITS/images.csv
-    folds: int = 5
-    seed: int = 0
-    C: float = 0.01
-    cache_dir: str | None = None
-    threads: int = 0
-    name: str = "cervscan-stage-lite0"
-    version: str = "0.0.0-local"
-
 
 def _backbone():
-    from cervscan.models.networks import build_classifier, load_lite0_into_timm
+    from cervscan.models.networks import build_classifier, load_lite_into_timm
 
     m = build_classifier("tf_efficientnet_lite0", num_classes=len(STAGES))
-    load_lite0_into_timm(m)
+    load_lite_into_timm(m, 0)
     return m.eval()
 
 
