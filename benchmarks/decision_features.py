@@ -37,7 +37,6 @@ sys.path.insert(0, str(ROOT / "src"))
 
 DATA = ROOT.parent / "shared" / "data" / "visits"
 CACHE = ROOT / "runs" / "decision-cache"
-from cervscan.config import VARIANT_NAMES as VARIANTS  # noqa: E402 - the package's six variants
 
 
 def image_rows(visits: Path = DATA) -> list[dict]:

@@ -31,18 +31,18 @@ python scripts/compare_lesion_seg.py $DATA/lesion-seg --val $LESION/val_iou.csv 
 
 # 4. the patient decision (classifier 2.0.0): every candidate of benchmarks/decision.py on the same 5 x 3
 #    repeated patient-wise folds (crops, masks and frozen features cached under runs/decision-cache), the
-#    choice by the rule of docs/model-selection.md, then the chosen candidate through train-decision, which
+#    choice by the rule of docs/model-selection.md, then the chosen candidate through train-cls (its default recipe), which
 #    writes the all-patient model, the fold models of repeat 0 (for evaluate --cv-run) and the calibration
 #    (the harness screens with the default stage, cervix and lesion models of weights/: when those were
 #    retrained above, package them first: package_weights.py --stage ... --cervix ... --seg ... --cls <current>)
 python benchmarks/decision.py all
-cervscan train-decision $DATA/visits --labels $DATA/visits/labels.csv -o runs/decision-2.0.0 \
+cervscan train-cls $DATA/visits --labels $DATA/visits/labels.csv -o runs/decision-2.0.0 \
     --seg-model "$LESION/model.pt" --cervix-model runs/cervix-192/model.pt \
     --backbone lite0 --input-size 384 --classify-view frame --variants original+segmented --stages acetic \
     --C 0.01 --folds 5 --repeats 3 --threads 1 --cache-dir runs/decision-train-cache \
     --model-name cervscan-decision-lite0 --model-version "$VERSION"
 # the same recipe without the quality gate (every image decides), for the gate's effect in the model card
-cervscan train-decision $DATA/visits --labels $DATA/visits/labels.csv -o runs/decision-nogate \
+cervscan train-cls $DATA/visits --labels $DATA/visits/labels.csv -o runs/decision-nogate \
     --seg-model "$LESION/model.pt" --cervix-model runs/cervix-192/model.pt \
     --backbone lite0 --input-size 384 --classify-view frame --variants original+segmented --stages acetic \
     --no-quality-gate --C 0.01 --folds 5 --repeats 3 --threads 1 --cache-dir runs/decision-train-cache

@@ -212,10 +212,9 @@ def test_pooling_and_variants_come_from_the_checkpoint_and_the_config_file_wins(
 # --------------------------------------------------------------------------- one schema: SETTINGS
 
 #: Dataclass fields that are not settings of a config file: the nested configurations, what the command
-#: line's --no-masks sets, the backend and the gate's measuring scale.
+#: line's --no-masks sets and the gate's measuring scale.
 NOT_SETTINGS = {("ScreenConfig", "voting"), ("ScreenConfig", "gate"), ("ScreenConfig", "write_masks"),
-                ("ScreenConfig", "write_overlays"), ("ScreenConfig", "write_heatmaps"), ("ScreenConfig", "backend"),
-                ("GateConfig", "measure_side")}
+                ("ScreenConfig", "write_overlays"), ("GateConfig", "measure_side")}
 
 
 def test_every_configuration_field_is_one_setting_of_the_table():

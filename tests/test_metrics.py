@@ -154,10 +154,10 @@ def test_threshold_for_sensitivity_needs_both_classes():
 
 # --------------------------------------------------------------------------- training helpers
 
-def test_auc_many_equals_sklearn_column_by_column():
+def test_rank_auc_equals_sklearn_row_by_row():
     from sklearn.metrics import roc_auc_score
 
-    from cervscan.training.finetune import _auc_many
+    from cervscan.metrics import rank_auc
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 41)
@@ -169,7 +169,7 @@ def test_auc_many_equals_sklearn_column_by_column():
         -y.astype(float),  # inverted: AUC 0
         np.full(41, 0.3),  # all tied: AUC 0.5
     ])
-    got = _auc_many(y, S)
+    got = rank_auc(np.broadcast_to(y, (S.shape[1], y.size)), S.T)
     want = [roc_auc_score(y, S[:, j]) for j in range(S.shape[1])]
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
     assert got[3] == 0.0 and got[4] == 0.5

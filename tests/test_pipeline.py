@@ -9,7 +9,7 @@ import torch
 from cervscan.config import ScreenConfig
 from cervscan.pipeline.steps import Pipeline
 from cervscan.models.loading import load_model
-from cervscan.pipeline.steps import Pipeline, centre_box, cervix_box, crop_to_box, format_box, largest_component, parse_box, paste_box, square_box
+from cervscan.pipeline.steps import centre_box, cervix_box, crop_to_box, format_box, largest_component, parse_box, paste_box, square_box
 
 from conftest import read_csv
 

@@ -484,3 +484,13 @@ def test_report_refuses_an_output_folder_that_holds_the_runs_input(two_runs, tmp
     with pytest.raises(CervscanError, match=r"output folder .* holds the input folder"):
         write_reports(out, heatmaps=False)
     assert original.read_bytes() == before and not (out / "reports").exists()
+
+
+@pytest.mark.parametrize("bad", ["2026-13-45", "08/12/2026", "yesterday", "2026-2-3"])
+def test_exam_date_given_by_hand_must_be_a_real_date(bad):
+    from cervscan.report.reports import _check_exam_date
+
+    with pytest.raises(CervscanError, match="YYYY-MM-DD"):
+        _check_exam_date(bad)
+    _check_exam_date("2026-12-08")
+    _check_exam_date(None)

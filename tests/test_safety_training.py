@@ -431,3 +431,30 @@ def test_evaluate_cv_run_labels_what_was_fitted_on_its_scores(labelled_visits, v
                       cv_run=cv, device="cpu", n_bootstrap=20, overrides={"threshold": 0.5})
     assert m2["in_sample"]["threshold"] is False and m2["in_sample"]["calibration"] is True
     assert json.loads((tmp_path / "eval2" / "metrics.json").read_text())["in_sample"] == m2["in_sample"]
+
+
+def test_a_classifier_without_validation_screens_with_a_warning_unless_shipped(caplog):
+    from types import SimpleNamespace
+
+    from cervscan.pipeline.build import _warn_unvalidated
+
+    with caplog.at_level("WARNING", logger="cervscan"):
+        _warn_unvalidated(SimpleNamespace(path="w/classifier.pt", source="shipped"), {})
+        assert not caplog.records
+        _warn_unvalidated(SimpleNamespace(path="m/forced.pt", source="installed"), {})
+        assert "records no validation" in caplog.text and "m/forced.pt" in caplog.text
+        caplog.clear()
+        failed = {"passed": False, "auc": 0.5, "ci_low": 0.3, "ci_high": 0.7}
+        _warn_unvalidated(SimpleNamespace(path="m/failed.pt", source="installed"), {"validation": failed})
+        assert "failed its validation" in caplog.text
+
+
+def test_train_decision_says_it_is_deprecated():
+    from typer.testing import CliRunner
+
+    from cervscan.cli import app
+
+    res = CliRunner().invoke(app, ["train-decision", "--help"])
+    assert res.exit_code == 0 and "Deprecated" in res.output and "train-cls" in res.output
+    res = CliRunner().invoke(app, ["train-cls", "--help"])
+    assert "Long:" not in res.output

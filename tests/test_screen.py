@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import cervscan
 from cervscan import api
 from cervscan.config import STUDY_WEIGHTS, VARIANT_NAMES
 from cervscan.errors import CervscanError
@@ -81,7 +82,7 @@ def test_csv_columns_and_rows(synthetic_run):
         mine = [f(r["score"]) for r in imgs if r["patient_id"] == p["patient_id"]]
         assert f(p["score"]) == pytest.approx(np.mean(mine), abs=2e-6)
         assert p["decision"] == ("severe" if f(p["score"]) > f(p["threshold"]) else "mildly_normal")
-        assert p["cervscan_version"] == "0.1.0"
+        assert p["cervscan_version"] == cervscan.__version__
     # the returned object agrees with the files
     assert [p["patient_id"] for p in res.patients] == ["P001", "P002", "P003"]
     assert res.patients[1]["score"] == pytest.approx(f(pats[1]["score"]), abs=1e-6)

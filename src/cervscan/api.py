@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import time
 from dataclasses import dataclass
@@ -11,11 +12,17 @@ from typing import Callable
 from cervscan import __version__
 from cervscan.batch import BatchResult, run_batch
 from cervscan.config import SETTINGS, check_layer, load_config_file
-from cervscan.errors import CervscanError, exit_code_of
+from cervscan.errors import CervscanError, DataError, exit_code_of
+from cervscan.device import resolve_device
+from cervscan.files import OutputLedger, atomic_write_csv, atomic_write_json, check_overlap, discover_visits, display_id, read_labels
+from cervscan.metrics import full_report, plot_confusion, plot_roc
 from cervscan.models import registry
+from cervscan.pipeline.outputs import OutputWriter
 from cervscan.pipeline.steps import Pipeline
 from cervscan.pipeline.screening import decide_patient, probe_writable, refuse_overlapping_visits, run_record
 from cervscan.report import write_reports
+from cervscan.training.configs import classifier_config, seg_config
+from cervscan.training.validation import label_check
 
 log = logging.getLogger(__name__)
 
@@ -45,19 +52,16 @@ def screen(paths: list[str | Path], out: str | Path, *, seg_model: str | None = 
            write_overlays: bool = True, threads: int | None = None,
            progress: Callable[[str, int, int], None] | None = None) -> ScreenResult:
     """Screen visit folders and write patients.csv, images.csv, masks, overlays and run.json to ``out``."""
-    import torch
-
-    from cervscan.files import OutputLedger, check_overlap, discover_visits, display_id
-    from cervscan.pipeline.outputs import OutputWriter
-
-    from cervscan.device import resolve_device
+    import torch  # lazy: torch
 
     t0 = time.time()
     # a bad option, config file or device fails before anything is written
     given = {"num_workers": num_workers, "batch_images": batch_images}
     check_layer({**(overrides or {}), **{k: v for k, v in given.items() if v is not None}}, SETTINGS, "option")
     file_cfg = load_config_file(config_file) if config_file else {}
-    resolve_device((overrides or {}).get("device") or device or file_cfg.get("device") or "auto")
+    spec = (overrides or {}).get("device") or device or file_cfg.get("device") or "auto"
+    if str(spec).strip().lower() not in ("auto", "cpu"):  # those two never fail; the pipeline resolves them
+        resolve_device(spec)
     stray: list[tuple[Path, str]] = []
     visits = discover_visits(paths, stray)
     out = Path(out)
@@ -107,7 +111,6 @@ def screen(paths: list[str | Path], out: str | Path, *, seg_model: str | None = 
 
 def _screen_images(pipe, writer, items: list, out: Path, progress) -> list[dict]:
     """Every image through the pipeline, its masks and overlays written; its record (with the models' labels)."""
-    from cervscan.files import display_id
 
     labels = pipe.labels()
     model_cols = {"stage_model": labels.get("stage", ""), "cervix_model": labels.get("cervix", ""),
@@ -154,50 +157,16 @@ def evaluate(visits: list[str | Path], labels: str | Path, out: str | Path, *, n
     without a label are named (log) and listed in ``labels_check``. With ``cv_run``, ``in_sample`` says
     what the training run fitted on these same out-of-fold scores (calibration, threshold).
     """
-    import csv
-
-    from cervscan.errors import DataError
-    from cervscan.files import atomic_write_csv, atomic_write_json
-    from cervscan.metrics import full_report, plot_confusion, plot_roc
-    from cervscan.training.validation import label_check
-
     out = Path(out)
     lab_path = Path(labels)
-    from cervscan.files import read_labels
-
     label_notes: list[dict] = []
     rows, unlabelled = read_labels(lab_path, label_notes)
     lab = {r["patient_id"]: r["label"] for r in rows}
     src = {r["patient_id"]: r["source"] for r in rows}
     screen_dir = Path(screen_out) if screen_out else out / "screen"
     if cv_run:
-        # cross-validation reproduction: each patient is screened by the fold model that did not train on it
-        cv = Path(cv_run)
-        try:
-            with open(cv / "folds.csv", newline="", encoding="utf-8") as f:
-                fold_of = {r["patient_id"]: int(r["fold"]) for r in csv.DictReader(f)}
-        except OSError as e:
-            raise CervscanError(f"{cv}/folds.csv: cannot read ({e.strerror}); --cv-run needs a train-decision or "
-                                f"'train-cls --folds K' run") from None
-        from cervscan.files import discover_visits
-
-        all_visits = discover_visits(visits)
-        visit_ids = [v.patient_id for v in all_visits]
-        without_images = [v.patient_id for v in all_visits if not v.images]
-        not_in_cv_run = sorted(v.patient_id for v in all_visits if v.patient_id not in fold_of)
-        if not_in_cv_run:
-            log.warning("%d visit folder(s) have no fold in %s/folds.csv and are not evaluated: %s",
-                        len(not_in_cv_run), cv, ", ".join(not_in_cv_run[:20]) + (" ..." if len(not_in_cv_run) > 20 else ""))
-        screened, run = [], None
-        for k in sorted(set(fold_of.values())):
-            folders = [v.folder for v in all_visits if fold_of.get(v.patient_id) == k]
-            if not folders:
-                continue
-            r = screen(folders, screen_dir / f"fold{k}", **{**screen_kwargs, "cls_model": str(cv / f"fold{k}.pt")})
-            screened += r.patients
-            run = run or r.run
-        if run is None:
-            raise DataError(f"no visit folder matches a patient of {cv}/folds.csv")
+        screened, run, visit_ids, without_images, not_in_cv_run = _screen_cv_folds(visits, Path(cv_run), screen_dir,
+                                                                                  screen_kwargs)
     else:
         res = screen(visits, screen_dir, **screen_kwargs)
         screened, run = res.patients, res.run
@@ -206,23 +175,7 @@ def evaluate(visits: list[str | Path], labels: str | Path, out: str | Path, *, n
         not_in_cv_run = []
     labels_check = label_check(rows, label_notes, visit_ids, without_images=without_images, labels=str(lab_path))
     thr = run["threshold"]
-    preds, errors, not_labelled, inadequate = [], [], [], []
-    for p in screened:
-        pid = p["patient_id"]
-        if pid not in lab:
-            not_labelled.append(pid)
-            continue
-        if p["decision"] == "inadequate":
-            inadequate.append({"patient_id": pid, "label": lab[pid], "reason": p.get("reason", "")})
-            continue
-        if p["decision"] == "error" or p["score"] is None:
-            errors.append({"patient_id": pid, "error": p["error"]})
-            continue
-        preds.append({"patient_id": pid, "label": lab[pid], "source": src.get(pid, ""), "score": p["score"],
-                      "decision": p["decision"], "correct": int((p["decision"] == "severe") == (lab[pid] == 1)),
-                      "n_used": p["n_used"], "quality": p["quality"]})
-    if not preds:
-        raise DataError("no screened patient has a label: check that visit folder names match patient_id")
+    preds, errors, not_labelled, inadequate = _labelled_outcomes(screened, lab, src)
     y = [r["label"] for r in preds]
     s = [r["score"] for r in preds]
     has_src = any(r["source"] for r in preds)
@@ -243,13 +196,73 @@ def evaluate(visits: list[str | Path], labels: str | Path, out: str | Path, *, n
     if cv_run:
         m["not_in_cv_run"] = not_in_cv_run
         m["in_sample"] = _cv_in_sample(run)
+    _write_evaluation(out, preds, m, thr, has_src)
+    return m
+
+
+def _screen_cv_folds(visits: list[str | Path], cv: Path, screen_dir: Path, screen_kwargs: dict):
+    """Cross-validation reproduction: each patient is screened by the fold model of ``cv`` (a training run with
+    folds.csv) that did not train on it. Returns the screened patients, a screen run's run.json, the visit
+    folders' patient ids, those without images and those without a fold."""
+    try:
+        with open(cv / "folds.csv", newline="", encoding="utf-8") as f:
+            fold_of = {r["patient_id"]: int(r["fold"]) for r in csv.DictReader(f)}
+    except OSError as e:
+        raise CervscanError(f"{cv}/folds.csv: cannot read ({e.strerror}); --cv-run needs a 'train-cls' run "
+                            f"with folds (the frozen recipe always has them; --recipe finetune with --folds K)") from None
+    all_visits = discover_visits(visits)
+    visit_ids = [v.patient_id for v in all_visits]
+    without_images = [v.patient_id for v in all_visits if not v.images]
+    not_in_cv_run = sorted(v.patient_id for v in all_visits if v.patient_id not in fold_of)
+    if not_in_cv_run:
+        log.warning("%d visit folder(s) have no fold in %s/folds.csv and are not evaluated: %s",
+                    len(not_in_cv_run), cv, ", ".join(not_in_cv_run[:20]) + (" ..." if len(not_in_cv_run) > 20 else ""))
+    screened, run = [], None
+    for k in sorted(set(fold_of.values())):
+        folders = [v.folder for v in all_visits if fold_of.get(v.patient_id) == k]
+        if not folders:
+            continue
+        r = screen(folders, screen_dir / f"fold{k}", **{**screen_kwargs, "cls_model": str(cv / f"fold{k}.pt")})
+        screened += r.patients
+        run = run or r.run
+    if run is None:
+        raise DataError(f"no visit folder matches a patient of {cv}/folds.csv")
+    return screened, run, visit_ids, without_images, not_in_cv_run
+
+
+def _labelled_outcomes(screened: list[dict], lab: dict, src: dict):
+    """The screened patients sorted by outcome: predictions (labelled, scored), failures, patients without a
+    label and inadequate patients (no eligible image). A DataError when no patient has a prediction."""
+    preds, errors, not_labelled, inadequate = [], [], [], []
+    for p in screened:
+        pid = p["patient_id"]
+        if pid not in lab:
+            not_labelled.append(pid)
+            continue
+        if p["decision"] == "inadequate":
+            inadequate.append({"patient_id": pid, "label": lab[pid], "reason": p.get("reason", "")})
+            continue
+        if p["decision"] == "error" or p["score"] is None:
+            errors.append({"patient_id": pid, "error": p["error"]})
+            continue
+        preds.append({"patient_id": pid, "label": lab[pid], "source": src.get(pid, ""), "score": p["score"],
+                      "decision": p["decision"], "correct": int((p["decision"] == "severe") == (lab[pid] == 1)),
+                      "n_used": p["n_used"], "quality": p["quality"]})
+    if not preds:
+        raise DataError("no screened patient has a label: check that visit folder names match patient_id")
+    return preds, errors, not_labelled, inadequate
+
+
+def _write_evaluation(out: Path, preds: list[dict], m: dict, thr: float, has_src: bool) -> None:
+    """OUT/predictions.csv, roc.png, confusion.png and metrics.json of an evaluation."""
+    y = [r["label"] for r in preds]
+    s = [r["score"] for r in preds]
     atomic_write_csv(out / "predictions.csv", preds, ["patient_id", "label", "source", "score", "decision", "correct",
                                                        "n_used", "quality"])
     plot_roc(y, s, out / "roc.png", sources=[r["source"] for r in preds] if has_src else None,
              point={"threshold": thr, "sensitivity": m["sensitivity"] or 0.0, "specificity": m["specificity"] or 0.0})
     plot_confusion(m["confusion"], out / "confusion.png", title=f"threshold {thr:.3f}")
     atomic_write_json(out / "metrics.json", m)
-    return m
 
 
 def _cv_in_sample(run: dict) -> dict:
@@ -271,8 +284,7 @@ def _cv_in_sample(run: dict) -> dict:
 def train_seg(**kwargs) -> dict:
     """``cervscan train-seg``: keyword arguments of :class:`cervscan.training.configs.SegTrainConfig`; those left
     out are the shipped recipe of the ``target`` (:func:`cervscan.training.configs.seg_config`)."""
-    from cervscan.training.configs import seg_config
-    from cervscan.training.segmenter import train_seg as _train
+    from cervscan.training.segmenter import train_seg as _train  # lazy: torch
 
     progress = kwargs.pop("progress", None)
     return _train(seg_config(**kwargs), progress=progress)
@@ -282,15 +294,14 @@ def train_cls(recipe: str = "frozen", **kwargs) -> dict:
     """``cervscan train-cls``: the classifier role. ``recipe`` "frozen" (the shipped recipe: keyword arguments of
     :class:`cervscan.training.configs.DecisionTrainConfig`) or "finetune" (those of
     :class:`cervscan.training.configs.ClsTrainConfig`); settings left out are the recipe's defaults."""
-    from cervscan.training.configs import classifier_config
 
     progress = kwargs.pop("progress", None)
     cfg = classifier_config(recipe, **kwargs)
     if recipe == "finetune":
-        from cervscan.training.finetune import train_cls as _finetune
+        from cervscan.training.finetune import train_cls as _finetune  # lazy: torch
 
         return _finetune(cfg, progress=progress)
-    from cervscan.training.classifier import train_decision as _frozen
+    from cervscan.training.classifier import train_frozen as _frozen  # lazy: torch
 
     return _frozen(cfg, progress=progress)
 
@@ -302,9 +313,21 @@ def train_decision(**kwargs) -> dict:
 
 def train_stage(**kwargs) -> dict:
     """``cervscan train-stage``: keyword arguments of :class:`cervscan.training.stage.StageTrainConfig`."""
-    from cervscan.training.stage import StageTrainConfig, train_stage as _train
+    from cervscan.training.stage import StageTrainConfig, train_stage as _train  # lazy: torch
 
     return _train(StageTrainConfig(**kwargs))
+
+
+def adapt(**kwargs) -> dict:
+    """``cervscan adapt``: the patient decision made a site's own from its labelled visits; keyword arguments of
+    :class:`cervscan.training.configs.AdaptConfig` (those left out: the frozen recipe's defaults) and
+    ``progress(done, total)``. Writes RUN/ (:mod:`cervscan.training.adapt`) and returns its metrics; raises
+    :class:`cervscan.training.validation.ValidationFailed` when the adapted decision is no better than chance."""
+    from cervscan.training.adapt import adapt as _adapt  # lazy: timm and sklearn, for this command only
+    from cervscan.training.configs import AdaptConfig  # lazy: as the other training commands
+
+    progress = kwargs.pop("progress", None)
+    return _adapt(AdaptConfig(**kwargs), progress=progress)
 
 
 def report(out: str | Path, **kwargs) -> list[Path]:

@@ -198,8 +198,6 @@ class ScreenConfig:
     centre_crop: float = 0.80
     write_masks: bool = True
     write_overlays: bool = True
-    write_heatmaps: bool = False
-    backend: str = "torch"
 
     def __post_init__(self) -> None:
         _check_fields(self, {fld: key for key, fld in keys_of("ScreenConfig").items()})

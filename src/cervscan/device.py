@@ -11,7 +11,7 @@ log = logging.getLogger(__name__)
 
 def resolve_device(spec: str = "auto"):
     """Map ``auto|cpu|cuda|cuda:N|mps`` to a ``torch.device``; unavailable -> DeviceError."""
-    import torch
+    import torch  # lazy: torch (batch and the model commands import this module)
 
     spec = (spec or "auto").strip().lower()
     if spec == "auto":

@@ -1,4 +1,4 @@
-"""Exception hierarchy. Only ``cli.py`` turns these into exit codes."""
+"""Exception hierarchy and exit codes. Only the command line (:mod:`cervscan.cli`) turns these into exit codes."""
 
 
 class CervscanError(Exception):
@@ -34,7 +34,7 @@ EXIT_OK, EXIT_FAILED, EXIT_INADEQUATE = 0, 3, 5
 #: Exit code of a command stopped by a CervscanError (no model, unwritable output, bad config, a model that
 #: fails ``models verify``, ...); a usage error (a malformed option) exits with 2, the command-line parser's code.
 EXIT_ERROR, EXIT_USAGE = 1, 2
-#: Exit code of a classifier training (train-decision, train-cls) whose classifier failed its validation (no
+#: Exit code of a classifier training (train-cls, either recipe) whose classifier failed its validation (no
 #: better than chance on held-out patients, see :mod:`cervscan.training.validation`): no installable model was written.
 EXIT_NOT_VALIDATED = 6
 #: Exit code of a ``batch`` run refused because another run holds OUT's lock (:class:`BatchLockedError`).

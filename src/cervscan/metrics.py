@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from cervscan.errors import DataError
+from cervscan.files import atomic_write_with
 
 
 def binary_metrics(y_true, scores, threshold: float) -> dict:
@@ -13,7 +14,11 @@ def binary_metrics(y_true, scores, threshold: float) -> dict:
     Decision is severe when score > threshold. A single-class label set raises
     DataError (AUC, sensitivity or specificity would be undefined).
     """
-    from sklearn.metrics import accuracy_score, confusion_matrix, roc_auc_score
+    from sklearn.metrics import (  # lazy: sklearn (api imports this module)
+        accuracy_score,
+        confusion_matrix,
+        roc_auc_score,
+    )
 
     y = np.asarray(y_true, dtype=int)
     s = np.asarray(scores, dtype=float)
@@ -68,7 +73,7 @@ def _resamples(size: int, n: int, seed: int) -> np.ndarray:
 def rank_auc(Y: np.ndarray, S: np.ndarray) -> np.ndarray:
     """AUC of each row (labels ``Y``, scores ``S``) by the Mann-Whitney rank statistic, ties at average
     ranks; NaN for a row that lacks a class."""
-    from scipy.stats import rankdata
+    from scipy.stats import rankdata  # lazy: scipy (api imports this module)
 
     n1 = Y.sum(1)
     n0 = Y.shape[1] - n1
@@ -97,14 +102,16 @@ def bootstrap_auc_ci(y_true, scores, n: int = 2000, seed: int = 0, alpha: float 
 
 def paired_auc_delta(y_true, a, b, n: int = 2000, seed: int = 0, alpha: float = 0.05) -> dict:
     """AUC(b) - AUC(a) on the same patients, with a paired percentile bootstrap CI over patients (each
-    resample scores both on the same patients; resamples that lack a class are skipped)."""
+    resample scores both on the same patients; resamples that lack a class are skipped). ``b`` may be
+    repeats x patients (repeated cross-validation): AUC(b) is then the mean AUC of its rows, each resample
+    drawing the same patients for every row (as :func:`bootstrap_auc_ci`)."""
     y = np.asarray(y_true, dtype=int)
-    A, B = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    A, B = np.asarray(a, dtype=float), np.atleast_2d(np.asarray(b, dtype=float))
     idx = _resamples(y.size, n, seed)
     Y = y[idx]
-    d = rank_auc(Y, B[idx]) - rank_auc(Y, A[idx])
+    d = np.mean([rank_auc(Y, row[idx]) for row in B], axis=0) - rank_auc(Y, A[idx])
     d = d[np.isfinite(d)]
-    full = rank_auc(y[None], B[None])[0] - rank_auc(y[None], A[None])[0]
+    full = float(np.mean(rank_auc(np.tile(y, (len(B), 1)), B))) - rank_auc(y[None], A[None])[0]
     return {"delta": float(full), "ci95": [float(np.percentile(d, 100 * alpha / 2)),
                                           float(np.percentile(d, 100 * (1 - alpha / 2)))], "n": n}
 
@@ -118,7 +125,7 @@ def platt_scaling(scores, y_true) -> dict:
     Then no calibration is applied (``a`` = 1, ``c`` = 0: the scores' own log-odds), ``applied`` is False and
     the fitted values are kept in ``fitted_a`` / ``fitted_c``. Returns ``{"a", "c", "applied", ...}``.
     """
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression  # lazy: sklearn
 
     s = np.asarray(scores, dtype=float).reshape(-1, 1)
     y = np.asarray(y_true, dtype=int).reshape(-1)
@@ -175,11 +182,11 @@ def full_report(y_true, scores, threshold: float, *, sources=None, n_bootstrap: 
 
 
 def plot_roc(y_true, scores, path, *, sources=None, title: str = "ROC (patients)", point: dict | None = None):
-    import matplotlib
+    import matplotlib  # lazy: matplotlib (api imports this module)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_auc_score, roc_curve
+    import matplotlib.pyplot as plt  # lazy: matplotlib
+    from sklearn.metrics import roc_auc_score, roc_curve  # lazy: sklearn
 
     fig, ax = plt.subplots(figsize=(5, 5))
     y, s = np.asarray(y_true), np.asarray(scores)
@@ -205,10 +212,10 @@ def plot_roc(y_true, scores, path, *, sources=None, title: str = "ROC (patients)
 
 
 def plot_confusion(confusion, path, title: str = "Confusion (patients)"):
-    import matplotlib
+    import matplotlib  # lazy: matplotlib (api imports this module)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: matplotlib
 
     c = np.asarray(confusion)
     fig, ax = plt.subplots(figsize=(4, 3.6))
@@ -227,13 +234,9 @@ def plot_confusion(confusion, path, title: str = "Confusion (patients)"):
 
 
 def _save(fig, path):
-    from pathlib import Path
+    import matplotlib.pyplot as plt  # lazy: matplotlib
 
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        atomic_write_with(path, lambda f: fig.savefig(f, dpi=120, format=str(path).rsplit(".", 1)[-1]))
+    finally:
+        plt.close(fig)

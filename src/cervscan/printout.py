@@ -24,7 +24,7 @@ from cervscan.training.validation import label_check_lines
 DISCLAIMER = "cervscan assists a clinician; it does not diagnose."
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line, also in cron mail and logs
 
 
 def shown(x) -> str:
@@ -101,7 +101,7 @@ def models_table(listing: dict) -> None:
     """``models list``: every shipped and installed model, and per role the one screening uses now."""
     t = Table(title="cervscan models")
     for c in ("role", "tag", "name", "version", "arch", "sha256", "in use"):
-        t.add_column(c)
+        t.add_column(c, no_wrap=c in ("role", "tag", "sha256", "in use"), overflow="fold")  # a tag is copied whole
     for r in listing["rows"]:
         t.add_row(r["role"], r["tag"], str(r.get("name", "")), str(r.get("version", "")), str(r.get("arch", "")),
                   r.get("sha256", "")[:12], "yes" if r["in_use"] else "")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.logging import RichHandler
 
 from cervscan import __version__
 from cervscan.config import parse_set, parse_variants, parse_weights
@@ -23,7 +24,8 @@ from cervscan.printout import shown as _shown
 EXIT_CODES = (
     "[b]Exit codes:[/b] 0 all screened and decided; 3 finished but some images or patients failed; "
     "5 finished, nothing failed, but some patients are inadequate (no eligible image: retake); "
-    "3 wins over 5 when both apply; 1 error (no model, unwritable output, bad config, ...); 2 usage error."
+    "3 wins over 5 when both apply; 1 error (no model, unwritable output, bad config, ...); 2 usage error; "
+    "4 (batch) another run holds OUT's lock; 6 (train-cls, adapt) the classifier is no better than chance."
 )
 
 app = typer.Typer(
@@ -46,8 +48,6 @@ def _version(value: bool) -> None:
 
 
 def _setup_logging(verbose: bool, quiet: bool) -> None:
-    from rich.logging import RichHandler
-
     level = logging.DEBUG if verbose else (logging.ERROR if quiet else logging.WARNING)
     logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=err_console, show_path=False)],
                         force=True)
@@ -61,7 +61,7 @@ def _fail(e: Exception) -> None:
 
 def _api(function: str, /, *args, **kwargs):
     """``api.<function>(*args, **kwargs)``; a CervscanError ends the command with its message (exit 1)."""
-    from cervscan import api  # lazy: torch
+    from cervscan import api  # lazy: keeps cv2, PIL and reportlab out of --help
 
     try:
         return getattr(api, function)(*args, **kwargs)

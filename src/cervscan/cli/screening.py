@@ -28,8 +28,9 @@ from cervscan.cli.common import (
     _shown,
     app,
 )
-from cervscan.errors import EXIT_ERROR, CervscanError
+from cervscan.errors import EXIT_ERROR, BatchLockedError, CervscanError
 from cervscan.printout import console, err_console
+
 
 @app.command(epilog=EXIT_CODES)
 @_screening_options
@@ -49,7 +50,7 @@ def screen(
     Writes OUT/patients.csv, OUT/images.csv, OUT/masks/, OUT/cervix/, OUT/overlays/, OUT/skipped.csv and OUT/run.json.
     """
     _setup_logging(verbose, quiet or as_json)
-    from cervscan import api
+    from cervscan import api  # lazy: keeps cv2, PIL and reportlab out of --help
 
     try:
         kw = _screening_kwargs(opts)
@@ -127,8 +128,7 @@ def batch(
     OUT/images.csv always hold every visit's latest result exactly once.
     """
     _setup_logging(verbose, quiet or as_json)
-    from cervscan import api
-    from cervscan.errors import BatchLockedError
+    from cervscan import api  # lazy: keeps cv2, PIL and reportlab out of --help
 
     try:
         kw = _screening_kwargs(opts)
@@ -179,14 +179,14 @@ def report(
     out: Annotated[Path, typer.Argument(help="A 'cervscan screen' output folder.")],
     patient: Annotated[Optional[list[str]], typer.Option("--patient", help="Only this patient (repeatable).")] = None,
     clinic: Annotated[Optional[str], typer.Option("--clinic", envvar="CERVSCAN_CLINIC", help="Clinic name for the header.")] = None,
-    exam_date: Annotated[Optional[str], typer.Option("--exam-date", help="Exam date (default: the images' file date).")] = None,
+    exam_date: Annotated[Optional[str], typer.Option("--exam-date", help="Exam date, YYYY-MM-DD (default: the images' file date).")] = None,
     page_size: Annotated[str, typer.Option("--page-size", help="a4 | letter")] = "a4",
     config: ConfigOpt = None,
 ) -> None:
     """Write PDF referral reports: OUT/reports/<patient>.pdf and OUT/reports/summary.pdf."""
     _setup_logging(False, False)
     try:
-        from cervscan import api
+        from cervscan import api  # lazy: keeps cv2, PIL and reportlab out of --help
 
         paths = api.report(out, patients=patient, clinic=clinic, exam_date=exam_date, page_size=page_size,
                               config_file=config)

@@ -10,12 +10,35 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
-from cervscan.cli.common import CervixOpt, DeviceOpt, SegOpt, _fail, _fast_malloc_reexec, _setup_logging, app
-from cervscan.errors import CervscanError
+from cervscan.cli.common import (
+    CervixOpt,
+    DeviceOpt,
+    SegOpt,
+    _fail,
+    _fast_malloc_reexec,
+    _setup_logging,
+    app,
+)
+from cervscan.config import CROP_MODES, STAGES, VARIANT_NAMES, VARIANT_SETS
+from cervscan.errors import EXIT_NOT_VALIDATED, CervscanError
 from cervscan.printout import console, err_console
-from cervscan.training.configs import SEG_TARGET_DEFAULTS, ClsTrainConfig, DecisionTrainConfig, SegTrainConfig, StageTrainConfig
+from cervscan.training.configs import (
+    SEG_TARGET_DEFAULTS,
+    ClsTrainConfig,
+    DecisionTrainConfig,
+    SegTrainConfig,
+    StageTrainConfig,
+)
 from cervscan.training.configs import default as _D
+from cervscan.training.validation import ValidationFailed, describe
 
 TRAIN_EXIT_CODES = (
     "[b]Exit codes:[/b] 0 trained, and the classifier is better than chance on held-out patients (or --force "
@@ -29,8 +52,6 @@ ForceTrainOpt = Annotated[bool, typer.Option("--force", help="Write model.pt eve
 
 def _validation_result(m: dict) -> None:
     """After a training run that wrote its model: the validation, in red when it failed and was forced."""
-    from cervscan.training.validation import describe
-
     v = m.get("validation")
     if not v:
         return
@@ -42,8 +63,6 @@ def _validation_result(m: dict) -> None:
 
 
 def _fail_validation(e) -> None:
-    from cervscan.errors import EXIT_NOT_VALIDATED
-
     err_console.print(f"[bold red]error: {e}[/bold red]")
     raise typer.Exit(EXIT_NOT_VALIDATED) from None
 
@@ -111,7 +130,7 @@ def train_seg_cmd(
     """Train a U-Net++ segmenter: the lesion segmenter, or with --target cervix the cervix finder (Dice + BCE, Adam, validation IoU/Dice per epoch). Defaults: the shipped recipe of the target."""
     _fast_malloc_reexec()
     _setup_logging(False, False)
-    from cervscan import api
+    from cervscan import api  # lazy: keeps cv2, PIL and reportlab out of --help
 
     cfg = _given(data=str(data), out=str(out), target=target, encoder=encoder,
                  pretrained=False if init is not None else pretrained, init=str(init) if init else None,
@@ -123,9 +142,9 @@ def train_seg_cmd(
         with _train_progress() as cb:
             m = api.train_seg(**cfg, progress=cb)
         if compare:
-            import pandas as pd
+            import pandas as pd  # lazy: pandas
 
-            from cervscan.training.segmenter import plot_iou
+            from cervscan.training.segmenter import plot_iou  # lazy: torch
 
             plot_iou([(out.name, pd.read_csv(out / "val_iou.csv").to_dict("records")),
                       (compare.name, pd.read_csv(compare / "val_iou.csv").to_dict("records"))], out / "iou.png")
@@ -136,8 +155,6 @@ def train_seg_cmd(
 
 class _train_progress:
     def __enter__(self):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
         self.prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                              TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err_console)
         self.prog.__enter__()
@@ -165,7 +182,10 @@ _FROZEN = "[--recipe frozen] "
 _TUNE = "[--recipe finetune] "
 
 
-@app.command("train-cls", epilog=TRAIN_EXIT_CODES)
+_TRAIN_CLS_HELP = ("Train the classifier. Default recipe (frozen, the shipped classifier's): frozen EfficientNet-Lite features of the screened inputs, a logistic regression over each patient's mean feature, repeated patient-wise cross-validation, calibration and the operating point. --recipe finetune fine-tunes a network end to end. Writes model.pt (install with 'cervscan models install') and the fold models.")
+
+
+@app.command("train-cls", epilog=TRAIN_EXIT_CODES, help=_TRAIN_CLS_HELP)
 def train_cls_cmd(
     visits: Annotated[Path, typer.Argument(help="Folder of visit folders.")],
     labels: Annotated[Path, typer.Option("--labels", help="CSV patient_id,label[,source].")],
@@ -209,16 +229,12 @@ def train_cls_cmd(
     eval_epochs: Annotated[Optional[str], typer.Option("--eval-epochs", help=f"{_TUNE}Comma-separated epochs after which the held-out patients are also scored (a learning curve in metrics.json).")] = None,
     max_steps: Annotated[Optional[int], typer.Option(hidden=True)] = None,
 ) -> None:
-    """Train the classifier. Default recipe (frozen, the shipped classifier's): frozen EfficientNet-Lite features of
-    the screened inputs, a logistic regression over each patient's mean feature, repeated patient-wise
-    cross-validation, calibration and the operating point. --recipe finetune fine-tunes a network end to end.
-    Writes model.pt (install with 'cervscan models install') and the fold models.
+    """``cervscan train-cls`` (help: :data:`_TRAIN_CLS_HELP`).
 
     Long: the Typer signature declares both recipes' options, one line each."""
     _fast_malloc_reexec()
     _setup_logging(False, False)
-    from cervscan import api
-    from cervscan.config import STAGES, VARIANT_NAMES, VARIANT_SETS
+    from cervscan import api  # lazy: keeps cv2, PIL and reportlab out of --help
 
     w = _numbers(weights, "--weights", float)
     if w is not None and len(w) != 6:
@@ -238,11 +254,7 @@ def train_cls_cmd(
                 tune_votes=tune_votes, device=device, resume=resume, head_std=head_std, crop=crop,
                 only_folds=_numbers(only_folds, "--only-folds"), eval_epochs=curve, max_steps_per_epoch=max_steps)
     _check_choice("--classify-view", classify_view, ("crop", "frame"))
-    from cervscan.config import CROP_MODES
-
     _check_choice("--crop", crop, CROP_MODES)
-    from cervscan.training.validation import ValidationFailed
-
     try:
         if recipe == "finetune":
             with _train_progress() as cb:
@@ -273,10 +285,13 @@ def _print_frozen(m: dict, out: Path) -> None:
                   f" -> {out}/model.pt")
 
 
-@app.command("train-decision", epilog=TRAIN_EXIT_CODES, hidden=True)
+@app.command("train-decision", epilog=TRAIN_EXIT_CODES, hidden=True,
+             help="Deprecated, to be removed: use 'cervscan train-cls' (the same command; --recipe frozen is its "
+                  "default). " + _TRAIN_CLS_HELP)
 @functools.wraps(train_cls_cmd)
 def train_decision_cmd(**kwargs) -> None:
     """Deprecated: 'cervscan train-cls' (its default recipe, frozen)."""
+    _fast_malloc_reexec()  # before the warning: the re-executed process prints it once
     err_console.print("[yellow]warning: 'train-decision' is deprecated and will be removed; use 'cervscan train-cls' "
                       "(--recipe frozen is its default)[/yellow]")
     train_cls_cmd(**{**kwargs, "recipe": "frozen"})
@@ -297,7 +312,7 @@ def train_stage_cmd(
 ) -> None:
     """Train the exam-stage model (acetic, lugol, green, saline, other): frozen EfficientNet-Lite0 features + logistic regression."""
     _setup_logging(False, False)
-    from cervscan import api
+    from cervscan import api  # lazy: keeps cv2, PIL and reportlab out of --help
 
     try:
         m = api.train_stage(**_given(visits=str(visits), out=str(out), images_csv=str(images_csv) if images_csv else None,

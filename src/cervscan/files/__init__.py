@@ -6,6 +6,8 @@ Each concern is its own module; the names other packages use are gathered here.
 
 from cervscan.files.atomic import (  # noqa: F401
     atomic_write_bytes,
+    atomic_write_npz,
+    atomic_write_with,
     atomic_write_csv,
     atomic_write_image,
     atomic_write_json,

@@ -8,7 +8,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, BinaryIO, Callable, Iterable
 
 import numpy as np
 
@@ -20,13 +20,17 @@ from cervscan.files.names import clean_text
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
-def atomic_write_bytes(path: Path, data: bytes) -> Path:
+def atomic_write_with(path: Path, write: Callable[[BinaryIO], Any]) -> Path:
+    """The one atomic writer: ``write(f)`` fills a temp file beside ``path``; the file is fsynced, renamed
+    over ``path`` and the folder fsynced, so ``path`` holds either its old bytes or all the new ones, also
+    after a crash or a power cut. Every other writer (bytes, text, JSON, CSV, images, NumPy archives,
+    checkpoints, figures) goes through it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; outputs are shared clinic files
@@ -37,7 +41,31 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
         except OSError:
             pass
         raise
+    _fsync_folder(path.parent)
     return path
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (where the file system allows a folder to be fsynced)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    return atomic_write_with(path, lambda f: f.write(data))
+
+
+def atomic_write_npz(path: Path, **arrays) -> Path:
+    """``np.savez`` of ``arrays``, atomically."""
+    return atomic_write_with(path, lambda f: np.savez(f, **arrays))
 
 
 def atomic_write_text(path: Path, text: str) -> Path:
@@ -90,7 +118,7 @@ def _csv_cell(v: Any) -> Any:
 
 def atomic_write_image(path: Path, image_rgb: np.ndarray, quality: int = 90) -> Path:
     """Write PNG (lossless) or JPEG by suffix, atomically. ``image_rgb`` is RGB or single channel."""
-    import cv2
+    import cv2  # lazy: keeps cv2 out of --help (cervscan.files is imported by the CLI)
 
     ext = Path(path).suffix.lower()
     arr = image_rgb

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,48 +57,12 @@ def read_image(path: str | Path, *, max_side: int = 2048, max_pixels: int = 120_
     array is resized at once, as a full decode would be. Raises ImageError
     naming the file and the reason.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError  # lazy: keeps PIL and cv2 out of --help (the CLI imports cervscan.files)
 
     p = Path(path)
-    try:
-        size = p.stat().st_size
-    except OSError as e:
-        raise ImageError(f"{p}: cannot read ({e.strerror})") from None
-    if size == 0:
-        raise ImageError(f"{p}: empty file (0 bytes)")
-    try:
-        fh = open(p, "rb")
-    except PermissionError:
-        raise ImageError(f"{p}: permission denied") from None
-    except OSError as e:
-        raise ImageError(f"{p}: cannot read ({e.strerror})") from None
-    with fh:
+    with _open_image_file(p) as fh:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                old = Image.MAX_IMAGE_PIXELS
-                # we check ourselves below, with our own limit (Pillow checks again when it loads a TIFF)
-                Image.MAX_IMAGE_PIXELS = None
-                try:
-                    im = Image.open(fh)
-                    w0, h0 = im.size
-                    if w0 * h0 > max_pixels:
-                        raise ImageError(f"{p}: image too large ({w0}x{h0} = {w0 * h0 / 1e6:.0f} MP > "
-                                         f"{max_pixels / 1e6:.0f} MP decompression-bomb guard)")
-                    if min(w0, h0) < min_side:
-                        raise ImageError(f"{p}: image too small ({w0}x{h0}; need at least {min_side} px per side)")
-                    if im.format == "JPEG" and max(w0, h0) > max_side:
-                        im.draft("RGB", (max_side, max_side))
-                    need = decode_bytes(im, max_side, (w0, h0))
-                    if need > max_decode_mb * 1e6:
-                        raise ImageError(
-                            f"{p}: image too large to decode within the memory budget ({w0}x{h0} = "
-                            f"{w0 * h0 / 1e6:.0f} MP, {im.mode}: about {need / 1e6:.0f} MB > {max_decode_mb:g} MB, "
-                            f"setting max_decode_mb)")
-                    rgb, orientation = _decode_reduced(im, fh, max_side)
-                    im.close()
-                finally:
-                    Image.MAX_IMAGE_PIXELS = old
+            rgb, orientation, (w0, h0) = _decode_within_limits(p, fh, max_side, max_pixels, min_side, max_decode_mb)
         except ImageError:
             raise
         except UnidentifiedImageError:
@@ -113,6 +79,58 @@ def read_image(path: str | Path, *, max_side: int = 2048, max_pixels: int = 120_
         w0, h0 = h0, w0
     scale = rgb.shape[1] / w0
     return DecodedImage(rgb=np.ascontiguousarray(rgb), width=w0, height=h0, scale=float(scale))
+
+
+def _open_image_file(p: Path):
+    """``p`` opened for reading (binary); an ImageError for an empty, missing or unreadable file."""
+    try:
+        size = p.stat().st_size
+    except OSError as e:
+        raise ImageError(f"{p}: cannot read ({e.strerror})") from None
+    if size == 0:
+        raise ImageError(f"{p}: empty file (0 bytes)")
+    try:
+        return open(p, "rb")
+    except PermissionError:
+        raise ImageError(f"{p}: permission denied") from None
+    except OSError as e:
+        raise ImageError(f"{p}: cannot read ({e.strerror})") from None
+
+
+def _decode_within_limits(p: Path, fh, max_side: int, max_pixels: int, min_side: int,
+                          max_decode_mb: float) -> tuple[np.ndarray, int, tuple[int, int]]:
+    """:func:`_decode_reduced` of the image in ``fh`` once its size (``max_pixels``, ``min_side``) and its
+    decode's memory (``max_decode_mb``) are checked, with Pillow's own pixel limit lifted meanwhile (an
+    ImageError naming ``p`` when a check fails; Pillow's errors pass through). Returns the array, the EXIF
+    orientation and the size as stored."""
+    from PIL import Image  # lazy: keeps PIL and cv2 out of --help (the CLI imports cervscan.files)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        old = Image.MAX_IMAGE_PIXELS
+        # we check ourselves below, with our own limit (Pillow checks again when it loads a TIFF)
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            im = Image.open(fh)
+            w0, h0 = im.size
+            if w0 * h0 > max_pixels:
+                raise ImageError(f"{p}: image too large ({w0}x{h0} = {w0 * h0 / 1e6:.0f} MP > "
+                                 f"{max_pixels / 1e6:.0f} MP decompression-bomb guard)")
+            if min(w0, h0) < min_side:
+                raise ImageError(f"{p}: image too small ({w0}x{h0}; need at least {min_side} px per side)")
+            if im.format == "JPEG" and max(w0, h0) > max_side:
+                im.draft("RGB", (max_side, max_side))
+            need = decode_bytes(im, max_side, (w0, h0))
+            if need > max_decode_mb * 1e6:
+                raise ImageError(
+                    f"{p}: image too large to decode within the memory budget ({w0}x{h0} = "
+                    f"{w0 * h0 / 1e6:.0f} MP, {im.mode}: about {need / 1e6:.0f} MB > {max_decode_mb:g} MB, "
+                    f"setting max_decode_mb)")
+            rgb, orientation = _decode_reduced(im, fh, max_side)
+            im.close()
+        finally:
+            Image.MAX_IMAGE_PIXELS = old
+    return rgb, orientation, (w0, h0)
 
 
 def _pixel_bytes(mode: str) -> int:
@@ -183,14 +201,82 @@ def _png_strip_rawmode(im) -> str | None:
 def _png_ihdr(fh) -> tuple[int, int, int, int]:
     """Width, height, bit depth and colour type from a PNG's header chunk (the file is left at the chunk
     after it)."""
-    import struct
-
     fh.seek(8)
     head = fh.read(8 + 13 + 4)  # length, type, data, CRC: leaves the file at the next chunk
     if len(head) < 25 or head[4:8] != b"IHDR":
         raise SyntaxError("broken PNG file (no IHDR chunk)")
     w, h, depth, ctype = struct.unpack(">IIBB", head[8:18])
     return w, h, depth, ctype
+
+
+@dataclass(frozen=True)
+class _PngLayout:
+    """A PNG's rows as stored: size, bytes per filtered row and per pixel (at least 1), and the decodes that
+    unfilter them (:data:`_PNG_UNFILTER`)."""
+    w: int
+    h: int
+    rowbytes: int
+    bpp: int
+    unfilter: tuple
+
+
+def _png_layout(im, fh) -> _PngLayout:
+    """The layout of the PNG in ``fh`` from its header chunk, checked against ``im`` (the file is left at the
+    chunk after the header)."""
+    w, h, depth, ctype = _png_ihdr(fh)
+    if (w, h) != im.size or ctype not in _PNG_CHANNELS:
+        raise SyntaxError("broken PNG file (header does not match)")
+    bits = depth * _PNG_CHANNELS[ctype]
+    bpp = max(1, bits // 8)
+    unfilter = _PNG_UNFILTER.get(bpp)
+    if unfilter is None:
+        raise SyntaxError(f"unsupported PNG pixel layout ({depth}-bit, colour type {ctype})")
+    return _PngLayout(w, h, (w * bits + 7) // 8, bpp, unfilter)
+
+
+def _png_idat(fh, after: dict):
+    """Yield the compressed image data of the PNG in ``fh`` (from the chunk after its header) in pieces of at
+    most 1 MiB, then read the chunks after it to IEND; an ``eXIf`` chunk after the image data goes to
+    ``after["exif"]``."""
+    seen = False
+    while True:
+        head = fh.read(8)
+        if len(head) < 8:
+            return
+        length, cid = struct.unpack(">I4s", head)
+        if cid == b"IDAT":
+            seen = True
+            left = length
+            while left:
+                piece = fh.read(min(left, 1 << 20))
+                if not piece:
+                    return
+                left -= len(piece)
+                yield piece
+            fh.read(4)  # CRC
+        elif cid == b"IEND":
+            return
+        elif seen and cid == b"eXIf":
+            after["exif"] = fh.read(length)
+            fh.read(4)
+        else:
+            fh.seek(length + 4, 1)
+
+
+def _png_unfiltered(lay: _PngLayout, data: bytes, n: int) -> bytes:
+    """The unfiltered bytes of ``n`` filtered rows ``data`` (each with its filter-type byte), by Pillow's PNG
+    decoder."""
+    from PIL import Image  # lazy: keeps PIL and cv2 out of --help (the CLI imports cervscan.files)
+
+    z = zlib.compress(data, 0)
+    if lay.bpp <= 4:
+        mode, raw = lay.unfilter[0]
+        return Image.frombytes(mode, (lay.rowbytes // lay.bpp, n), z, "zip", raw).tobytes("raw", raw)
+    hi, lo = (np.frombuffer(Image.frombytes(mode, (lay.w, n), z, "zip", raw).tobytes("raw", mode), np.uint8)
+              for mode, raw in lay.unfilter)
+    both = np.empty((hi.size, 2), np.uint8)
+    both[:, 0], both[:, 1] = hi, lo
+    return both.tobytes()
 
 
 def _png_bands(im, fh, rawmode: str, rows: int, after: dict):
@@ -202,59 +288,12 @@ def _png_bands(im, fh, rawmode: str, rows: int, after: dict):
     filters that look at the row above work across strips. Chunks after the image data are read to the
     end, and an ``eXIf`` chunk found there goes to ``after["exif"]``.
     """
-    import struct
-    import zlib
+    from PIL import Image  # lazy: keeps PIL and cv2 out of --help (the CLI imports cervscan.files)
 
-    from PIL import Image
-
-    w, h, depth, ctype = _png_ihdr(fh)
-    if (w, h) != im.size or ctype not in _PNG_CHANNELS:
-        raise SyntaxError("broken PNG file (header does not match)")
-    bits = depth * _PNG_CHANNELS[ctype]
-    rowbytes = (w * bits + 7) // 8
-    bpp = max(1, bits // 8)
-    unfilter = _PNG_UNFILTER.get(bpp)
-    if unfilter is None:
-        raise SyntaxError(f"unsupported PNG pixel layout ({depth}-bit, colour type {ctype})")
+    lay = _png_layout(im, fh)
+    w, h, rowbytes = lay.w, lay.h, lay.rowbytes
     stride = rowbytes + 1
-
-    def idat():
-        seen = False
-        while True:
-            head = fh.read(8)
-            if len(head) < 8:
-                return
-            length, cid = struct.unpack(">I4s", head)
-            if cid == b"IDAT":
-                seen = True
-                left = length
-                while left:
-                    piece = fh.read(min(left, 1 << 20))
-                    if not piece:
-                        return
-                    left -= len(piece)
-                    yield piece
-                fh.read(4)  # CRC
-            elif cid == b"IEND":
-                return
-            elif seen and cid == b"eXIf":
-                after["exif"] = fh.read(length)
-                fh.read(4)
-            else:
-                fh.seek(length + 4, 1)
-
-    def unfiltered(data: bytes, n: int) -> bytes:
-        z = zlib.compress(data, 0)
-        if bpp <= 4:
-            mode, raw = unfilter[0]
-            return Image.frombytes(mode, (rowbytes // bpp, n), z, "zip", raw).tobytes("raw", raw)
-        hi, lo = (np.frombuffer(Image.frombytes(mode, (w, n), z, "zip", raw).tobytes("raw", mode), np.uint8)
-                  for mode, raw in unfilter)
-        both = np.empty((hi.size, 2), np.uint8)
-        both[:, 0], both[:, 1] = hi, lo
-        return both.tobytes()
-
-    src = idat()
+    src = _png_idat(fh, after)
     inflate = zlib.decompressobj()
     buf, tail, prev, y = bytearray(), b"", None, 0
     while y < h:
@@ -278,7 +317,7 @@ def _png_bands(im, fh, rawmode: str, rows: int, after: dict):
         del buf[:want]
         if prev is not None:
             data = b"\x00" + prev + data
-        raw = unfiltered(data, n + (prev is not None))
+        raw = _png_unfiltered(lay, data, n + (prev is not None))
         prev = raw[-rowbytes:]
         band = Image.frombytes(im.mode, (w, n), raw[rowbytes:] if len(raw) > n * rowbytes else raw, "raw", rawmode)
         if im.mode in ("P", "PA") and im.palette is not None:
@@ -294,7 +333,7 @@ def _decode_reduced(im, fh, max_side: int) -> tuple[np.ndarray, int]:
     """Decode ``im`` (opened, not loaded; after a JPEG ``draft``) to upright 8-bit RGB of at most ``max_side``
     px: converted and box-averaged by :func:`_reduce_factor` a strip at a time, then :func:`_scaled_upright`.
     Returns the array and the EXIF orientation."""
-    from PIL import Image
+    from PIL import Image  # lazy: keeps PIL and cv2 out of --help (the CLI imports cervscan.files)
 
     w, h = im.size
     k = _reduce_factor(im.size, max_side)
@@ -337,8 +376,8 @@ def _scaled_upright(rgb: np.ndarray, size: tuple[int, int], k: int, max_side: in
     """``rgb``, the decoded image of ``size`` (as stored) box-averaged by ``k``, turned upright as its EXIF
     orientation says (as ``PIL.ImageOps.exif_transpose``) and scaled with area interpolation to ``max_side``
     on its longer side when ``size`` is larger."""
-    import cv2
-    from PIL import Image
+    import cv2  # lazy: keeps PIL and cv2 out of --help (the CLI imports cervscan.files)
+    from PIL import Image  # lazy: keeps PIL and cv2 out of --help (the CLI imports cervscan.files)
 
     w, h = size
     s = max_side / max(w, h)

@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -234,8 +235,6 @@ class OutputLedger:
 
     def may_delete(self, rel: str | Path) -> bool:
         """``rel`` is cervscan's own plain file, in a folder inside OUT that leads into no input."""
-        import stat
-
         try:
             key = self._key(rel)
         except OutputConflictError:

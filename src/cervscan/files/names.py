@@ -3,8 +3,10 @@ file names bounded in length and unique. No torch import."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+from collections import Counter
 from pathlib import Path
 
 # --------------------------------------------------------------------------- names that are not valid UTF-8
@@ -96,8 +98,6 @@ def safe_name(name: str, limit: int = MAX_NAME_BYTES) -> str:
     """``name`` as one file-name component of at most ``limit`` UTF-8 bytes: unchanged when it fits (and is
     not empty, ``.`` or ``..``), else cut at a character boundary and ended by ``~`` and 8 hex digits of a
     hash of the whole name, so that two long names with the same beginning stay apart."""
-    import hashlib
-
     name = clean_text(name).replace("/", "_").replace("\0", "_")
     if name in ("", ".", ".."):
         name = "_" + name
@@ -113,8 +113,6 @@ def output_stems(names: list[str]) -> dict[str, str]:
     unique in the visit, else its name with dots replaced, then a numeric suffix
     until no two images share one (case-insensitively). A stem longer than
     :data:`MAX_NAME_BYTES` is shortened by :func:`safe_name`."""
-    from collections import Counter
-
     stems = Counter(Path(n).stem for n in names)
     out: dict[str, str] = {}
     used: set[str] = set()

@@ -47,9 +47,12 @@ class LoadedModel:
 
 def load_model(role: str, path: Path | str, device, ref=None, *, deploy: bool = True) -> LoadedModel:
     """Read a checkpoint, check that it fills ``role``, build it on ``device``."""
-    import torch
+    import torch  # lazy: torch, out of the model commands (registry imports this module)
 
-    from cervscan.models.networks import model_from_checkpoint, read_checkpoint
+    from cervscan.models.networks import (  # lazy: networks imports torch
+        model_from_checkpoint,
+        read_checkpoint,
+    )
 
     ck = read_checkpoint(path)
     got = checkpoint_role(ck)

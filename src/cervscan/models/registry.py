@@ -23,8 +23,22 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cervscan.errors import CheckpointError, ChecksumError, CervscanError, ModelNotFoundError
-from cervscan.models.loading import ROLES, load_model  # ROLES: the model roles, declared there once
+from platformdirs import user_data_dir
+
+from cervscan.config import CROP_MODES, resolve_choice, voting_from
+from cervscan.errors import (
+    CervscanError,
+    CheckpointError,
+    ChecksumError,
+    ModelNotFoundError,
+)
+from cervscan.files import atomic_write_json, atomic_write_with
+from cervscan.models.loading import (  # ROLES: the model roles, declared there once
+    ROLES,
+    load_model,
+)
+from cervscan.training.validation import install_problem
+
 ENV_FILE = {"segmenter": "CERVSCAN_SEG_MODEL", "classifier": "CERVSCAN_CLS_MODEL",
             "cervix": "CERVSCAN_CERVIX_MODEL", "stage": "CERVSCAN_STAGE_MODEL"}
 OPTION = {"segmenter": "--seg-model", "classifier": "--cls-model", "cervix": "--cervix-model", "stage": "--stage-model"}
@@ -62,8 +76,6 @@ def user_dir() -> Path:
     env = os.environ.get("CERVSCAN_HOME")
     if env:
         return Path(env)
-    from platformdirs import user_data_dir
-
     return Path(user_data_dir("cervscan", appauthor=False))
 
 
@@ -134,6 +146,22 @@ def _from_file(path: Path, role: str, source: str) -> ResolvedModel:
     return ResolvedModel(role, path, source, sha256_file(path), False, {})
 
 
+#: A file the shipped weights hold that is not a model: the shipped classifier's training patients' features
+#: (``scripts/package_training_features.py``), which ``cervscan adapt`` pools with a site's patients.
+TRAINING_FEATURES = "training-features"
+
+
+def shipped_file(role: str) -> ResolvedModel | None:
+    """The file a weights manifest lists under ``role`` (``$CERVSCAN_WEIGHTS_DIR``'s, else the shipped one), its
+    sha256 checked; None when none lists one."""
+    for folder, source in ((os.environ.get("CERVSCAN_WEIGHTS_DIR"), "env"), (shipped_dir(), "shipped")):
+        if folder and (Path(folder) / MANIFEST).is_file():
+            r = _from_folder(Path(folder), role, source)
+            if r:
+                return r
+    return None
+
+
 def current_pointer() -> Path:
     return user_dir() / "models" / "current.json"
 
@@ -195,9 +223,9 @@ def check_usable(f: Path, role: str) -> None:
     """Load a checkpoint as screening will (read, build the network, load its weights, one forward pass at its
     input size; for a classifier also its screening settings) and raise a one-line
     :class:`~cervscan.errors.CheckpointError` naming the file when anything fails."""
-    import torch  # lazy: torch
+    import torch  # lazy: torch, out of models list / verify / rollback / use
 
-    from cervscan.models.networks import _first_line  # lazy: torch
+    from cervscan.models.networks import _first_line  # lazy: networks imports torch
 
     def refuse(why: str) -> CheckpointError:
         return CheckpointError(f"{f}: not a usable cervscan checkpoint ({why}); not installed")
@@ -217,12 +245,9 @@ def check_usable(f: Path, role: str) -> None:
         if not torch.isfinite(y).all():
             raise CheckpointError("its network gives non-finite outputs")
         if role == "classifier":
-            from cervscan.config import resolve_choice as _resolve_choice, voting_from as _voting_from
-            from cervscan.config import CROP_MODES
-
-            _voting_from(ck, {}, {})
-            _resolve_choice("crop", CROP_MODES, "frame", ck, {}, {}, {})
-            _resolve_choice("classify_view", ("crop", "frame"), "crop", ck, {}, {}, {})
+            voting_from(ck, {}, {})
+            resolve_choice("crop", CROP_MODES, "frame", ck, {}, {}, {})
+            resolve_choice("classify_view", ("crop", "frame"), "crop", ck, {}, {}, {})
     except CervscanError as e:
         msg = str(e)
         if msg.startswith(f"{f}: "):
@@ -238,8 +263,7 @@ def _read_for_install(rd: Path) -> tuple[str, Path, dict]:
     """The checkpoint of a run folder (its model.pt) or file, read safely: its role, its path and what its
     manifest entry records (with its sha256 as read, and ``installed_with_force`` when a classifier's
     validation is missing or failed)."""
-    from cervscan.models.networks import load_file  # lazy: torch
-    from cervscan.training.validation import install_problem
+    from cervscan.models.networks import load_file  # lazy: networks imports torch
 
     f = rd / "model.pt" if rd.is_dir() else rd
     if not f.is_file():
@@ -307,31 +331,24 @@ def install(run_dirs: list[Path], *, name: str | None = None, force: bool = Fals
             dest = models_root / f"{tag}-{k}"
         dest.mkdir(parents=True)
         target = dest / f"{role}.pt"
-        tmp = dest / f".{role}.pt.tmp"
-        shutil.copyfile(f, tmp)
-        tmp.replace(target)
+        with open(f, "rb") as src:
+            atomic_write_with(target, lambda out, src=src: shutil.copyfileobj(src, out))
         digest = sha256_file(target)
         if digest != meta.pop("_checked_sha256"):
             shutil.rmtree(dest, ignore_errors=True)
             raise CheckpointError(f"{f}: the file changed while it was being installed; nothing installed")
         entry = {"role": role, "file": target.name, "sha256": digest, "installed_from": str(f.resolve()),
                  "installed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **{k: v for k, v in meta.items() if v is not None}}
-        from cervscan.files import atomic_write_json
-
         atomic_write_json(dest / MANIFEST, {"format": 1, "models": [entry]})
         cur[role] = dest.name
         result[role] = {"folder": str(dest), "sha256": digest,
                         **({"forced": meta["installed_with_force"]} if meta.get("installed_with_force") else {})}
-    from cervscan.files import atomic_write_json
-
     atomic_write_json(current_pointer(), cur)
     return result
 
 
 def rollback(role: str | None = None) -> dict:
     """Forget the installed default(s): ``screen`` goes back to the shipped models."""
-    from cervscan.files import atomic_write_json
-
     if role is not None and role not in ROLES:
         raise CervscanError(f"unknown role '{role}': use {' or '.join(ROLES)}")
     cur = installed_current()
@@ -342,8 +359,6 @@ def rollback(role: str | None = None) -> dict:
 
 
 def use(role: str, tag: str) -> dict:
-    from cervscan.files import atomic_write_json
-
     if role not in ROLES:
         raise CervscanError(f"unknown role '{role}': use {' or '.join(ROLES)}")
     folder = user_dir() / "models" / tag

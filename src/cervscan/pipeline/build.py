@@ -8,9 +8,20 @@ import dataclasses
 import logging
 import time
 
-from cervscan.config import (CROP_MODES, SETTINGS, ScreenConfig, check_layer, gate_from, load_config_file,
-                             resolve_choice, screen_settings, voting_from)
+from cervscan.config import (
+    CROP_MODES,
+    SETTINGS,
+    ScreenConfig,
+    check_layer,
+    gate_from,
+    load_config_file,
+    resolve_choice,
+    screen_settings,
+    voting_from,
+)
+from cervscan.device import resolve_device
 from cervscan.errors import CervscanError
+from cervscan.models import registry
 from cervscan.models.loading import load_model
 
 log = logging.getLogger(__name__)
@@ -28,6 +39,19 @@ class Resolved:
     seconds: float  # to resolve and load
 
 
+
+def _warn_unvalidated(ref, ckpt: dict) -> None:
+    """A classifier that failed its validation, or one not shipped with cervscan that records none (installed
+    or given with --force), screens with a warning: its decisions may be no better than chance."""
+    val = ckpt.get("validation")
+    if isinstance(val, dict) and not val.get("passed", False):
+        log.warning("%s: this classifier failed its validation (cross-validated patient AUC %s, 95 %% CI %s-%s) "
+                    "and was kept with --force: its decisions may be no better than chance",
+                    ref.path, val.get("auc"), val.get("ci_low"), val.get("ci_high"))
+    elif not isinstance(val, dict) and getattr(ref, "source", "") != "shipped":
+        log.warning("%s: this classifier records no validation (it was not shown to be better than chance on "
+                    "held-out patients); check it with 'cervscan evaluate' before relying on it", ref.path)
+
 def resolve(*, seg_model: str | None = None, cls_model: str | None = None, cervix_model: str | None = None,
                   stage_model: str | None = None, config_file: str | None = None, overrides: dict | None = None,
                   device: str | None = None, num_workers: int | None = None, batch_images: int | None = None,
@@ -36,30 +60,23 @@ def resolve(*, seg_model: str | None = None, cls_model: str | None = None, cervi
 
     ``overrides``: setting -> value given on the command line (named options and ``--set``); ``device``,
     ``num_workers`` and ``batch_images`` count as such options too."""
-    from cervscan.device import resolve_device
-    from cervscan.models.registry import resolve
-
     overrides = dict(overrides or {})
     overrides |= {k: v for k, v in (("num_workers", num_workers), ("batch_images", batch_images)) if v is not None}
     check_layer(overrides, SETTINGS, "option")  # every option, before any model is loaded
     file_cfg = load_config_file(config_file) if config_file else {}
     dev = resolve_device(overrides.pop("device", None) or device or file_cfg.get("device") or "auto")
     t0 = time.time()
-    refs = {"segmenter": resolve("segmenter", seg_model), "classifier": resolve("classifier", cls_model)}
+    refs = {"segmenter": registry.resolve("segmenter", seg_model), "classifier": registry.resolve("classifier", cls_model)}
     models = {role: load_model(role, refs[role].path, dev, refs[role]) for role in ("segmenter", "classifier")}
-    val = models["classifier"].ckpt.get("validation")
-    if isinstance(val, dict) and not val.get("passed", False):
-        log.warning("%s: this classifier failed its validation (cross-validated patient AUC %s, 95 %% CI %s-%s) "
-                    "and was kept with --force: its decisions may be no better than chance",
-                    refs["classifier"].path, val.get("auc"), val.get("ci_low"), val.get("ci_high"))
+    _warn_unvalidated(refs["classifier"], models["classifier"].ckpt)
     voting, threshold, provenance = voting_from(models["classifier"].ckpt, file_cfg, overrides, models["segmenter"].ckpt)
     crop = resolve_choice("crop", CROP_MODES, "frame", models["classifier"].ckpt, file_cfg, overrides, provenance)
     if crop == "cervix":
-        refs["cervix"] = resolve("cervix", cervix_model)
+        refs["cervix"] = registry.resolve("cervix", cervix_model)
         models["cervix"] = load_model("cervix", refs["cervix"].path, dev, refs["cervix"])
     if use_stage:
         try:
-            refs["stage"] = resolve("stage", stage_model)
+            refs["stage"] = registry.resolve("stage", stage_model)
         except CervscanError as e:
             if stage_model:
                 raise

@@ -34,11 +34,15 @@ ran (crop mode ``cervix``), the stage rule only when a stage model ran.
 
 :func:`patient_reason` says what a nurse should do when no image of a patient is eligible.
 The thresholds (:class:`cervscan.config.GateConfig`) were chosen by ``benchmarks/quality_gate.py``
-on the real images of the development data (``benchmarks/RESULTS.md``).
+on the real images of the development data (``benchmarks/RESULTS.md``) with :func:`choose_thresholds`, the
+rule ``cervscan adapt`` applies to a site's own images.
 """
 
 from __future__ import annotations
 
+import math
+
+import cv2
 import numpy as np
 
 #: Reasons an image is not eligible, in the order they are listed and reported.
@@ -77,8 +81,6 @@ def _bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
 
 def _hull(mask: np.ndarray) -> np.ndarray:
     """The convex hull of a binary mask's pixels, filled (uint8 0/1)."""
-    import cv2
-
     m = (mask > 0).astype(np.uint8)
     cs, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     if not cs:
@@ -95,8 +97,6 @@ DIRECTIONS = (0.0, 22.5, 45.0, 67.5, 90.0, 112.5, 135.0, 157.5)
 def _line(n: int, angle: float) -> np.ndarray:
     """Re-blur kernel: an anti-aliased line through the centre of an n x n box, ``n`` px long along
     ``angle`` (a box of n px at 0 and 90 degrees; as long, not sqrt(2) longer, on the diagonals), sum 1."""
-    import cv2
-
     k = np.zeros((n, n), np.float32)
     c = (n - 1) / 2
     dx, dy = np.cos(np.radians(angle)) * c, np.sin(np.radians(angle)) * c
@@ -107,8 +107,6 @@ def _line(n: int, angle: float) -> np.ndarray:
 
 def _gradient(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Central differences (f(x+1) - f(x-1), likewise in y), borders reflected."""
-    import cv2
-
     gx = cv2.Sobel(g, cv2.CV_32F, 1, 0, ksize=1, borderType=cv2.BORDER_REFLECT)
     gy = cv2.Sobel(g, cv2.CV_32F, 0, 1, ksize=1, borderType=cv2.BORDER_REFLECT)
     return gx, gy
@@ -120,8 +118,6 @@ def sharpness(grey: np.ndarray, inside: np.ndarray | None = None, reblur: int = 
     1 (sharp). Along each direction: the directional derivative of the image (d1) and of the image
     re-blurred by a ``reblur`` px line along that direction (d2); sharpness = sum(max(0, |d1| - |d2|)) /
     sum(|d1|)."""
-    import cv2
-
     g = grey.astype(np.float32)
     sel = np.ones(g.shape, bool) if inside is None else inside
     gx, gy = _gradient(g)
@@ -142,8 +138,6 @@ def measure(rgb: np.ndarray, cervix_mask: np.ndarray | None = None,
             box: tuple[int, int, int, int] | None = None, side: int = 256) -> dict:
     """Quality measures of an RGB uint8 image inside the cervix (``cervix_mask``, H x W, nonzero = cervix),
     else inside ``box`` (x0, y0, x1, y1), else inside the whole frame. See the module docstring."""
-    import cv2
-
     h, w = rgb.shape[:2]
     bb = _bbox(cervix_mask) if cervix_mask is not None else None
     if bb is not None:
@@ -296,3 +290,55 @@ def excluded_note(reasons: list[str]) -> str:
         return REASON_WORDS.get(key, key)
 
     return "not used: " + ", ".join(f"{n} {words(k)}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+# --------------------------------------------------------------------------- choosing the thresholds
+
+#: False rejects allowed on new original images (images as a clinic takes them), shared by the thresholds.
+FALSE_REJECT_BUDGET = 0.05
+#: The threshold rules: measure, GateConfig field, direction ('min': reject below, 'max': reject above), reason.
+THRESHOLD_RULES = (("sharpness", "min_sharpness", "min", "blurred"), ("brightness", "min_brightness", "min", "dark"),
+                   ("overexposed", "max_overexposed", "max", "overexposed"), ("glare", "max_glare", "max", "glare"),
+                   ("cervix_px", "min_cervix_px", "min", "cervix_too_small"))
+
+
+def round_towards_less(v: float, direction: str) -> float:
+    """Two significant digits, towards rejecting less ('min' rules: down, 'max' rules: up)."""
+    if v <= 0:
+        return 0.0
+    e = math.floor(math.log10(abs(v))) - 1
+    f = 10.0 ** e
+    return round(float((math.floor(v / f) if direction == "min" else math.ceil(v / f)) * f), max(0, -e))
+
+
+def choose_threshold(values: list[float], direction: str, share: float) -> float:
+    """The k-th most extreme of the n ``values``, k = floor(share * (n + 1)) (at least 1), rounded towards
+    rejecting less ('min': reject v < t, the k-th smallest; 'max': reject v > t, the k-th largest). It
+    rejects k - 1 of the values themselves, and a new value exchangeable with them with probability
+    k / (n + 1) <= share (the rank argument of split-conformal prediction)."""
+    v = np.sort(np.asarray([x for x in values if x is not None], float))
+    if direction == "max":
+        v = -v[::-1]
+    k = max(1, int(math.floor(share * (len(v) + 1) + 1e-9)))
+    t = float(v[min(k, len(v)) - 1])
+    t = t if direction == "min" else -t
+    return round_towards_less(t, direction)
+
+
+def choose_thresholds(originals: list[dict], budget: float = FALSE_REJECT_BUDGET) -> tuple[dict, dict]:
+    """The gate's thresholds from the measures of original images (:func:`measure`'s fields and
+    ``cervix_found``): the cervix finder's own verdict (no cervix) uses what it uses on them; the rest of the
+    ``budget`` of false rejects is shared equally by the :data:`THRESHOLD_RULES`, each threshold
+    :func:`choose_threshold` of its measure (the cervix size over the images with a cervix found). Returns
+    the thresholds (GateConfig field -> value) and how they were reached (``n``, ``no_cervix_rate``,
+    ``share_per_threshold``, ``budget``)."""
+    n = len(originals)
+    no_cx = sum(m["cervix_found"] is False for m in originals) / n
+    share = max(0.0, budget - no_cx) / len(THRESHOLD_RULES)
+    found = [m for m in originals if m["cervix_found"]]
+    th = {}
+    for measure_, fld, direction, _ in THRESHOLD_RULES:
+        vals = [m[measure_] for m in (found if measure_ == "cervix_px" else originals) if m[measure_] is not None]
+        if vals:
+            th[fld] = choose_threshold(vals, direction, share)
+    return th, {"n": n, "no_cervix_rate": no_cx, "share_per_threshold": share, "budget": budget}

@@ -6,20 +6,18 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import tempfile
 import time
 from pathlib import Path
 
 from cervscan import __version__
 from cervscan.errors import CervscanError
+from cervscan.files import clean_text, display_id, overlap_note
 
 log = logging.getLogger(__name__)
 
 def probe_writable(out: Path) -> None:
     """Create ``out`` and check that a file can be written in it (a uniquely named probe, removed)."""
-    import tempfile
-
-    from cervscan.files import display_id
-
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".cervscan-write-test.", dir=out)
@@ -32,8 +30,6 @@ def probe_writable(out: Path) -> None:
 def refuse_overlapping_visits(visits: list, out: Path) -> None:
     """A visit folder reached through a link that leads into ``out`` (or holds it) is not screened: it gets
     decision ``error`` with the reason; the other visits go on."""
-    from cervscan.files import overlap_note
-
     for v in visits:
         note = overlap_note(v.folder, out)
         if note:
@@ -47,8 +43,6 @@ def decide_patient(pipe, patient_id: str, records: list[dict], visit_error: str 
     try:
         return pipe.aggregate(patient_id, records, visit_error)
     except Exception as e:  # noqa: BLE001 - one visit must not stop the others
-        from cervscan.files import clean_text
-
         log.error("visit %s: cannot decide (%s: %s)", patient_id, type(e).__name__, e)
         return {"patient_id": patient_id, "decision": "error", "score": None, "threshold": pipe.cfg.threshold,
                 "n_images": len(records), "n_used": 0, "n_eligible": 0, "n_failed": len(records),
@@ -60,11 +54,9 @@ def decide_patient(pipe, patient_id: str, records: list[dict], visit_error: str 
 
 def run_record(command: str, out: Path, paths, pipe, refs: dict, provenance: dict, timings: dict) -> dict:
     """run.json: resolved configuration, every model's file and sha256, versions, device, timings."""
-    import segmentation_models_pytorch as smp
-    import timm
-    import torch
-
-    from cervscan.files import display_id
+    import segmentation_models_pytorch as smp  # lazy: torch (api imports this module)
+    import timm  # lazy: timm
+    import torch  # lazy: torch
 
     def model_info(role):
         ref, ck = refs[role], pipe.models[role].ckpt

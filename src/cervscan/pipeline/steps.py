@@ -32,22 +32,31 @@ Writing files is not a step: :class:`cervscan.pipeline.outputs.OutputWriter` doe
 from __future__ import annotations
 
 import logging
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import cv2
 import numpy as np
 
 from cervscan import __version__
 from cervscan.config import VARIANT_NAMES, ScreenConfig
 from cervscan.errors import CervscanError, ImageError
 from cervscan.files import read_image
-from cervscan.pipeline import quality as Q
 from cervscan.models.loading import LoadedModel
 from cervscan.pipeline import build
+from cervscan.pipeline import quality as Q
 from cervscan.pipeline.runners import TorchRunner, torch_device
 from cervscan.pipeline.transforms import resize_square
-from cervscan.pipeline.vote import aggregate_patient, decide, make_variants, segment_region, weighted_score
+from cervscan.pipeline.vote import (
+    aggregate_patient,
+    decide,
+    make_variants,
+    segment_region,
+    weighted_score,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +73,6 @@ PATIENT_COLUMNS = ["patient_id", "decision", "score", "threshold", "n_images", "
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
     """The largest 8-connected component of a binary mask (uint8 0/1)."""
-    import cv2
-
     m = (mask > 0).astype(np.uint8)
     n, lab, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
     if n <= 2:
@@ -252,8 +259,6 @@ class Pipeline:
     # ---- step: segmentation (cervix finder and lesion segmenter share it)
     def _segment(self, role: str, images: list[np.ndarray], threshold: float) -> list[np.ndarray]:
         """Binary masks (uint8 0/1) at each image's own size."""
-        import cv2
-
         prob = self.runners[role].probabilities(images, activation="sigmoid")[:, 0]
         return [(cv2.resize(p, (im.shape[1], im.shape[0]), interpolation=cv2.INTER_LINEAR) > threshold).astype(np.uint8)
                 for im, p in zip(images, prob)]
@@ -464,7 +469,7 @@ def iter_decoded(items: list[tuple[str, Path]], cfg: ScreenConfig, decode) -> It
         return iter(())
     ds = _Decoder(items, decode)
     if cfg.num_workers > 0 and len(items) > 1:
-        import torch
+        import torch  # lazy: torch, out of the model commands (api imports this module)
 
         dl = torch.utils.data.DataLoader(ds, batch_size=1, shuffle=False, num_workers=cfg.num_workers,
                                          collate_fn=_first, prefetch_factor=4, persistent_workers=False)
@@ -500,9 +505,6 @@ class _Decoder:
 
 
 def _threaded(ds: _Decoder, lookahead: int) -> Iterator[dict]:
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
-
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cervscan-decode") as ex:
         pending: deque = deque()
         nxt = 0

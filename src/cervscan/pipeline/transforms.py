@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 
 def resize_square(img: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     """Resize (squash) an RGB uint8 image to ``size`` x ``size`` with area/linear interpolation."""
-    import cv2
-
     h, w = (size, size) if isinstance(size, int) else size
     interp = cv2.INTER_AREA if img.shape[0] > h or img.shape[1] > w else cv2.INTER_LINEAR
     return cv2.resize(img, (w, h), interpolation=interp)
@@ -16,7 +15,7 @@ def resize_square(img: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
 
 def to_tensor_batch(images: list[np.ndarray], mean, std):
     """List of HxWx3 uint8 (same size) -> normalised float tensor N x 3 x H x W."""
-    import torch
+    import torch  # lazy: torch, out of the model commands (api imports this module)
 
     arr = np.stack(images).astype(np.float32) / 255.0
     arr = (arr - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
@@ -27,8 +26,6 @@ def overlay(img: np.ndarray, mask: np.ndarray, color=(0, 255, 0), alpha: float =
             cervix: np.ndarray | None = None, cervix_color=(0, 170, 255), box=None) -> np.ndarray:
     """Translucent fill plus contour of a binary lesion mask on an RGB image; the cervix outline
     (``cervix`` mask) and the crop ``box`` (x0, y0, x1, y1) in ``cervix_color`` when given."""
-    import cv2
-
     out = img.copy()
     thick_c = max(1, round(max(img.shape[:2]) / 400))
     if cervix is not None and cervix.any():

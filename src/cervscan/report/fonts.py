@@ -119,7 +119,7 @@ def _read_cmap(path: Path, index: int) -> set[int]:
     """Code points of a TrueType-outline font (empty for PostScript/CFF outlines and bitmap-only fonts,
     which reportlab cannot embed, and for files that cannot be read)."""
     try:
-        from fontTools.ttLib import TTFont as FTFont  # a dependency of matplotlib
+        from fontTools.ttLib import TTFont as FTFont  # lazy: fontTools (optional)
 
         with FTFont(str(path), fontNumber=index, lazy=True) as f:
             return set(f.getBestCmap() or ()) if "glyf" in f else set()

@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import weakref
 
+import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 _TARGET_CACHE: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
@@ -80,8 +82,6 @@ def grad_cam(model: nn.Module, x: torch.Tensor, class_idx: int = 1, layer: nn.Mo
     its parameters and their ``.grad`` are left untouched; gradients are taken
     w.r.t. the feature map only, so the backward pass runs through the head only).
     """
-    import torch.nn.functional as F
-
     if x.dim() == 3:
         x = x.unsqueeze(0)
     if x.dim() != 4 or x.shape[0] != 1:
@@ -131,8 +131,6 @@ def grad_cam(model: nn.Module, x: torch.Tensor, class_idx: int = 1, layer: nn.Mo
 
 def heatmap_overlay(rgb: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarray:
     """Blend a colour-mapped (jet) ``cam`` (any size, values in [0, 1]) onto an RGB uint8 image."""
-    import cv2
-
     h, w = rgb.shape[:2]
     c = cv2.resize(np.asarray(cam, np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
     c8 = np.clip(c * 255.0 + 0.5, 0, 255).astype(np.uint8)

@@ -54,6 +54,7 @@ def write_reports(out: str | Path, *, patients: list[str] | None = None, clinic:
     with a hash suffix).
     """
     psize = _page_size(page_size)
+    _check_exam_date(exam_date)
     cfg = load_config_file(config_file) if config_file else {}
     so = load_screen_output(out)  # refuses tables that do not belong together
     known = [p.get("patient_id", "") for p in so.patients]
@@ -120,3 +121,15 @@ def _claim_outputs(so: ScreenOutput, rels: list[Path]) -> None:
     except OSError as e:
         raise CervscanError(f"{so.out}: cannot record the reports in the output folder's ledger "
                             f"({e.strerror or e}); make the output folder writable") from None
+
+
+def _check_exam_date(exam_date: str | None) -> None:
+    """An exam date given by hand must be a real calendar date, YYYY-MM-DD (it is printed on every report)."""
+    if exam_date is None:
+        return
+    try:
+        _dt.date.fromisoformat(exam_date.strip())
+    except ValueError:
+        raise CervscanError(f"--exam-date {exam_date!r}: not a date; give it as YYYY-MM-DD, e.g. 2026-12-08") from None
+    if len(exam_date.strip()) != 10:
+        raise CervscanError(f"--exam-date {exam_date!r}: give it as YYYY-MM-DD, e.g. 2026-12-08")

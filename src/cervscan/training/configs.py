@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from cervscan.config import DEFAULT_BRIGHTNESS, STUDY_WEIGHTS, VARIANT_SETS
+from cervscan.errors import CervscanError
 
 #: The classifier role's recipes: frozen ImageNet features + a regression (the shipped one), or fine-tuning.
 RECIPES = ("frozen", "finetune")
@@ -164,6 +165,68 @@ class StageTrainConfig:
     version: str = "0.0.0-local"
 
 
+_R = DecisionTrainConfig  # the frozen classifier recipe, whose defaults adapt keeps
+
+
+@dataclass
+class AdaptConfig:
+    """``cervscan adapt``: the patient decision made a site's own from its labelled visits
+    (:mod:`cervscan.training.adapt`). The classifier settings are the frozen recipe's
+    (:class:`DecisionTrainConfig`); the rest says how the site's data are checked and used."""
+
+    visits: str
+    labels: str
+    out: str
+    #: Models that screen the local visits (None: installed, else shipped); ``cls_model``: the decision the
+    #: adapted one is compared with (None: the installed one).
+    seg_model: str | None = None
+    cervix_model: str | None = None
+    stage_model: str | None = None
+    cls_model: str | None = None
+    target_sensitivity: float = _R.target_sensitivity
+    #: Exam stages that decide; None: the installed classifier's, unless its stage model would drop more than
+    #: ``max_stage_drop`` of the local images on stage (then every stage decides).
+    decision_stages: tuple[str, ...] | None = None
+    max_stage_drop: float = 0.30
+    #: False rejects the re-derived quality gate may make on the local originals (the shipped rule's budget).
+    false_reject_budget: float = 0.05
+    #: "auto": the better by mean cross-validated AUC of local-only and pooled (local + the shipped training
+    #: patients' features); "local" or "pooled": that one (both are measured and recorded either way).
+    pool: str = "auto"
+    #: The shipped training patients' features (None: ``classifier-training-features.npz`` of the weights).
+    training_features: str | None = None
+    #: Fewer patients than this in a class: refused unless ``force``; fewer than ``warn_per_class``: a warning.
+    min_per_class: int = 10
+    warn_per_class: int = 30
+    #: Learning curve: local training patients drawn ``curve_draws`` times per size, scored on the rest.
+    curve_sizes: tuple[int, ...] = (10, 20, 40)
+    curve_draws: int = 20
+    backbone: str = _R.backbone
+    input_size: int = _R.input_size
+    classify_view: str = _R.classify_view
+    variants: tuple[str, ...] = _R.variants
+    weights: tuple[float, ...] = _R.weights
+    train_variants: tuple[str, ...] = _R.train_variants
+    C: float = _R.C
+    folds: int = _R.folds
+    repeats: int = _R.repeats
+    seed: int = _R.seed
+    n_bootstrap: int = _R.n_bootstrap
+    cache_dir: str | None = None
+    threads: int = 0
+    name: str = "cervscan-decision-site"
+    version: str = "0.0.0-site"
+    #: Go on with too few patients, and write model.pt although the adapted decision fails its validation
+    #: (both recorded, and said on the card).
+    force: bool = False
+
+    def recipe(self, decision_stages: tuple[str, ...], **given) -> DecisionTrainConfig:
+        """The frozen recipe's settings of this run, with ``decision_stages``."""
+        own = {f.name for f in fields(DecisionTrainConfig)}
+        kw = {f.name: getattr(self, f.name) for f in fields(self) if f.name in own and f.name != "decision_stages"}
+        return DecisionTrainConfig(**{**kw, "decision_stages": tuple(decision_stages), **given})
+
+
 def default(cls, name: str):
     """The declared default of ``cls``'s field ``name`` (for option defaults and help texts)."""
     for f in fields(cls):
@@ -185,8 +248,6 @@ RECIPE_CONFIGS = {"frozen": DecisionTrainConfig, "finetune": ClsTrainConfig}
 def classifier_config(recipe: str = "frozen", **given):
     """The ``train-cls`` settings of ``recipe`` from the options given (the rest: the recipe's defaults). A setting
     that only the other recipe has is refused, naming it, rather than silently ignored."""
-    from cervscan.errors import CervscanError
-
     if recipe not in RECIPE_CONFIGS:
         raise CervscanError(f"--recipe must be one of {', '.join(RECIPES)}, not {recipe!r}")
     cls = RECIPE_CONFIGS[recipe]

@@ -6,17 +6,22 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from cervscan.config import VotingConfig
+from cervscan.config import ScreenConfig, VotingConfig
+from cervscan.device import resolve_device
 from cervscan.errors import CervscanError, DataError
-from cervscan.files import discover_visits, file_key
+from cervscan.files import atomic_write_npz, cache_root, discover_visits, file_key
+from cervscan.files import read_labels as _read_labels
+from cervscan.models import registry
+from cervscan.models.loading import load_model
+from cervscan.pipeline.steps import Pipeline
 from cervscan.training.configs import ClsTrainConfig
+from cervscan.training.validation import label_check
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +29,7 @@ log = logging.getLogger(__name__)
 def read_labels(path: str | Path, notes: list[dict] | None = None) -> list[dict]:
     """Labelled rows of ``labels.csv``; a missing source becomes ``all`` (``notes``: as
     :func:`cervscan.files.read_labels`)."""
-    from cervscan.files import read_labels as _read
-
-    rows, _ = _read(path, notes)
+    rows, _ = _read_labels(path, notes)
     return [{**r, "source": r["source"] or "all"} for r in rows]
 
 
@@ -45,18 +48,10 @@ class Sample:
 def preparation_pipeline(cfg: ClsTrainConfig):
     """The screening pipeline's models for data preparation: lesion segmenter, and the cervix finder when
     ``cfg.crop`` is ``cervix``. Returns the pipeline and what to record of its models."""
-    from dataclasses import replace
-
-    from cervscan.config import ScreenConfig
-    from cervscan.device import resolve_device
-    from cervscan.models.loading import load_model
-    from cervscan.pipeline.steps import Pipeline
-    from cervscan.models.registry import resolve
-
     dev = resolve_device(cfg.device)
-    refs = {"segmenter": resolve("segmenter", cfg.seg_model)}
+    refs = {"segmenter": registry.resolve("segmenter", cfg.seg_model)}
     if cfg.crop == "cervix":
-        refs["cervix"] = resolve("cervix", cfg.cervix_model)
+        refs["cervix"] = registry.resolve("cervix", cfg.cervix_model)
     models = {role: load_model(role, ref.path, dev, ref) for role, ref in refs.items()}
     seg_ck = models["segmenter"].ckpt
     base = ScreenConfig()
@@ -72,8 +67,6 @@ def prepare_samples(cfg: ClsTrainConfig, progress=None, checks: dict | None = No
     (cervix crop, lesion, segmented image at the input size); cached by model sha256s and settings.
     Returns samples and the models' info; the labels' check against the visit folders
     (:func:`cervscan.training.validation.label_check`) goes to ``checks["labels_check"]`` when given."""
-    from cervscan.training.validation import label_check
-
     notes: list[dict] = []
     rows = read_labels(cfg.labels, notes)
     labels = {r["patient_id"]: r for r in rows}
@@ -84,8 +77,6 @@ def prepare_samples(cfg: ClsTrainConfig, progress=None, checks: dict | None = No
         checks["labels_check"] = rec
     pipe, info = preparation_pipeline(cfg)
     S = cfg.input_size
-    from cervscan.files import cache_root
-
     cache = cache_root(cfg.cache_dir)
     c = pipe.cfg
     key_src = "|".join([f"{r}:{i['sha256']}" for r, i in sorted(info.items())] + [
@@ -110,9 +101,7 @@ def prepare_samples(cfg: ClsTrainConfig, progress=None, checks: dict | None = No
                 continue
             p = pipe.prepare([rgb], size=S)[0]
             orig, segm, empty, frac = p.original, p.segmented, p.empty_mask, p.lesion_fraction
-            tmp = cache / f".{key}.{os.getpid()}.tmp.npz"
-            np.savez(tmp, original=orig, segmented=segm, empty=empty, frac=frac)
-            tmp.replace(f)
+            atomic_write_npz(f, original=orig, segmented=segm, empty=empty, frac=frac)
         lab = labels[pid]
         samples.append(Sample(pid, path.name, lab["label"], lab["source"], orig, segm, empty, frac))
         if progress:

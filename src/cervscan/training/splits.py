@@ -12,6 +12,7 @@ import math
 from typing import Sequence
 
 import numpy as np
+from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from cervscan.errors import DataError
 
@@ -23,8 +24,6 @@ def strata(labels: Sequence, sources: Sequence) -> np.ndarray:
 
 def folds(strata_: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """``k`` stratified folds over the rows of ``strata_`` (train indices, validation indices)."""
-    from sklearn.model_selection import StratifiedKFold
-
     return list(StratifiedKFold(k, shuffle=True, random_state=seed).split(strata_, strata_))
 
 
@@ -57,8 +56,6 @@ def patient_folds(pids, y, src, k: int, seed: int) -> list[tuple[set, set]]:
 
 def patient_split(pids, y, src, val_fraction: float, seed: int) -> tuple[set, set]:
     """One stratified train / validation split of the patients (label x source, else label alone)."""
-    from sklearn.model_selection import train_test_split
-
     n_val = math.ceil(val_fraction * len(pids))  # how train_test_split counts a fractional test_size
 
     def splittable(st) -> bool:  # sklearn needs >= 2 per stratum and >= 1 per stratum on each side

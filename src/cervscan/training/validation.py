@@ -20,6 +20,7 @@ import logging
 import numpy as np
 
 from cervscan.errors import CervscanError
+from cervscan.metrics import bootstrap_auc_ci
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +48,7 @@ def classifier_validation(y_true, scores, *, method: str, n_bootstrap: int = 200
     Returns ``{auc, ci_low, ci_high, n_patients, n_severe, method, passed, forced, rule}``; ``forced`` is
     True when the classifier did not pass and ``force`` kept it anyway.
     """
-    from sklearn.metrics import roc_auc_score
-
-    from cervscan.metrics import bootstrap_auc_ci
+    from sklearn.metrics import roc_auc_score  # lazy: sklearn, out of --help
 
     y = np.asarray(y_true, dtype=int)
     S = np.atleast_2d(np.asarray(scores, dtype=float))

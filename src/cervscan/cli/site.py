@@ -1,0 +1,97 @@
+"""A site's own decision: ``cervscan adapt VISITS --labels CSV -o RUN`` (parse, call :func:`cervscan.api.adapt`,
+print). Option defaults come from :class:`cervscan.training.configs.AdaptConfig`: an option left out keeps the
+frozen classifier recipe's default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cervscan.cli.common import (
+    CervixOpt,
+    ClsOpt,
+    QuietOpt,
+    SegOpt,
+    StageOpt,
+    _fail,
+    _fast_malloc_reexec,
+    _setup_logging,
+    app,
+)
+from cervscan.cli.training import _fail_validation, _given, _names
+from cervscan.config import STAGES
+from cervscan.errors import CervscanError
+from cervscan.printout import console, err_console, screen_progress, shown
+from cervscan.training.configs import AdaptConfig
+from cervscan.training.configs import default as _D
+from cervscan.training.validation import ValidationFailed
+
+ADAPT_EXIT_CODES = (
+    "[b]Exit codes:[/b] 0 adapted: RUN/ holds model.pt, site.toml, metrics.json, comparison.json and adapt.md "
+    "(read adapt.md: 'installable' says whether the comparison with the installed decision allows installing it); "
+    "6 the adapted decision is no better than chance (the 95% CI of its cross-validated AUC includes 0.5): no "
+    "model.pt; 1 error (too few patients in a class, a labels problem, ...); 2 usage error."
+)
+
+
+@app.command("adapt", epilog=ADAPT_EXIT_CODES)
+def adapt_cmd(
+    visits: Annotated[Path, typer.Argument(help="The site's folder of visit folders (one per patient).")],
+    labels: Annotated[Path, typer.Option("--labels", help="CSV patient_id,label[,source] (as for evaluate; ',' or ';', any line ends).")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Run folder (RUN).")],
+    seg_model: SegOpt = None,
+    cervix_model: CervixOpt = None,
+    stage_model: StageOpt = None,
+    cls_model: ClsOpt = None,
+    target_sensitivity: Annotated[Optional[float], typer.Option(help=f"Operating point. Default {_D(AdaptConfig, 'target_sensitivity')}.")] = None,
+    stages: Annotated[Optional[str], typer.Option("--stages", help="Exam stages whose images decide (comma list). Default: the installed decision's, unless its stage model drops more than --max-stage-drop of the local images on stage (then all).")] = None,
+    max_stage_drop: Annotated[Optional[float], typer.Option(help=f"Share of the local images the stage model may drop on stage before every stage decides. Default {_D(AdaptConfig, 'max_stage_drop')}.")] = None,
+    pool: Annotated[Optional[str], typer.Option("--pool", help="auto (the better by cross-validated AUC) | local | pooled (with the shipped training patients). Default auto.")] = None,
+    folds: Annotated[Optional[int], typer.Option(help=f"Patient-wise cross-validation folds. Default {_D(AdaptConfig, 'folds')}.")] = None,
+    repeats: Annotated[Optional[int], typer.Option(help=f"Repeats of the cross-validation. Default {_D(AdaptConfig, 'repeats')}.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help=f"Default {_D(AdaptConfig, 'seed')}.")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Where image features are cached (default: the user cache folder).")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="Torch threads (default: torch's).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Go on with fewer than 10 patients in a class, and write model.pt although the adapted decision is no better than chance (both recorded; the card says so).")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Make the patient decision this site's own from its labelled visits: screen them with the installed models
+    (cached), re-derive the quality gate and stage policy, fit the decision (local only, or pooled with the
+    shipped training patients), choose its operating point, compare it with the installed decision on the same
+    patients, and write RUN/ with the site model card adapt.md."""
+    _fast_malloc_reexec()
+    _setup_logging(False, quiet)
+    from cervscan import api  # lazy: keeps torch out of --help
+
+    kw = _given(visits=str(visits), labels=str(labels), out=str(out), seg_model=seg_model, cervix_model=cervix_model,
+                stage_model=stage_model, cls_model=cls_model, target_sensitivity=target_sensitivity,
+                decision_stages=_names(stages, "--stages", STAGES), max_stage_drop=max_stage_drop, pool=pool,
+                folds=folds, repeats=repeats, seed=seed, cache_dir=str(cache_dir) if cache_dir else None,
+                threads=threads, force=force or None)
+    try:
+        with screen_progress() as cb:
+            m = api.adapt(**kw, progress=lambda done, total: cb("images", done, total))
+    except ValidationFailed as e:
+        _fail_validation(e)
+    except CervscanError as e:
+        _fail(e)
+    _print(m, out)
+
+
+def _print(m: dict, out: Path) -> None:
+    v, op = m["validation"], m["operating_point"]
+    for w in m["warnings"]:
+        err_console.print(f"[yellow]warning: {shown(w)}[/yellow]")
+    aucs = m["choice"]["auc_mean_of_repeats"]
+    console.print(f"adapted decision ({m['chosen']}; " + ", ".join(f"{k} AUC {a:.3f}" for k, a in aucs.items())
+                  + f"): cross-validated patient AUC {v['auc']:.3f} (95% CI {v['ci_low']:.3f}-{v['ci_high']:.3f}), "
+                  f"threshold {op['threshold']:.3f}: sensitivity {m['sensitivity_mean_of_repeats']:.2f}, specificity "
+                  f"{m['specificity_mean_of_repeats']:.2f} (in-sample); inadequate {len(m['inadequate_patients'])} of "
+                  f"{m['patients'] + len(m['inadequate_patients'])}; stages {', '.join(m['stage_policy']['stages'])}")
+    if m["installable"]:
+        console.print(f"[green]installable: the comparison with the installed decision allows it -> {shown(out)}/adapt.md[/green]")
+    else:
+        err_console.print("[bold red]NOT installable: " + shown("; ".join(m["not_installable_because"]))
+                          + f"[/bold red] (see {shown(out)}/adapt.md)")
