@@ -202,17 +202,20 @@ def run_naive(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    from cervscan.config import ScreenConfig, VotingConfig
+    from cervscan.config import GateConfig, ScreenConfig, VotingConfig
     from cervscan.files import atomic_write_csv, atomic_write_image, discover_visits, read_image
     from cervscan.models.networks import model_from_checkpoint, read_checkpoint
     from cervscan.pipeline.steps import (centre_box, cervix_box, crop_to_box, format_box, largest_component, paste_box)
-    from cervscan.pipeline.transforms import image_quality, overlay, quality_flags, resize_square, to_tensor_batch
+    from cervscan.pipeline.quality import measure, problems
+    from cervscan.pipeline.transforms import overlay, resize_square, to_tensor_batch
     from cervscan.pipeline.vote import decide, make_variants, segment_region, weighted_score
 
     c = dict(spec["config"])
     v = dict(c.pop("voting"))
     voting = VotingConfig(**{k: tuple(x) if isinstance(x, list) else x for k, x in v.items()})
-    cfg = ScreenConfig(**{k: x for k, x in c.items() if k in ScreenConfig.__dataclass_fields__}, voting=voting)
+    gate = GateConfig(**{k: tuple(x) if isinstance(x, list) else x for k, x in dict(c.pop("gate")).items()})
+    cfg = ScreenConfig(**{k: x for k, x in c.items() if k in ScreenConfig.__dataclass_fields__}, voting=voting,
+                       gate=gate)
     t_load = time.perf_counter()
     nets, cks = {}, {}
     for role, m in spec["models"].items():
@@ -240,7 +243,6 @@ def run_naive(spec: dict) -> dict:
         for pid, p in items:
             rgb = read_image(p, max_side=cfg.max_side, max_pixels=cfg.max_pixels, min_side=cfg.min_side).rgb
             h, w = rgb.shape[:2]
-            q = image_quality(rgb)
             stage = ""
             if "stage" in nets:
                 pr = torch.softmax(nets["stage"](net_input("stage", rgb)).float(), dim=1)[0].numpy()
@@ -253,6 +255,7 @@ def run_naive(spec: dict) -> dict:
                 box = centre_box(w, h, cfg.centre_crop)
             else:
                 box = (0, 0, w, h)
+            q = measure(rgb, cmask)  # the gate's measures, inside the cervix (as Pipeline.quality)
             crop = crop_to_box(rgb, box)
             lm = segment("segmenter", crop, voting.mask_threshold)
             reg = segment_region(crop, lm, voting)
@@ -271,7 +274,7 @@ def run_naive(spec: dict) -> dict:
             scores[f"{pid}/{p.name}"] = s
             records.append({"patient_id": pid, "image": p.name, "stage": stage, "cervix_found": found,
                             "crop_box": format_box(box), "score": s, "decision": decide(s, cfg.threshold),
-                            "quality_flags": ";".join(quality_flags(q))})
+                            "quality_flags": ";".join(problems(q, cfg.gate))})
     screen_s = time.perf_counter() - t
     r = _rss()
     atomic_write_csv(out / "images.csv", records, list(records[0]) if records else ["patient_id"])
@@ -518,7 +521,7 @@ def measure(a, tmp: Path, load_before) -> dict:
     # the configuration screen resolves (checkpoint < config file < options), shared by every path
     pipe = Pipeline.from_config(**{OPTION[r]: m["path"] for r, m in models.items()}, overrides=overrides,
                              device="cpu", batch_images=a.batch_images,
-                             config_file=str(config_file) if config_file else None)[0]
+                             config_file=str(config_file) if config_file else None)
     for role, m in models.items():
         lm = pipe.models.get(role)
         if lm is not None:
