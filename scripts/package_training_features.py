@@ -19,17 +19,13 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from cervscan import __version__  # noqa: E402
-from cervscan.files import atomic_write_npz  # noqa: E402
 from cervscan.models.registry import TRAINING_FEATURES, sha256_file  # noqa: E402
 from cervscan.training import classifier as frozen  # noqa: E402
 from cervscan.training.configs import DecisionTrainConfig  # noqa: E402
@@ -52,21 +48,7 @@ def main(argv=None) -> int:
     cfg = DecisionTrainConfig(visits=str(a.visits), labels=str(a.labels), out=str(w), cache_dir=str(a.cache_dir),
                               seg_model=str(w / "segmenter.pt"), cervix_model=str(w / "cervix.pt"),
                               stage_model=str(w / "stage.pt"))
-    lab, src, _, visits = frozen._labelled_visits(cfg)
-    items = [(v.patient_id, p) for v in visits for p in v.images]
-    pipe, refs = frozen._pipeline(cfg)
-    recs = frozen.extract(cfg, pipe, refs, items, frozen.backbone(cfg.backbone))
-    pats = frozen._patient_features(cfg, [v.patient_id for v in visits], items, recs, lab, src)
-    meta = {"what": "per training patient with an eligible image: the mean feature of the frozen backbone over "
-                    "the eligible images, per view", "recipe": {k: v for k, v in asdict(cfg).items() if k in (
-                        "backbone", "input_size", "classify_view", "variants", "decision_stages", "quality_gate")},
-            "gate": asdict(pipe.cfg.gate), "models": {r: refs[r].sha256 for r in ("stage", "cervix", "segmenter")},
-            "data": "../shared/data/visits (labels.csv)", "patients": len(pats.ids), "images": len(items),
-            "eligible_images": int(sum(1 for r in recs if r is not None and r["eligible"])),
-            "inadequate_patients": pats.inadequate, "cervscan_version": __version__}
-    atomic_write_npz(w / FILE, patient_id=np.array(pats.ids), label=pats.y.astype(np.int8),
-                     source=np.array(pats.source.tolist()), meta=np.array(json.dumps(meta, default=str)),
-                     **{v: pats.V[v].astype(np.float16) for v in cfg.train_variants})
+    meta, pats = frozen.write_training_features(cfg, w / FILE, data="../shared/data/visits (labels.csv)")
     man_path = w / "manifest.json"
     man = json.loads(man_path.read_text(encoding="utf-8"))
     entry = {"role": TRAINING_FEATURES, "file": FILE, "name": "cervscan-classifier-training-features",

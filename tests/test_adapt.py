@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from cervscan import api
 from cervscan.cli import app
-from cervscan.config import STAGES, GateConfig, ScreenConfig, VotingConfig, load_config_file
+from cervscan.config import GateConfig, ScreenConfig, VotingConfig, load_config_file
 from cervscan.errors import DataError, EXIT_ERROR, EXIT_NOT_VALIDATED
 from cervscan.files import read_labels
 from cervscan.metrics import paired_auc_delta
@@ -31,13 +31,15 @@ from cervscan.models import registry
 from cervscan.models.networks import read_checkpoint
 from cervscan.pipeline import quality
 from cervscan.training import classifier as frozen
+from cervscan.training.adapt_candidates import Candidate, candidates, select
 from cervscan.training.validation import ValidationFailed
 
 from conftest import write_image
 
 DIM = 1280
 STAGE_OF = ("saline", "acetic", "lugol")  # the three images of every synthetic visit, in order
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
 
 
 def flat(text: str) -> str:
@@ -167,14 +169,32 @@ def test_adapt_writes_what_the_site_needs(site, tmp_path):
     assert m["warnings"] and "fewer than 30" in m["warnings"][0]  # 20 severe patients
 
 
-def test_adapt_decides_from_all_stages_when_the_stage_model_drops_too_many(site, tmp_path):
+def test_adapt_measures_every_candidate_and_chooses_by_the_rule(site, tmp_path):
+    """No --stages, --gate or --pool: the four candidates (two stage policies x two gates, local only: no shipped
+    features here) are measured on the same folds and kept; the choice is the rule's on those numbers; the nested
+    cross-validation repeats the choice in each of the 5 outer folds."""
     m = api.adapt(**run_kwargs(site, tmp_path / "run", site["installed"]))
-    sp = m["stage_policy"]
-    assert sp["installed"] == ["acetic"] and sp["changed"] and sp["stages"] == list(STAGES)
-    assert sp["share"] == pytest.approx(2 / 3) and "every stage decides" in sp["why"]
-    assert sp["other"]["stages"] == ["acetic"] and set(sp["other"]["auc_mean_of_repeats"]) == {"local"}
+    rows = m["choice"]["candidates"]
+    assert [r["key"] for r in rows] == ["acetic/installed-gate/local", "acetic/site-gate/local",
+                                        "every-stage/installed-gate/local", "every-stage/site-gate/local"]
+    assert all(r["allowed"] and r["auc"] is not None for r in rows) and sum(r["chosen"] for r in rows) == 1
+    assert [r["departures"] for r in rows] == [0, 1, 1, 2]
+    key, _ = select(rows, margin=0.01, max_inadequate=0.10)
+    assert m["candidate"] == key == next(r["key"] for r in rows if r["chosen"])
+    # 1 image in 7 has strong glare, so the installed gate leaves too many patients without an eligible acetic image
+    assert rows[0]["inadequate_rate"] > 0.10 >= rows[1]["inadequate_rate"]
+    sp = m["stage_policy"]  # the stage model's drops are still reported
+    assert sp["installed"] == ["acetic"] and sp["share"] == pytest.approx(2 / 3) and key in sp["why"]
+    assert sp["stages"] == next(r["stages"] for r in rows if r["chosen"])
+    n = m["nested"]
+    assert 0.5 < n["auc"] <= 1 and n["ci_low"] <= n["auc"] <= n["ci_high"] and sum(n["chosen_in_outer_folds"].values()) == 5
     assert load_config_file(tmp_path / "run" / "site.toml")["decision_stages"] == sp["stages"]
-    assert "every stage decides" in (tmp_path / "run" / "adapt.md").read_text()
+    card = (tmp_path / "run" / "adapt.md").read_text()
+    assert "## Candidates" in card and all(r["key"] in card for r in rows) and "nested cross-validated AUC" in card
+    fixed = api.adapt(**run_kwargs(site, tmp_path / "run2", site["installed"], gate="installed"))
+    assert fixed["gate"]["chosen"] == "installed" and fixed["candidate"].endswith("/installed-gate/local")
+    assert [r["allowed"] for r in fixed["choice"]["candidates"]] == [True, False, True, False]
+    assert fixed["gate"]["site"] == fixed["gate"]["installed"] != fixed["gate"]["derived"]
 
 
 def test_adapt_pools_with_the_shipped_training_patients(site, tmp_path):
@@ -256,6 +276,48 @@ def test_paired_auc_delta_of_repeats_is_the_mean_of_the_rows():
     assert paired_auc_delta(y, a, a, n=50)["delta"] == 0.0
 
 
+def _row(key, auc, inadequate_rate=0.0, departures=0, allowed=True):
+    return {"key": key, "auc": auc, "inadequate_rate": inadequate_rate, "departures": departures, "allowed": allowed}
+
+
+def test_selection_keeps_the_installed_settings_unless_a_change_gains_more_than_the_margin():
+    installed, change, two = _row("inst", 0.80), _row("gate", 0.81, departures=1), _row("both", 0.805, departures=2)
+    assert select([installed, change, two], margin=0.01, max_inadequate=0.1)[0] == "inst"  # +0.01: a tie
+    assert select([installed, _row("gate", 0.8101, departures=1), two], margin=0.01, max_inadequate=0.1)[0] == "gate"
+    # among the tied, fewest departures first, then the higher AUC, then the candidates' order
+    rows = [_row("a", 0.70), _row("b", 0.90, departures=2), _row("c", 0.895, departures=1), _row("d", 0.899, departures=1)]
+    key, why = select(rows, margin=0.01, max_inadequate=0.1)
+    assert key == "d" and "best AUC 0.900" in why and "3 within 0.01" in why
+    assert select([_row("x", 0.8, departures=1), _row("y", 0.8, departures=1)], margin=0.0, max_inadequate=0.1)[0] == "x"
+    # a candidate the options fix out, or one that could not be measured, is never chosen
+    rows = [_row("inst", 0.6), _row("fixed-out", 0.99, allowed=False), _row("none", None)]
+    assert select(rows, margin=0.01, max_inadequate=0.1)[0] == "inst"
+    with pytest.raises(DataError, match="no candidate"):
+        select([_row("none", None), _row("nan", float("nan"))], margin=0.01, max_inadequate=0.1)
+
+
+def test_selection_caps_the_inadequate_share_unless_every_candidate_exceeds_it():
+    rows = [_row("inst", 0.90, inadequate_rate=0.18), _row("site", 0.70, inadequate_rate=0.10, departures=1),
+            _row("all", 0.75, inadequate_rate=0.0, departures=2)]
+    assert select(rows, margin=0.01, max_inadequate=0.10)[0] == "all"  # 0.10 is allowed, 0.18 is not
+    assert select(rows, margin=0.01, max_inadequate=0.20)[0] == "inst"
+    rows = [_row("inst", 0.80, inadequate_rate=0.3), _row("site", 0.85, inadequate_rate=0.2, departures=1)]
+    key, why = select(rows, margin=0.01, max_inadequate=0.10)
+    assert key == "site" and "every candidate leaves more than 10%" in why
+
+
+def test_candidates_follow_the_options_and_count_departures_from_the_installed_settings():
+    cfg = SimpleNamespace(decision_stages=None, gate="auto", pool="auto")
+    cs = candidates(cfg, ("acetic",), pooled=True)
+    assert len(cs) == 8 and all(c.allowed for c in cs)
+    assert {c.key: c.departures for c in cs}["acetic/installed-gate/pooled"] == 0
+    assert {c.key: c.departures for c in cs}["every-stage/site-gate/local"] == 3
+    cs = candidates(SimpleNamespace(decision_stages=("acetic", "lugol"), gate="site", pool="local"), ("acetic",), True)
+    assert len(cs) == 12 and [c.key for c in cs if c.allowed] == ["acetic+lugol/site-gate/local"]
+    assert [c.departures for c in candidates(cfg, ("acetic",), pooled=False)] == [0, 1, 1, 2]
+    assert isinstance(cs[0], Candidate)
+
+
 # --------------------------------------------------------------------------- labels CSV
 
 @pytest.mark.parametrize("sep, end, bom", [(",", "\r\n", True), (";", "\n", False), (";", "\r\n", True),
@@ -312,6 +374,39 @@ def test_cli_adapt_screens_with_a_classifier_of_another_kind(site, tmp_path, tin
     r = CliRunner().invoke(app, ["adapt", str(site["visits"]), "--labels", str(site["labels"]), "-o", str(out),
                                  "--pool", "sometimes"])
     assert r.exit_code == EXIT_ERROR and "--poolmustbeoneof" in flat(r.output)
+
+
+# --------------------------------------------------------------------------- benchmarks/site_curve.py
+
+def test_site_curve_on_a_tiny_site_with_a_pool_of_other_patients(tmp_path, monkeypatch):
+    """The benchmark's path on synthetic data: a site of the patients of one source, a pool of another's written
+    as a training-features file, adapt with its learning curve at two sizes (two draws), the RESULTS block and
+    the picture."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("site_curve_bench", REPO / "benchmarks" / "site_curve.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    s = make_site(tmp_path, n=100, severe=40)
+    fake_extraction(monkeypatch, s)
+    s["labels"].write_text("patient_id,label,source\n" + "".join(
+        f"{p},{y},{'pool' if i % 2 else 'site'}\n" for i, (p, y) in enumerate(s["y"].items())), encoding="utf-8")
+    inst = installed_checkpoint(tmp_path / "installed.pt", s["u"])
+    site = bench.split_site("tiny", s["visits"], s["labels"], "site", "pool", tmp_path / "work", None)
+    assert site["pool"].startswith("50 pool patients") and len(list(Path(site["visits"]).iterdir())) == 50
+    r = bench.run_site(site, tmp_path / "out", sizes=(10, 20), draws=2, cls_model=str(inst), repeats=1,
+                       n_bootstrap=200)
+    assert r["patients"] == 50 and r["severe"] == 20 and set(r["curve"]) == {"local", "pooled"}
+    for rows in r["curve"].values():
+        assert [x["train_patients"] for x in rows] == [10, 20, "all 50"] and rows[0]["draws"] == 2
+    text = bench.block([r], "python benchmarks/site_curve.py --tiny", 1.0, (10, 20), 2)
+    assert text.startswith(bench.START) and text.endswith(bench.END) and "| tiny | local |" in text
+    results = tmp_path / "RESULTS.md"
+    results.write_text(f"# Benchmarks\n\n{bench.START}\nOLD-BLOCK\n{bench.END}\n\nafter\n", encoding="utf-8")
+    bench.replace_block(bench.START, bench.END, text, path=results)
+    assert "OLD-BLOCK" not in results.read_text() and results.read_text().endswith("after\n")
+    bench.plot([r], tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").stat().st_size > 1000
 
 
 # --------------------------------------------------------------------------- real VIA patients

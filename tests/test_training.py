@@ -29,7 +29,7 @@ from cervscan.errors import CervscanError, DataError
 from cervscan.models.networks import read_checkpoint
 from cervscan.training.segmenter import ANNOCERV_GROUP_REGEX, SegTrainConfig, group_of, split_pairs, train_seg
 
-from conftest import read_csv, read_json
+from conftest import REPO_ROOT, read_csv, read_json
 
 # --------------------------------------------------------------------------- synthetic data
 
@@ -727,6 +727,43 @@ def test_train_cls_refuses_the_other_recipes_options(tmp_path):
 
 STAGE_RAW = {"acetic": "After application of acetic acid", "lugol": "After Lugol's iodine", "green": "Green filter",
              "saline": "After normal saline", "other": "Speculum examination"}
+
+
+# Every stage string of the two shared stage tables, with its class. visits/images.csv trains the shipped stage
+# model: none of its strings may change class. via-visits/images.csv (the VIA bank's order, inferred): "Before
+# acetic acid" is the cervix before any solution, the saline class, not acetic acid.
+VISITS_STAGES = {
+    "After Lugol's iodine": "lugol", "After acetic acid": "acetic",
+    "After acetic acid and pushing the polyp inside": "acetic",
+    "After acetic acid with endocervical speculum": "other", "After acetic acid with green filter": "green",
+    "After acetic acid with higher magnification": "acetic", "After normal saline": "saline",
+    "After normal saline with green filter": "green",
+    "After normal saline with green filter with higher magnification": "green",
+    "After normal saline with higher magnification": "saline", "Examination of endocervical canal": "other",
+    "Examination of endocervix": "other", "Examination of the vagina": "other",
+    "Examination with endocervical speculum": "other", "Speculum examination": "other",
+    "Speculum examination with higher magnification": "other", "Visualization of the SCJ": "other",
+    "Vulva after acetic acid": "other", "Vulva before acetic acid": "other"}
+VIA_STAGES = {"Before acetic acid (naked eye)": "saline", "After acetic acid (naked eye, VIA)": "acetic",
+              "After Lugol's iodine (naked eye, VILI)": "lugol"}
+
+
+@pytest.mark.parametrize("raw,expected", [*VISITS_STAGES.items(), *VIA_STAGES.items(), ("", None), ("  ", None),
+                                          ("before acetic acid", "saline"), ("AFTER ACETIC ACID", "acetic")])
+def test_stage_class_maps_every_recorded_stage(raw, expected):
+    from cervscan.training.stage import stage_class
+
+    assert stage_class(raw) == expected
+
+
+@pytest.mark.parametrize("table,expected", [("visits", VISITS_STAGES), ("via-visits", VIA_STAGES)])
+def test_stage_class_tables_cover_the_shared_stage_strings(table, expected):
+    """The tables above are every distinct stage of the shared data (so a new string gets a deliberate class)."""
+    path = REPO_ROOT.parent / "shared" / "data" / table / "images.csv"
+    if not path.is_file():
+        pytest.skip(f"{path} not available")
+    with open(path, newline="", encoding="utf-8") as f:
+        assert {r["stage"] for r in csv.DictReader(f)} == set(expected)
 
 
 def test_train_stage_on_tiny_visits(tmp_path):

@@ -11,12 +11,13 @@ from typing import Callable
 
 from cervscan import __version__
 from cervscan.batch import BatchResult, run_batch
-from cervscan.config import SETTINGS, check_layer, load_config_file
+from cervscan.config import SETTINGS, check_layer
 from cervscan.errors import CervscanError, DataError, exit_code_of
 from cervscan.device import resolve_device
 from cervscan.files import OutputLedger, atomic_write_csv, atomic_write_json, check_overlap, discover_visits, display_id, read_labels
 from cervscan.metrics import full_report, plot_confusion, plot_roc
 from cervscan.models import registry
+from cervscan.pipeline.build import config_layers
 from cervscan.pipeline.outputs import OutputWriter
 from cervscan.pipeline.steps import Pipeline
 from cervscan.pipeline.screening import decide_patient, probe_writable, refuse_overlapping_visits, run_record
@@ -49,17 +50,19 @@ def screen(paths: list[str | Path], out: str | Path, *, seg_model: str | None = 
            cervix_model: str | None = None, stage_model: str | None = None, use_stage: bool = True,
            config_file: str | None = None, overrides: dict | None = None, device: str | None = None,
            num_workers: int | None = None, batch_images: int | None = None, write_masks: bool = True,
-           write_overlays: bool = True, threads: int | None = None,
+           write_overlays: bool = True, threads: int | None = None, site: str | Path | None = None,
            progress: Callable[[str, int, int], None] | None = None) -> ScreenResult:
-    """Screen visit folders and write patients.csv, images.csv, masks, overlays and run.json to ``out``."""
+    """Screen visit folders and write patients.csv, images.csv, masks, overlays and run.json to ``out``.
+    ``site``: a ``cervscan adapt`` run folder, its model.pt the classifier and its site.toml the site settings
+    (:func:`cervscan.pipeline.build.config_layers`)."""
     import torch  # lazy: torch
 
     t0 = time.time()
     # a bad option, config file or device fails before anything is written
     given = {"num_workers": num_workers, "batch_images": batch_images}
     check_layer({**(overrides or {}), **{k: v for k, v in given.items() if v is not None}}, SETTINGS, "option")
-    file_cfg = load_config_file(config_file) if config_file else {}
-    spec = (overrides or {}).get("device") or device or file_cfg.get("device") or "auto"
+    _, _, site_cfg, file_cfg = config_layers(site=site, cls_model=cls_model, config_file=config_file)
+    spec = (overrides or {}).get("device") or device or file_cfg.get("device") or site_cfg.get("device") or "auto"
     if str(spec).strip().lower() not in ("auto", "cpu"):  # those two never fail; the pipeline resolves them
         resolve_device(spec)
     stray: list[tuple[Path, str]] = []
@@ -77,7 +80,8 @@ def screen(paths: list[str | Path], out: str | Path, *, seg_model: str | None = 
     pipe = Pipeline.from_config(
         seg_model=seg_model, cls_model=cls_model, cervix_model=cervix_model, stage_model=stage_model,
         config_file=config_file, overrides=overrides, device=device, num_workers=num_workers,
-        batch_images=batch_images, write_masks=write_masks, write_overlays=write_overlays, use_stage=use_stage)
+        batch_images=batch_images, write_masks=write_masks, write_overlays=write_overlays, use_stage=use_stage,
+        site=site)
     cfg = pipe.cfg
     t_loaded = time.time()
 
@@ -157,6 +161,9 @@ def evaluate(visits: list[str | Path], labels: str | Path, out: str | Path, *, n
     without a label are named (log) and listed in ``labels_check``. With ``cv_run``, ``in_sample`` says
     what the training run fitted on these same out-of-fold scores (calibration, threshold).
     """
+    if cv_run and screen_kwargs.get("site"):
+        raise CervscanError(f"--site {screen_kwargs['site']} and --cv-run {cv_run}: give one (--cv-run screens each "
+                            f"patient with its fold's classifier)")
     out = Path(out)
     lab_path = Path(labels)
     label_notes: list[dict] = []
@@ -187,7 +194,7 @@ def evaluate(visits: list[str | Path], labels: str | Path, out: str | Path, *, n
         "patients_inadequate": len(inadequate), "inadequate": inadequate,
         "quality_gate": run.get("quality_gate", True),
         "models": {k: {"label": v["label"], "sha256": v["sha256"], "path": v["path"]} for k, v in run["models"].items()},
-        "operating_point": run["models"]["classifier"].get("operating_point"),
+        "operating_point": run["models"]["classifier"].get("operating_point"), "site": run.get("site"),
         "labels": str(lab_path), "visits": [str(v) for v in visits], "bootstrap": {"n": n_bootstrap, "seed": seed},
         "labels_check": labels_check,
         "cv_run": str(cv_run) if cv_run else None,
@@ -347,13 +354,14 @@ def batch(root: str | Path, out: str | Path, **kwargs) -> BatchResult:
 def models_list() -> dict:
     """``cervscan models list``: ``rows``, every shipped and installed model (its manifest entry with
     ``source``, ``tag``, ``folder`` and ``in_use``: whether screening uses it now), and ``active``, per role the
-    model screening uses now as (folder, source), or ("", "error: ...") when none resolves."""
+    model screening uses now as (folder, source), or ("", "error: ...") when none resolves; ``settings``: the site
+    settings installed with the classifier in use (("", "none") without)."""
     rows = registry.list_models()
     active: dict[str, tuple[str, str]] = {}
-    for role in registry.ROLES:
+    for role in (*registry.ROLES, registry.SITE_ROLE):
         try:
-            r = registry.resolve(role)
-            active[role] = (str(r.path.parent), r.source)
+            r = registry.resolve(role) if role != registry.SITE_ROLE else registry.installed_settings()
+            active[role] = (str(r.path.parent), r.source) if r else ("", "none (the classifier's own settings)")
         except CervscanError as e:
             active[role] = ("", f"error: {e}")
     rows = [{**r, "in_use": active.get(r["role"], ("", ""))[0] == str(Path(r["folder"]))} for r in rows]
@@ -363,12 +371,14 @@ def models_list() -> dict:
 def models_install(runs: list[str | Path], *, name: str | None = None, force: bool = False) -> dict:
     """``cervscan models install``: each checkpoint loaded as screening loads it, a classifier's validation
     checked (``force`` installs one that failed), then copied and made the default for its role
-    (:func:`cervscan.models.registry.install`). Returns role -> folder, sha256 (and ``forced``)."""
+    (:func:`cervscan.models.registry.install`); an adapt run's classifier with its site settings (refused when the
+    run records ``installable: false``, unless ``force``). Returns role -> folder, sha256 (and ``forced``)."""
     return registry.install([Path(r) for r in runs], name=name, force=force)
 
 
 def models_rollback(role: str | None = None) -> dict:
-    """``cervscan models rollback``: back to the shipped model of ``role`` (default every role)."""
+    """``cervscan models rollback``: back to the shipped model of ``role`` (default every role); the site
+    settings installed with a classifier go with it."""
     return registry.rollback(role)
 
 

@@ -23,7 +23,7 @@ from cervscan import files as cio
 from cervscan.batch.journal import Stored
 from cervscan.config import ScreenConfig
 from cervscan.errors import CervscanError
-from cervscan.models.registry import resolve
+from cervscan.models.registry import resolve, site_files
 from cervscan.pipeline.screening import refuse_overlapping_visits
 
 log = logging.getLogger(__name__)
@@ -70,10 +70,15 @@ def inputs_key(opts: dict) -> str:
     """A key of everything the resolved models and configuration depend on, computed without torch: each
     role's resolved file and sha256 (or why none resolves), the config file's bytes, the options, the
     default screening configuration and the cervscan version. Equal keys mean equal models and
-    configuration fingerprints (the converse need not hold)."""
+    configuration fingerprints (the converse need not hold). The site settings (``--site RUN`` or installed with
+    the classifier, :func:`~cervscan.models.registry.site_files`) count as a model file."""
     models: dict[str, Any] = {}
-    roles = {"segmenter": opts.get("seg_model"), "classifier": opts.get("cls_model"),
-             "cervix": opts.get("cervix_model")}
+    try:
+        cls_model, site_ref = site_files(opts.get("site"), opts.get("cls_model"))
+        site = [str(site_ref.path), site_ref.sha256] if site_ref else None
+    except CervscanError as e:
+        cls_model, site = opts.get("cls_model"), f"unresolved: {e}"
+    roles = {"segmenter": opts.get("seg_model"), "classifier": cls_model, "cervix": opts.get("cervix_model")}
     if opts.get("use_stage", True):
         roles["stage"] = opts.get("stage_model")
     for role, explicit in roles.items():
@@ -92,7 +97,7 @@ def inputs_key(opts: dict) -> str:
     defaults = {k: v for k, v in ScreenConfig().to_dict().items() if k not in RUNTIME_ONLY}  # the code's own
     other = {k: v for k, v in opts.items() if k not in ("device", "num_workers", "batch_images", "config_file")}
     return _digest({"models": models, "config_file": cfg, "options": other, "defaults": defaults,
-                    "cervscan": __version__})
+                    "cervscan": __version__, **({"site": site} if site else {})})
 
 
 # --------------------------------------------------------------------------- plan

@@ -34,9 +34,9 @@ from cervscan.batch.planner import (
 )
 from cervscan.batch.screener import Screener
 from cervscan.batch.tables import write_tables
-from cervscan.config import load_config_file
 from cervscan.device import resolve_device
 from cervscan.errors import CervscanError, exit_code_of
+from cervscan.pipeline.build import config_layers
 from cervscan.pipeline.outputs import TABLES, OutputWriter
 from cervscan.pipeline.screening import run_record as screen_run_record
 from cervscan.pipeline.steps import Pipeline
@@ -59,11 +59,12 @@ class BatchResult:
 
 
 def check_inputs(root: Path, config_file, overrides: dict | None, device: str | None,
-                  out: Path | None = None) -> None:
-    """Fail before anything is written: a bad config file, an unavailable device, a missing ROOT, an OUT
-    that is ROOT, lies inside it or holds it."""
-    file_cfg = load_config_file(config_file) if config_file else {}
-    spec = (overrides or {}).get("device") or device or file_cfg.get("device") or "auto"
+                  out: Path | None = None, site=None, cls_model: str | None = None) -> None:
+    """Fail before anything is written: a bad config file or site (``--site RUN`` without its files, or with
+    ``--cls-model``; bad site settings), an unavailable device, a missing ROOT, an OUT that is ROOT, lies
+    inside it or holds it."""
+    _, _, site_cfg, file_cfg = config_layers(site=site, cls_model=cls_model, config_file=config_file)
+    spec = (overrides or {}).get("device") or device or file_cfg.get("device") or site_cfg.get("device") or "auto"
     if str(spec).strip().lower() not in ("auto", "cpu"):  # those two never fail; checking imports torch
         resolve_device(spec)
     if not root.is_dir():
@@ -80,7 +81,8 @@ def run_batch(root: str | Path, out: str | Path, *, seg_model: str | None = None
               num_workers: int | None = None, batch_images: int | None = None, write_masks: bool = True,
               write_overlays: bool = True, wait: bool = False, wait_timeout: float | None = None,
               report: bool = False, report_options: dict | None = None, csv_every: int = CSV_EVERY,
-              log_file: str | Path | None = None, console_level: int = logging.NOTSET) -> BatchResult:
+              log_file: str | Path | None = None, console_level: int = logging.NOTSET,
+              site: str | Path | None = None) -> BatchResult:
     """Screen what is new or changed under ``root`` into ``out`` (see :mod:`cervscan.batch`).
 
     The model and configuration arguments are those of :meth:`cervscan.pipeline.steps.Pipeline.from_config`. ``wait``:
@@ -99,8 +101,9 @@ def run_batch(root: str | Path, out: str | Path, *, seg_model: str | None = None
         opts = dict(seg_model=seg_model, cls_model=cls_model, cervix_model=cervix_model, stage_model=stage_model,
                     use_stage=use_stage, config_file=str(config_file) if config_file else None,
                     overrides=dict(overrides or {}), device=device, num_workers=num_workers,
-                    batch_images=batch_images, write_masks=write_masks, write_overlays=write_overlays)
-        check_inputs(root, config_file, overrides, device, out)
+                    batch_images=batch_images, write_masks=write_masks, write_overlays=write_overlays,
+                    site=str(site) if site else None)
+        check_inputs(root, config_file, overrides, device, out, site, cls_model)
         prepare_out(out)
         with BatchLock(out / STATE_DIR / LOCK_NAME) as lock:
             waited = lock.acquire(wait=wait or wait_timeout is not None, timeout=wait_timeout)

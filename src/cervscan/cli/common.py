@@ -108,6 +108,10 @@ BrightFlipOpt = Annotated[Optional[bool], typer.Option("--brightness-from-flippe
                                                        help="Build variants 5/6 from the flipped images.")]
 VariantsOpt = Annotated[Optional[str], typer.Option("--variants", help="all | original | original+segmented | comma list of variant names.")]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="JSON or TOML file with screening settings.")]
+SiteOpt = Annotated[Optional[Path], typer.Option(
+    "--site", help="A 'cervscan adapt' run folder (RUN): screen with its model.pt as the classifier and its site.toml "
+    "as the site settings (gate thresholds, decision stages, threshold; --config, --set and the named options go "
+    "over them). Not with --cls-model.")]
 NoGateOpt = Annotated[bool, typer.Option("--no-quality-gate", help="Score every image, also blurred, badly exposed, "
                                          "wrong-stage or cervix-less ones (research; recorded in run.json).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option(
@@ -125,7 +129,7 @@ SCREENING_OPTIONS = {
     "device": (DeviceOpt, None), "threshold": (ThresholdOpt, None), "weights": (WeightsOpt, None),
     "brightness": (BrightOpt, None), "brightness_from_flipped": (BrightFlipOpt, None),
     "variants": (VariantsOpt, None), "config": (ConfigOpt, None), "no_quality_gate": (NoGateOpt, False),
-    "settings": (SetOpt, None),
+    "settings": (SetOpt, None), "site": (SiteOpt, None),
 }
 
 
@@ -140,10 +144,15 @@ def _screening_options(command):
             continue
         params += [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=ann, default=dflt)
                    for name, (ann, dflt) in SCREENING_OPTIONS.items()]
+        params.append(inspect.Parameter("screening_ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                        annotation=typer.Context, default=None))  # where each option came from
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        ctx = kwargs.pop("screening_ctx", None)
         opts = {name: kwargs.pop(name) for name in SCREENING_OPTIONS}
+        opts["from_env"] = {name for name in SCREENING_OPTIONS
+                            if ctx is not None and getattr(ctx.get_parameter_source(name), "name", "") == "ENVIRONMENT"}
         return command(*args, opts=opts, **kwargs)
 
     wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
@@ -151,10 +160,24 @@ def _screening_options(command):
 
 
 def _screening_kwargs(opts: dict) -> dict:
-    """The keyword arguments that screen, evaluate and batch pass to ``api`` alike: models, config file, device
-    and the settings given as options (named ones and ``--set``). A malformed ``--weights``, ``--variants`` or
-    ``--set``, or a setting given twice, raises CervscanError; values are checked against the settings table
-    by ``api`` (exit 1, naming the option)."""
+    """The keyword arguments that screen, evaluate and batch pass to ``api`` alike: models, site, config file,
+    device and the settings given as options (named ones and ``--set``). A malformed ``--weights``, ``--variants``
+    or ``--set``, a setting given twice, or ``--site`` with ``--cls-model`` is a usage error (exit 2; ``--site``
+    wins over ``$CERVSCAN_CLS_MODEL``); values are checked against the settings table by ``api`` (exit 1, naming
+    the option), and so are the site's files."""
+    try:
+        return _parse_screening(opts)
+    except CervscanError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+def _parse_screening(opts: dict) -> dict:
+    cls_model = opts["cls_model"]
+    if opts["site"] and cls_model:
+        if "cls_model" not in opts.get("from_env", ()):
+            raise CervscanError(f"--site {opts['site']} and --cls-model {cls_model}: give one (--site screens with "
+                                f"{Path(opts['site']) / 'model.pt'}, the classifier its site.toml belongs to)")
+        cls_model = None  # --site, an option, wins over $CERVSCAN_CLS_MODEL
     o: dict = parse_set(opts["settings"])
     named = {"quality_gate": False if opts["no_quality_gate"] else None, "crop": opts["crop"],
              "threshold": opts["threshold"], "weights": parse_weights(opts["weights"]) if opts["weights"] else None,
@@ -165,8 +188,8 @@ def _screening_kwargs(opts: dict) -> dict:
             if key in o:
                 raise CervscanError(f"{key} given twice: by --set {key} and by its own option")
             o[key] = value
-    return {"seg_model": opts["seg_model"], "cls_model": opts["cls_model"], "cervix_model": opts["cervix_model"],
+    return {"seg_model": opts["seg_model"], "cls_model": cls_model, "cervix_model": opts["cervix_model"],
             "stage_model": opts["stage_model"], "use_stage": not opts["no_stage"], "config_file": opts["config"],
-            "overrides": o, "device": opts["device"]}
+            "overrides": o, "device": opts["device"], "site": opts["site"]}
 
 

@@ -26,18 +26,21 @@ def models_list() -> None:
 
 @models_app.command("install")
 def models_install(
-    runs: Annotated[list[Path], typer.Argument(help="train-seg / train-cls run folders (or model.pt files).")],
+    runs: Annotated[list[Path], typer.Argument(help="train-seg / train-cls / adapt run folders (or model.pt files).")],
     name: Annotated[Optional[str], typer.Option(help="Tag prefix.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Also install a classifier whose recorded validation failed "
-                                        "(no better than chance) or that records none.")] = False,
+                                        "(no better than chance) or that records none, or an adapt run that "
+                                        "records installable: false (recorded in the manifest).")] = False,
 ) -> None:
     """Install retrained model(s) as the default for 'screen' (user data dir, sha256 recorded).
 
     Each checkpoint is loaded fully first; a classifier must record a passed validation (better than chance
-    on held-out patients), unless --force."""
+    on held-out patients), unless --force. An adapt run (RUN with model.pt and site.toml) installs its classifier
+    and its site settings together; refused when RUN records installable: false, unless --force."""
     res = _api("models_install", runs, name=name, force=force)
     for role, info in res.items():
-        console.print(f"installed {role}: {info['folder']} (sha256 {info['sha256'][:12]})")
+        what = "site settings" if role == "settings" else role
+        console.print(f"installed {what}: {info['folder']} (sha256 {info['sha256'][:12]})")
         if info.get("forced"):
             err_console.print(f"[bold red]warning: {role} installed because of --force although {info['forced']}; "
                               f"'cervscan models rollback --role {role}' returns to the shipped one[/bold red]")
@@ -47,9 +50,11 @@ def models_install(
 def models_rollback(
     role: Annotated[Optional[str], typer.Option(help="stage | cervix | segmenter | classifier (default all).")] = None,
 ) -> None:
-    """Go back to the shipped models (installed files are kept)."""
+    """Go back to the shipped models (installed files are kept); site settings installed with a classifier go
+    with it."""
     _api("models_rollback", role)
-    console.print("screen now uses the shipped model(s)" + (f" for {role}" if role else ""))
+    console.print("screen now uses the shipped model(s)" + (f" for {role}" if role else "")
+                  + (" and no site settings" if role in (None, "classifier") else ""))
 
 
 @models_app.command("use")

@@ -52,10 +52,7 @@ def screen(
     _setup_logging(verbose, quiet or as_json)
     from cervscan import api  # lazy: keeps cv2, PIL and reportlab out of --help
 
-    try:
-        kw = _screening_kwargs(opts)
-    except CervscanError as e:  # a malformed --variants / --weights / --set value is a usage error (exit 2)
-        raise typer.BadParameter(str(e)) from None
+    kw = _screening_kwargs(opts)  # a malformed --variants / --weights / --set, or --site with --cls-model: exit 2
     kw |= {"num_workers": workers, "write_masks": not no_masks, "write_overlays": not no_masks}
     try:
         if quiet or as_json:
@@ -130,10 +127,7 @@ def batch(
     _setup_logging(verbose, quiet or as_json)
     from cervscan import api  # lazy: keeps cv2, PIL and reportlab out of --help
 
-    try:
-        kw = _screening_kwargs(opts)
-    except CervscanError as e:  # a malformed --variants / --weights / --set value is a usage error (exit 2)
-        raise typer.BadParameter(str(e)) from None
+    kw = _screening_kwargs(opts)  # a malformed --variants / --weights / --set, or --site with --cls-model: exit 2
 
     def fail(e: Exception, code: int) -> None:
         if as_json:

@@ -46,9 +46,10 @@ def adapt_cmd(
     stage_model: StageOpt = None,
     cls_model: ClsOpt = None,
     target_sensitivity: Annotated[Optional[float], typer.Option(help=f"Operating point. Default {_D(AdaptConfig, 'target_sensitivity')}.")] = None,
-    stages: Annotated[Optional[str], typer.Option("--stages", help="Exam stages whose images decide (comma list). Default: the installed decision's, unless its stage model drops more than --max-stage-drop of the local images on stage (then all).")] = None,
-    max_stage_drop: Annotated[Optional[float], typer.Option(help=f"Share of the local images the stage model may drop on stage before every stage decides. Default {_D(AdaptConfig, 'max_stage_drop')}.")] = None,
-    pool: Annotated[Optional[str], typer.Option("--pool", help="auto (the better by cross-validated AUC) | local | pooled (with the shipped training patients). Default auto.")] = None,
+    stages: Annotated[Optional[str], typer.Option("--stages", help="Exam stages whose images decide (comma list). Default: chosen by the selection rule between the installed decision's stages and every stage (see adapt.md).")] = None,
+    gate: Annotated[Optional[str], typer.Option("--gate", help="Quality gate thresholds: auto (chosen by the selection rule) | site (re-derived from the site's images) | installed. Default auto.")] = None,
+    pool: Annotated[Optional[str], typer.Option("--pool", help="auto (chosen by the selection rule) | local | pooled (with the shipped training patients). Default auto.")] = None,
+    max_inadequate: Annotated[Optional[float], typer.Option(help=f"Selection rule: a setting leaving more than this share of the local patients inadequate is not chosen (unless all do). Default {_D(AdaptConfig, 'max_inadequate')}.")] = None,
     folds: Annotated[Optional[int], typer.Option(help=f"Patient-wise cross-validation folds. Default {_D(AdaptConfig, 'folds')}.")] = None,
     repeats: Annotated[Optional[int], typer.Option(help=f"Repeats of the cross-validation. Default {_D(AdaptConfig, 'repeats')}.")] = None,
     seed: Annotated[Optional[int], typer.Option(help=f"Default {_D(AdaptConfig, 'seed')}.")] = None,
@@ -58,16 +59,17 @@ def adapt_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Make the patient decision this site's own from its labelled visits: screen them with the installed models
-    (cached), re-derive the quality gate and stage policy, fit the decision (local only, or pooled with the
-    shipped training patients), choose its operating point, compare it with the installed decision on the same
-    patients, and write RUN/ with the site model card adapt.md."""
+    (cached), measure every candidate setting (stage policy x gate thresholds x local or pooled fit) on the same
+    local folds and choose one by the selection rule (nested cross-validation estimates the choice), choose its
+    operating point, compare it with the installed decision on the same patients, and write RUN/ with the site
+    model card adapt.md."""
     _fast_malloc_reexec()
     _setup_logging(False, quiet)
     from cervscan import api  # lazy: keeps torch out of --help
 
     kw = _given(visits=str(visits), labels=str(labels), out=str(out), seg_model=seg_model, cervix_model=cervix_model,
                 stage_model=stage_model, cls_model=cls_model, target_sensitivity=target_sensitivity,
-                decision_stages=_names(stages, "--stages", STAGES), max_stage_drop=max_stage_drop, pool=pool,
+                decision_stages=_names(stages, "--stages", STAGES), gate=gate, pool=pool, max_inadequate=max_inadequate,
                 folds=folds, repeats=repeats, seed=seed, cache_dir=str(cache_dir) if cache_dir else None,
                 threads=threads, force=force or None)
     try:
@@ -81,13 +83,15 @@ def adapt_cmd(
 
 
 def _print(m: dict, out: Path) -> None:
-    v, op = m["validation"], m["operating_point"]
+    v, op, n = m["validation"], m["operating_point"], m["nested"]
     for w in m["warnings"]:
         err_console.print(f"[yellow]warning: {shown(w)}[/yellow]")
-    aucs = m["choice"]["auc_mean_of_repeats"]
-    console.print(f"adapted decision ({m['chosen']}; " + ", ".join(f"{k} AUC {a:.3f}" for k, a in aucs.items())
-                  + f"): cross-validated patient AUC {v['auc']:.3f} (95% CI {v['ci_low']:.3f}-{v['ci_high']:.3f}), "
-                  f"threshold {op['threshold']:.3f}: sensitivity {m['sensitivity_mean_of_repeats']:.2f}, specificity "
+    est = (f"nested cross-validated AUC {n['auc']:.3f} (95% CI {n['ci_low']:.3f}-{n['ci_high']:.3f}; the estimate); "
+           if "auc" in n else "")
+    console.print(f"adapted decision ({m['chosen']}; candidate {m['candidate']}, chosen among "
+                  f"{m['choice']['allowed']} by the rule): {est}the chosen setting's own cross-validated AUC "
+                  f"{v['auc']:.3f} (95% CI {v['ci_low']:.3f}-{v['ci_high']:.3f}), threshold {op['threshold']:.3f}: "
+                  f"sensitivity {m['sensitivity_mean_of_repeats']:.2f}, specificity "
                   f"{m['specificity_mean_of_repeats']:.2f} (in-sample); inadequate {len(m['inadequate_patients'])} of "
                   f"{m['patients'] + len(m['inadequate_patients'])}; stages {', '.join(m['stage_policy']['stages'])}")
     if m["installable"]:

@@ -9,6 +9,10 @@ Resolution order for each role (stage, cervix, segmenter, classifier):
    (``platformdirs.user_data_dir("cervscan")/models``, or ``$CERVSCAN_HOME/models``);
 4. the shipped defaults (``weights/`` of the source tree, installed as package data).
 
+The site settings of a ``cervscan adapt`` run (``site.toml``) are installed with its classifier, in the same
+folder (manifest role ``settings``), and are used exactly when that installed classifier is
+(:func:`site_files`): rollback, ``use`` or another install of the classifier take them along.
+
 Nothing is ever downloaded. A file listed in a manifest must match its sha256,
 otherwise loading is refused.
 """
@@ -25,14 +29,14 @@ from pathlib import Path
 
 from platformdirs import user_data_dir
 
-from cervscan.config import CROP_MODES, resolve_choice, voting_from
+from cervscan.config import CROP_MODES, load_config_file, resolve_choice, voting_from
 from cervscan.errors import (
     CervscanError,
     CheckpointError,
     ChecksumError,
     ModelNotFoundError,
 )
-from cervscan.files import atomic_write_json, atomic_write_with
+from cervscan.files import atomic_write_bytes, atomic_write_json, atomic_write_with
 from cervscan.models.loading import (  # ROLES: the model roles, declared there once
     ROLES,
     load_model,
@@ -160,6 +164,50 @@ def shipped_file(role: str) -> ResolvedModel | None:
             if r:
                 return r
     return None
+
+
+#: The site settings of a ``cervscan adapt`` run (``RUN/site.toml``: gate thresholds, decision stages, threshold):
+#: ``screen --site RUN`` reads them beside ``RUN/model.pt``; ``models install RUN`` installs them with the classifier,
+#: as this manifest role in the classifier's installed folder.
+SITE_ROLE, SITE_FILE = "settings", "site.toml"
+
+
+def site_files(site: str | Path | bool | None = None,
+               cls_model: str | Path | None = None) -> tuple[str | None, ResolvedModel | None]:
+    """The classifier (an explicit path, or None: resolved as usual) and the site settings a screening uses,
+    decided here once.
+
+    ``site`` (``--site RUN``, a ``cervscan adapt`` run folder): ``RUN/model.pt`` and ``RUN/site.toml``; a missing
+    one, or ``cls_model`` given too, is a CervscanError naming it. ``site=False``: no site settings. ``site=None``:
+    the site settings installed with the classifier (:func:`install` of an adapt run) when screening uses that
+    installed classifier, else none (another classifier brings no site settings: they belong to theirs)."""
+    if site is False:
+        return (str(cls_model) if cls_model else None), None
+    if site:
+        run = Path(site)
+        if cls_model:
+            raise CervscanError(f"--site {run} and --cls-model {cls_model}: give one (--site screens with "
+                                f"{run / 'model.pt'}, the classifier its {SITE_FILE} belongs to)")
+        if not run.is_dir():
+            raise ModelNotFoundError(f"{run}: not a folder; --site takes a 'cervscan adapt' run folder (RUN)")
+        for name in ("model.pt", SITE_FILE):
+            if not (run / name).is_file():
+                raise ModelNotFoundError(f"{run / name}: not found; --site needs a 'cervscan adapt' run folder with "
+                                         f"model.pt and {SITE_FILE}")
+        settings = run / SITE_FILE
+        return str(run / "model.pt"), ResolvedModel(SITE_ROLE, settings, "option", sha256_file(settings), False,
+                                                    {"name": run.resolve().name})
+    return (str(cls_model) if cls_model else None), (None if cls_model else installed_settings())
+
+
+def installed_settings() -> ResolvedModel | None:
+    """The site settings installed with the classifier screening uses now (sha256 checked), or None when that
+    classifier is not an installed one or was installed without site settings."""
+    try:
+        ref = resolve("classifier")
+    except CervscanError:  # no classifier: the pipeline says so when it loads one
+        return None
+    return _from_folder(ref.path.parent, SITE_ROLE, "installed") if ref.source == "installed" else None
 
 
 def current_pointer() -> Path:
@@ -293,10 +341,31 @@ def _read_for_install(rd: Path) -> tuple[str, Path, dict]:
                                     "target", "classes", "crop", "validation", "train_summary",
                                     "cervscan_version")}
     meta["_checked_sha256"] = checked_sha
-    problem = install_problem(ck) if kind == "classifier" else None
-    if problem:
-        meta["installed_with_force"] = problem
+    settings, site_problem = _site_for_install(f, ck) if kind == "classifier" else (None, None)
+    problems = [p for p in (install_problem(ck) if kind == "classifier" else None, site_problem) if p]
+    if problems:
+        meta["installed_with_force"] = "; ".join(problems)
+    if settings:
+        meta["_settings"] = (settings, sha256_file(settings))
     return kind, f, meta
+
+
+def _site_for_install(f: Path, ck: dict) -> tuple[Path | None, str | None]:
+    """For the classifier of a ``cervscan adapt`` run (a checkpoint recording its ``site``): the site settings
+    beside it (``site.toml``, checked as any config file is) and why it must not become the default without
+    --force (the run records ``installable: false``, with its reasons). (None, None) for any other checkpoint."""
+    site = ck.get("site")
+    if not isinstance(site, dict):
+        return None, None
+    toml = f.parent / SITE_FILE
+    if not toml.is_file():
+        raise ModelNotFoundError(f"{toml}: not found; the classifier of a 'cervscan adapt' run installs together "
+                                 f"with its {SITE_FILE} (gate thresholds, decision stages, threshold)")
+    load_config_file(toml)
+    if site.get("installable") is not False:
+        return toml, None
+    why = "; ".join(str(w) for w in site.get("not_installable_because") or ()) or "no reason recorded"
+    return toml, f"its adapt run records installable: false ({why})"
 
 
 def install(run_dirs: list[Path], *, name: str | None = None, force: bool = False) -> dict:
@@ -316,8 +385,8 @@ def install(run_dirs: list[Path], *, name: str | None = None, force: bool = Fals
         check_usable(f, kind)
         if meta.get("installed_with_force") and not force:
             raise CheckpointError(f"{f}: not installed: {meta['installed_with_force']}. A classifier no better than "
-                                  f"chance could send severe patients home; install it anyway only knowingly, "
-                                  f"with --force")
+                                  f"chance, or worse than the installed one, could send severe patients home; install "
+                                  f"it anyway only knowingly, with --force")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     models_root = user_dir() / "models"
     cur = installed_current()
@@ -337,18 +406,38 @@ def install(run_dirs: list[Path], *, name: str | None = None, force: bool = Fals
         if digest != meta.pop("_checked_sha256"):
             shutil.rmtree(dest, ignore_errors=True)
             raise CheckpointError(f"{f}: the file changed while it was being installed; nothing installed")
+        settings = meta.pop("_settings", None)
         entry = {"role": role, "file": target.name, "sha256": digest, "installed_from": str(f.resolve()),
                  "installed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **{k: v for k, v in meta.items() if v is not None}}
-        atomic_write_json(dest / MANIFEST, {"format": 1, "models": [entry]})
+        entries = [entry] + ([_install_settings(dest, *settings)] if settings else [])
+        atomic_write_json(dest / MANIFEST, {"format": 1, "models": entries})
         cur[role] = dest.name
         result[role] = {"folder": str(dest), "sha256": digest,
                         **({"forced": meta["installed_with_force"]} if meta.get("installed_with_force") else {})}
+        if settings:
+            result[SITE_ROLE] = {"folder": str(dest), "sha256": entries[1]["sha256"], "file": str(settings[0])}
     atomic_write_json(current_pointer(), cur)
     return result
 
 
+def _install_settings(dest: Path, src: Path, checked_sha: str) -> dict:
+    """Copy an adapt run's site settings beside its installed classifier (checked again as a config file) and
+    return their manifest entry (role :data:`SITE_ROLE`)."""
+    target = dest / SITE_FILE
+    atomic_write_bytes(target, src.read_bytes())
+    digest = sha256_file(target)
+    if digest != checked_sha:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise CheckpointError(f"{src}: the file changed while it was being installed; nothing installed")
+    load_config_file(target)
+    return {"role": SITE_ROLE, "file": SITE_FILE, "sha256": digest, "name": src.parent.resolve().name,
+            "installed_from": str(src.resolve()), "installed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
 def rollback(role: str | None = None) -> dict:
-    """Forget the installed default(s): ``screen`` goes back to the shipped models."""
+    """Forget the installed default(s): ``screen`` goes back to the shipped models. The site settings installed
+    with a classifier (:data:`SITE_ROLE`) live in its folder and go with it: back to the shipped classifier is
+    back to no site settings."""
     if role is not None and role not in ROLES:
         raise CervscanError(f"unknown role '{role}': use {' or '.join(ROLES)}")
     cur = installed_current()

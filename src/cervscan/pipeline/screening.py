@@ -53,7 +53,8 @@ def decide_patient(pipe, patient_id: str, records: list[dict], visit_error: str 
 
 
 def run_record(command: str, out: Path, paths, pipe, refs: dict, provenance: dict, timings: dict) -> dict:
-    """run.json: resolved configuration, every model's file and sha256, versions, device, timings."""
+    """run.json: resolved configuration, every model's file and sha256, the site settings (path, name, sha256;
+    None without), versions, device, timings."""
     import segmentation_models_pytorch as smp  # lazy: torch (api imports this module)
     import timm  # lazy: timm
     import torch  # lazy: torch
@@ -74,6 +75,7 @@ def run_record(command: str, out: Path, paths, pipe, refs: dict, provenance: dic
         "command": command, "cervscan_version": __version__, "out": display_id(str(out)),
         "inputs": [display_id(str(Path(p).resolve())) for p in paths],
         "config": pipe.cfg.to_dict(), "threshold": pipe.cfg.threshold, "provenance": provenance,
+        "site": getattr(pipe, "site", None),  # the site settings screened with (--site RUN, or installed)
         "quality_gate": pipe.cfg.gate.enabled,
         "models": {role: model_info(role) for role in refs if role in pipe.models},
         "versions": {"cervscan": __version__, "torch": torch.__version__, "timm": timm.__version__,

@@ -193,11 +193,11 @@ class Pipeline:
     @classmethod
     def from_config(cls, **options) -> "Pipeline":
         """The pipeline of resolved models and configuration (:func:`cervscan.pipeline.build.resolve`: model
-        paths, ``config_file``, ``overrides``, ``device``, ...); ``refs``, ``provenance`` and
+        paths, ``site``, ``config_file``, ``overrides``, ``device``, ...); ``refs``, ``provenance``, ``site`` and
         ``load_seconds`` say where each model and setting came from and what loading took."""
         r = build.resolve(**options)
         pipe = cls(r.models, r.cfg, r.device)
-        pipe.refs, pipe.provenance, pipe.load_seconds = r.refs, r.provenance, r.seconds
+        pipe.refs, pipe.provenance, pipe.load_seconds, pipe.site = r.refs, r.provenance, r.seconds, r.site
         return pipe
 
     def has(self, role: str) -> bool:

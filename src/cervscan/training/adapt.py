@@ -8,15 +8,27 @@ Built on the frozen classifier recipe (:mod:`cervscan.training.classifier`), who
    again, reads what is cached).
 2. The installed decision's settings: its classifier checkpoint, its gate (defaults < its ``decision_stages``)
    and threshold.
-3. Stage policy: when the stage model would drop more than ``max_stage_drop`` of the local images on stage
-   under the installed policy, every stage decides (recorded, with the share); ``decision_stages`` overrides.
-4. Quality gate: its thresholds re-derived from the local originals (the images the stage policy keeps) by the
-   shipped rule (:func:`cervscan.pipeline.quality.choose_thresholds`).
-5. The decision, on the local patients' mean features under the site gate: a class-balanced logistic
-   regression fitted on the local patients only, and one fitted on them pooled with the shipped training
-   patients' features (``classifier-training-features.npz`` of the weights); both measured on the same
-   repeated local folds (the fold plan of ``train-cls``: local patients only in the test folds, shipped
-   patients only ever trained on); the better by mean cross-validated AUC is offered (``pool``).
+3. Candidates (:mod:`cervscan.training.adapt_candidates`): stage policy {the installed decision's deciding
+   stages, every stage} x quality gate thresholds {installed, re-derived from the site's images of the deciding
+   stages by the shipped rule, :func:`cervscan.pipeline.quality.choose_thresholds`} x fit {a class-balanced
+   logistic regression on the local patients only, on them pooled with the shipped training patients'
+   features (``classifier-training-features.npz`` of the weights)}, each measured on the same repeated local
+   folds (the fold plan of ``train-cls``: local patients only in the test folds, shipped patients only ever
+   trained on): mean over the repeats of the out-of-fold AUC on the patients it decides, and the share of the
+   local patients it leaves inadequate. ``decision_stages`` (``--stages``), ``gate`` and ``pool`` fix a
+   setting; every candidate is measured and recorded all the same.
+4. The selection rule, written before any result was looked at: (1) a candidate leaving more than
+   ``max_inadequate`` (10 %) of the local patients inadequate is not chosen, unless every candidate does;
+   (2) among the rest, every candidate whose AUC is within ``choice_margin`` (0.01) of the best is tied with
+   it; (3) of the tied, the one that departs least from the installed settings (one departure each: another
+   stage policy, re-derived gate thresholds, a local-only fit where pooling was possible), then the higher
+   AUC. The installed settings are kept unless a change gains more than 0.01 AUC.
+5. Optimism: choosing among k candidates on the same folds flatters the chosen one's cross-validated AUC.
+   The whole choice is therefore repeated inside every outer training fold (nested cross-validation, the
+   same outer folds, the site gate re-derived from the outer training patients' images only), and the
+   nested out-of-fold AUC, with its bootstrap CI, is the run's estimate (``nested``); the chosen candidate's
+   own cross-validated AUC is reported beside it as optimistic. A nested CI reaching 0.5 makes the run not
+   installable.
 6. Calibration and the operating point for ``target_sensitivity`` on the local out-of-fold scores, bootstrap
    CIs, the validation against chance (:mod:`cervscan.training.validation`).
 7. The installed decision on the same patients (a frozen-recipe classifier of the same backbone and input:
@@ -25,7 +37,7 @@ Built on the frozen classifier recipe (:mod:`cervscan.training.classifier`), who
    of each under its own settings. Worse with a CI below 0 -> ``installable: false`` with the numbers.
 8. A learning curve of the site's own data (local training patients drawn repeatedly, scored on the rest).
 9. RUN/: ``model.pt`` (the adapted classifier, with ``site``), ``site.toml`` (gate thresholds, decision stages,
-   threshold: ``cervscan screen --cls-model RUN/model.pt --config RUN/site.toml``), ``metrics.json``,
+   threshold: ``cervscan screen --site RUN``), ``metrics.json``,
    ``comparison.json``, ``oof.csv`` and ``adapt.md`` (the site model card, :mod:`cervscan.training.sitecard`).
 
 Refusals: fewer than ``min_per_class`` patients in a class (before anything is screened) unless ``force``; a
@@ -35,11 +47,11 @@ decision whose cross-validated AUC's CI reaches 0.5 writes no model.pt and raise
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -53,6 +65,7 @@ from cervscan.models import registry
 from cervscan.models.networks import read_checkpoint
 from cervscan.pipeline import quality
 from cervscan.pipeline.steps import Pipeline
+from cervscan.training import adapt_candidates as ac
 from cervscan.training import classifier as frozen
 from cervscan.training import sitecard
 from cervscan.training.configs import AdaptConfig
@@ -79,7 +92,9 @@ class _Installed:
 def _check(cfg: AdaptConfig) -> None:
     if cfg.pool not in POOLS:
         raise CervscanError(f"--pool must be one of {', '.join(POOLS)}, not {cfg.pool!r}")
-    for name, lo, hi in (("max_stage_drop", 0.0, 1.0), ("false_reject_budget", 0.0, 0.5),
+    if cfg.gate not in ac.GATES:
+        raise CervscanError(f"--gate must be one of {', '.join(ac.GATES)}, not {cfg.gate!r}")
+    for name, lo, hi in (("max_inadequate", 0.0, 1.0), ("choice_margin", 0.0, 0.5), ("false_reject_budget", 0.0, 0.5),
                          ("target_sensitivity", 0.5, 1.0)):
         v = getattr(cfg, name)
         if not lo <= v <= hi:
@@ -112,52 +127,36 @@ def _class_counts(cfg: AdaptConfig, visits, lab: dict, src: dict) -> tuple[dict,
     return counts, warnings
 
 
-def _apply_gate(pipe, recs: list, gate) -> None:
-    """Each cached record's ``eligible`` / ``reason`` under ``gate`` (the pipeline's gate with these settings)."""
-    pipe.cfg = replace(pipe.cfg, gate=gate)
-    for r in recs:
-        if r is not None:
-            why = frozen._eligibility(pipe, r)
-            r["eligible"], r["reason"] = not why, ";".join(why)
-
-
-def _stage_policy(cfg: AdaptConfig, recs: list, installed_gate) -> dict:
-    """The stages that decide at this site (records carry the installed gate's reasons)."""
-    ok = [r for r in recs if r is not None]
+def _stage_drop(site: ac.Site) -> dict:
+    """How many of the local images the stage model drops on stage under the installed policy (the records
+    carry the installed gate's reasons), and the stages it sees."""
+    ok = [r for r in site.recs if r is not None]
     dropped = sum(any(x.startswith("stage:") for x in r["reason"].split(";")) for r in ok)
-    share = dropped / max(1, len(ok))
-    predicted = {s: sum(r["stage"] == s for r in ok) for s in STAGES}
-    was = list(installed_gate.decision_stages)
-    said = (f"the stage model drops {dropped} of {len(ok)} local images ({share:.0%}) on stage under the installed "
-            f"policy ({', '.join(was)})")
-    if cfg.decision_stages:
-        stages, why = list(cfg.decision_stages), f"given ({', '.join(cfg.decision_stages)}); {said}"
-    elif share > cfg.max_stage_drop:
-        stages, why = list(STAGES), f"{said}, more than {cfg.max_stage_drop:.0%}: every stage decides at this site"
-    else:
-        stages, why = was, f"{said}, at most {cfg.max_stage_drop:.0%}: the installed policy is kept"
-    return {"stages": stages, "installed": was, "dropped_on_stage": dropped, "images": len(ok), "share": share,
-            "max_stage_drop": cfg.max_stage_drop, "changed": stages != was, "why": why, "predicted": predicted}
+    return {"installed": list(site.installed_gate.decision_stages), "dropped_on_stage": dropped, "images": len(ok),
+            "share": dropped / max(1, len(ok)), "predicted": {s: sum(r["stage"] == s for r in ok) for s in STAGES}}
 
 
-def _site_gate(cfg: AdaptConfig, pipe, recs: list, installed_gate, stages: list[str]) -> tuple[object, dict]:
-    """The gate at this site: the installed one with ``stages`` and the thresholds the shipped rule chooses on
-    the local originals (the images the stage policy keeps)."""
-    g = replace(installed_gate, decision_stages=tuple(stages))
-    _apply_gate(pipe, recs, g)
-    kept = [r for r in recs if r is not None and not r["reason"].startswith("stage:")]
-    if not kept:
-        raise DataError(f"{cfg.visits}: no local image is of a deciding stage ({', '.join(stages)})")
-    th, how = quality.choose_thresholds([{**r["quality"], "cervix_found": r["cervix_found"]} for r in kept],
-                                        cfg.false_reject_budget)
-    site = replace(g, **th)
+def _stage_policy(drop: dict, key: str, stages) -> dict:
+    """The stages that decide at this site, chosen with the candidate ``key``, with the stage model's drops."""
+    why = (f"chosen by measurement with the candidate {key} (the selection rule); the stage model drops "
+           f"{drop['dropped_on_stage']} of {drop['images']} local images ({drop['share']:.0%}) on stage under the "
+           f"installed policy ({', '.join(drop['installed'])})")
+    return {**drop, "stages": list(stages), "changed": set(stages) != set(drop["installed"]), "why": why}
+
+
+def _gate_record(site: ac.Site, sets: dict, cand) -> dict:
+    """The gate thresholds: installed, re-derived from the site's images (for the chosen stages) and in use."""
     fields = [f for _, f, _, _ in quality.THRESHOLD_RULES]
-    rec = {"installed": {f: getattr(installed_gate, f) for f in fields}, "site": {f: getattr(site, f) for f in fields},
-           "how": {**how, "originals": "the local images of the deciding stages (stage model), every one"},
-           "rule": "each threshold the k-th most extreme value of the n local originals, k = floor(share x (n + 1)), "
-                   "share = (budget - the cervix finder's own no-cervix rate) / 5, rounded to two significant "
-                   "digits towards rejecting less (benchmarks/quality_gate.py, the shipped gate's rule)"}
-    return site, rec
+    derived = sets.get((cand.stages, "site"))
+    used = sets[(cand.stages, cand.gate)].gate
+    return {"chosen": cand.gate, "installed": {f: getattr(site.installed_gate, f) for f in fields},
+            "derived": {f: getattr(derived.gate, f) for f in fields} if derived and derived.gate else None,
+            "site": {f: getattr(used, f) for f in fields},
+            "how": ({**derived.derived, "originals": "the local images of the deciding stages (stage model), every "
+                                                     "one"} if derived and derived.derived else None),
+            "rule": "each threshold the k-th most extreme value of the n local originals, k = floor(share x (n + 1)), "
+                    "share = (budget - the cervix finder's own no-cervix rate) / 5, rounded to two significant "
+                    "digits towards rejecting less (benchmarks/quality_gate.py, the shipped gate's rule)"}
 
 
 def _installed(cfg: AdaptConfig, pipe, net, items: list, recs: list, lab: dict, src: dict) -> _Installed:
@@ -172,7 +171,7 @@ def _installed(cfg: AdaptConfig, pipe, net, items: list, recs: list, lab: dict, 
         log.info("installed classifier %s: %s; screening the local visits with it", ref.label, why)
         scores = _screened_scores(cfg, items)
         return _Installed(ref.label, ref.sha256, gate, thr, f"screened ({why})", scores)
-    _apply_gate(pipe, recs, gate)
+    ac.apply_gate(pipe, recs, gate)
     sd = ck["state_dict"]
     T = float(ck.get("temperature") or 1.0)
     W, B = sd["classifier.weight"].double().numpy(), sd["classifier.bias"].double().numpy()
@@ -244,80 +243,36 @@ def _shipped_patients(cfg: AdaptConfig, rc, refs: dict) -> tuple[tuple | None, d
     return (X, np.tile(z["label"].astype(int), len(rc.train_variants))), info
 
 
-def _fit(rc, pats, tr: np.ndarray, extra: tuple | None):
-    """The regression on the local patients ``tr`` (one row per training view), with ``extra`` rows (pooled)."""
-    X = [pats.V[v][tr] for v in rc.train_variants]
-    y = [pats.y[tr]] * len(rc.train_variants)
-    if extra is not None:
-        X, y = X + [extra[0]], y + [extra[1]]
-    return frozen.fit_lr(np.concatenate(X), np.concatenate(y), rc.C)
+def _choose(site: ac.Site, allp: list[str]) -> SimpleNamespace:
+    """Every candidate measured on the run's folds, the one the rule chooses, and the nested estimate of the
+    choice (when there is a choice: more than one candidate allowed)."""
+    cfg = site.cfg
+    plan = repeated_folds(strata([site.lab[p] for p in allp], [site.src[p] for p in allp]), cfg.folds, cfg.repeats,
+                          cfg.seed)
+    cands = ac.candidates(cfg, site.installed_gate.decision_stages, site.shipped is not None)
+    sets = ac.settings(site, cands)
+    rows, folds = ac.measure(site, sets, cands, plan, allp)
+    key, why = ac.select(rows, margin=cfg.choice_margin, max_inadequate=cfg.max_inadequate)
+    for r in rows:
+        r["chosen"] = r["key"] == key
+    allowed = [c for c in cands if c.allowed]
+    if len(allowed) < 2:
+        nested = {"skipped": "one candidate allowed: nothing is chosen, the cross-validated AUC is the estimate"}
+    elif not cfg.nested:
+        nested = {"skipped": "nested cross-validation turned off (nested = False)"}
+    else:
+        log.info("nested cross-validation of the choice among %d candidates", len(allowed))
+        fixed = {k: s for k, s in sets.items() if k[1] == "installed"}
+        try:
+            nested = ac.nested(site, allowed, plan, allp, fixed)
+        except (DataError, ValueError) as e:
+            nested = {"error": str(e)}
+    cand = next(c for c in cands if c.key == key)
+    return SimpleNamespace(key=key, why=why, cand=cand, rows=rows, folds=folds[key], sets=sets, nested=nested,
+                           setting=sets[(cand.stages, cand.gate)], k=len(allowed))
 
 
-def _cross_validate(rc, pats, vote: dict, plan: list, allp: list[str], extra: tuple | None):
-    """Out-of-fold scores of the local patients on ``plan`` (folds over every labelled local patient, as
-    ``train-cls`` draws them); ``extra`` rows are added to every fold's training patients and never scored."""
-    pos = {p: i for i, p in enumerate(pats.ids)}
-    folds = frozen._Folds(oof=np.zeros((len(plan), len(pats.ids))), fold_of=np.zeros(len(pats.ids), int),
-                          fold_all={}, models=[], auc=[])
-    for r, repeat in enumerate(plan):
-        for k, (tr_all, te_all) in enumerate(repeat):
-            tr, te = (np.array([pos[allp[i]] for i in ix if allp[i] in pos], int) for ix in (tr_all, te_all))
-            m = _fit(rc, pats, tr, extra)
-            folds.oof[r, te] = frozen._score(m, pats, vote, te)
-            if len(set(pats.y[te])) == 2:
-                folds.auc.append(float(rank_auc(pats.y[te][None], folds.oof[r, te][None])[0]))
-            if r == 0:
-                folds.fold_of[te] = k + 1
-                folds.models.append(m)
-    return folds
-
-
-def _policy_fit(cfg: AdaptConfig, pipe, recs: list, items: list, lab: dict, src: dict, installed_gate, vote: dict,
-                plan: list, shipped: tuple | None, stages: list[str]):
-    """Under one stage policy, on the same folds: the site gate (and its record), the patients, and the local
-    and pooled fits' cross-validation. The records are left gated by this policy's site gate."""
-    gate, gate_rec = _site_gate(cfg, pipe, recs, installed_gate, stages)
-    _apply_gate(pipe, recs, gate)
-    rc = cfg.recipe(stages)
-    pids = list(dict.fromkeys(p for p, _ in items))
-    pats = frozen._patient_features(rc, pids, items, recs, lab, src)
-    fits = {"local": None, "pooled": shipped} if shipped is not None else {"local": None}
-    return gate, gate_rec, pats, {k: _cross_validate(rc, pats, vote, plan, sorted(pids), ex) for k, ex in fits.items()}
-
-
-def _other_policy(fit, policy: dict, installed_gate) -> dict | None:
-    """The stage policy not taken (every stage, or the installed one), measured on the same folds for the card:
-    its site gate, inadequate patients and cross-validated AUCs; None when there is no other."""
-    was = list(installed_gate.decision_stages)
-    other = list(STAGES) if policy["stages"] == was else was
-    if other == policy["stages"]:
-        return None
-    try:
-        _, rec, pats, fits = fit(other)
-    except DataError as e:
-        return {"stages": other, "error": str(e)}
-    return {"stages": other, "inadequate": len(pats.inadequate), "patients": len(pats.ids) + len(pats.inadequate),
-            "gate": rec["site"], "auc_mean_of_repeats": {k: _mean_auc(pats.y, f.oof) for k, f in fits.items()}}
-
-
-def _mean_auc(y: np.ndarray, S: np.ndarray) -> float:
-    return float(np.mean(rank_auc(np.tile(y, (len(S), 1)), S)))
-
-
-def _choose(cfg: AdaptConfig, y: np.ndarray, cands: dict) -> tuple[str, dict]:
-    """The fit offered: the better mean cross-validated AUC (local-only on a tie), or the one ``pool`` names."""
-    aucs = {k: _mean_auc(y, f.oof) for k, f in cands.items()}
-    if cfg.pool != "auto":
-        if cfg.pool not in cands:
-            raise CervscanError(f"--pool {cfg.pool}: not available (no shipped training features for this recipe)")
-        return cfg.pool, {"rule": f"--pool {cfg.pool}", "auc_mean_of_repeats": aucs}
-    best = max(aucs, key=lambda k: (aucs[k], k == "local"))
-    return best, {"rule": "the better mean cross-validated AUC on the same folds (local-only on a tie); choosing "
-                          "the better of two on the same folds flatters the chosen one slightly",
-                  "auc_mean_of_repeats": aucs}
-
-
-def _learning_curve(cfg: AdaptConfig, rc, pats, vote: dict, extra: tuple | None, cv_auc: float) -> list[dict]:
+def _learning_curve(cfg: AdaptConfig, rc, pats, vote: dict, extra: tuple | None, cv_auc: float | None) -> list[dict]:
     """AUC against the number of local training patients: ``curve_draws`` draws of n patients (classes in
     their local proportion, at least 2 each), each fitted and scored on the local patients not drawn."""
     rng = np.random.default_rng(cfg.seed)
@@ -333,7 +288,7 @@ def _learning_curve(cfg: AdaptConfig, rc, pats, vote: dict, extra: tuple | None,
         for _ in range(cfg.curve_draws):
             tr = np.concatenate([rng.choice(ix, t, replace=False) for ix, t in zip(idx, take)])
             te = np.setdiff1d(np.arange(N), tr)
-            s = frozen._score(_fit(rc, pats, tr, extra), pats, vote, te)
+            s = frozen._score(ac.fit(rc, pats, tr, extra), pats, vote, te)
             aucs.append(float(rank_auc(pats.y[te][None], s[None])[0]))
         rows.append({"train_patients": n, "test_patients": N - n, "draws": len(aucs), "auc_mean": float(np.mean(aucs)),
                      "auc_p10": float(np.percentile(aucs, 10)), "auc_p90": float(np.percentile(aucs, 90))})
@@ -351,9 +306,10 @@ def _rates(y: np.ndarray, s: np.ndarray, thr: float) -> tuple[float, float]:
     return float(np.mean((S[:, y == 1] > thr).mean(1))), float(np.mean((S[:, y == 0] <= thr).mean(1)))
 
 
-def _compare(cfg: AdaptConfig, pats, calib, inst: _Installed, validation: dict) -> dict:
+def _compare(cfg: AdaptConfig, pats, calib, inst: _Installed, validation: dict, nested: dict) -> dict:
     """The installed and the adapted decision on the same local patients (those both decide), and whether the
-    adapted one may be installed."""
+    adapted one may be installed (not when its own or the nested estimate's CI reaches 0.5, or when the paired
+    comparison says it is worse)."""
     n = len(inst.scores)
     inadequate = {"installed": sum(s is None for s in inst.scores.values()), "adapted": len(pats.inadequate)}
     common = [i for i, p in enumerate(pats.ids) if inst.scores.get(p) is not None]
@@ -369,6 +325,10 @@ def _compare(cfg: AdaptConfig, pats, calib, inst: _Installed, validation: dict) 
     if not validation["passed"]:
         reasons.append("its own cross-validated AUC's 95 % CI includes 0.5 (or lies below it): "
                        f"AUC {validation['auc']:.3f} (CI {validation['ci_low']:.3f}-{validation['ci_high']:.3f})")
+    if "auc" in nested and not nested["ci_low"] > 0.5:
+        reasons.append("the nested cross-validated AUC (the estimate that counts the choice among the candidates) "
+                       f"has a 95 % CI reaching 0.5: AUC {nested['auc']:.3f} (CI {nested['ci_low']:.3f}-"
+                       f"{nested['ci_high']:.3f})")
     if len(set(y.tolist())) < 2:
         out["paired"] = None
         out["note"] = "the installed decision decides too few of these patients (of both classes) to compare"
@@ -377,8 +337,8 @@ def _compare(cfg: AdaptConfig, pats, calib, inst: _Installed, validation: dict) 
         b = calib.cal[:, common]
         d = paired_auc_delta(y, a, b, n=cfg.n_bootstrap, seed=cfg.seed)
         sa, sb = _rates(y, a, inst.threshold), _rates(y, b, calib.thr)
-        out["installed"].update(auc=_mean_auc(y, a[None]), sensitivity=sa[0], specificity=sa[1])
-        out["adapted"].update(auc=_mean_auc(y, b), sensitivity=sb[0], specificity=sb[1])
+        out["installed"].update(auc=ac.mean_auc(y, a[None]), sensitivity=sa[0], specificity=sa[1])
+        out["adapted"].update(auc=ac.mean_auc(y, b), sensitivity=sb[0], specificity=sb[1])
         out["paired"] = {"patients": len(common), "severe": int(y.sum()), "auc_delta": d["delta"], "ci95": d["ci95"],
                          "n_bootstrap": d["n"], "what": "AUC(adapted) - AUC(installed), paired bootstrap over the "
                                                         "patients both decide"}
@@ -409,38 +369,38 @@ def adapt(cfg: AdaptConfig, progress=None) -> dict:
     counts, warnings = _class_counts(cfg, visits, lab, src)
     warnings += label_check_lines(labels_check)
     items = [(v.patient_id, p) for v in visits for p in v.images]
-    pids = [v.patient_id for v in visits]
     pipe, refs = frozen._pipeline(rc)
     net = frozen.backbone(rc.backbone)
     recs = frozen.extract(rc, pipe, refs, items, net, progress)
     t_features = time.time() - t0
     inst = _installed(cfg, pipe, net, items, recs, lab, src)
-    _apply_gate(pipe, recs, inst.gate)
-    policy = _stage_policy(cfg, recs, inst.gate)
-    vote = pipe.cfg.voting.active_weights()
-    allp = sorted(pids)
-    plan = repeated_folds(strata([lab[p] for p in allp], [src[p] for p in allp]), cfg.folds, cfg.repeats, cfg.seed)
-    shipped, shipped_info = _shipped_patients(cfg, cfg.recipe(STAGES), refs)
-    fit = functools.partial(_policy_fit, cfg, pipe, recs, items, lab, src, inst.gate, vote, plan, shipped)
-    policy["other"] = _other_policy(fit, policy, inst.gate)
-    gate, gate_rec, pats, cands = fit(policy["stages"])
-    site_rc = cfg.recipe(policy["stages"])
-    chosen, choice = _choose(cfg, pats.y, cands)
-    extra = shipped if chosen == "pooled" else None
-    folds = cands[chosen]
+    ac.apply_gate(pipe, recs, inst.gate)
+    shipped, shipped_info = _shipped_patients(cfg, rc, refs)
+    site = ac.Site(cfg, pipe, recs, items, lab, src, inst.gate, pipe.cfg.voting.active_weights(), shipped)
+    drop = _stage_drop(site)
+    ch = _choose(site, sorted(site.pids))
+    c, pats, folds = ch.cand, ch.setting.pats, ch.folds
+    policy = _stage_policy(drop, ch.key, c.stages)
+    ac.apply_gate(pipe, recs, ch.setting.gate)
+    site_rc = cfg.recipe(c.stages)
     calib = frozen._calibrate(site_rc, pats.y, folds.oof)
     metrics = frozen._cv_metrics(site_rc, pats, calib, folds, images=len(items), labels_check=labels_check,
                                  eligible_images=int(sum(1 for r in recs if r is not None and r["eligible"])))
-    comparison = _compare(cfg, pats, calib, inst, metrics["validation"])
-    curve = {k: _learning_curve(cfg, site_rc, pats, vote, shipped if k == "pooled" else None,
-                                choice["auc_mean_of_repeats"][k]) for k in cands}
-    metrics.update(command="adapt", chosen=chosen, choice=choice, counts=counts, stage_policy=policy, gate=gate_rec,
-                   training_features=shipped_info, learning_curve=curve, installable=comparison["installable"],
+    comparison = _compare(cfg, pats, calib, inst, metrics["validation"], ch.nested)
+    same = {r["pool"]: r["auc"] for r in ch.rows if r["stages"] == list(c.stages) and r["gate"] == c.gate}
+    curve = {k: _learning_curve(cfg, site_rc, pats, site.vote, shipped if k == "pooled" else None, a)
+             for k, a in same.items() if a is not None}
+    choice = {"rule": ac.rule(cfg.max_inadequate, cfg.choice_margin), "why": ch.why,
+              "candidate": ch.key, "candidates": ch.rows, "allowed": ch.k, "auc_mean_of_repeats": same}
+    metrics.update(command="adapt", chosen=c.pool, candidate=ch.key, choice=choice, nested=ch.nested, counts=counts,
+                   stage_policy=policy, gate=_gate_record(site, ch.sets, c), training_features=shipped_info,
+                   learning_curve=curve, installable=comparison["installable"],
                    not_installable_because=comparison["not_installable_because"], warnings=warnings,
                    forced=bool(cfg.force), config=asdict(cfg), cervscan_version=__version__,
                    models={r: {"label": refs[r].label, "sha256": refs[r].sha256} for r in refs if r != "classifier"})
     metrics["seconds"] = {"features": t_features, "total": None}
-    _write_run(cfg, out, pipe, net, pats, calib, metrics, comparison, gate, folds, extra, t0)
+    _write_run(cfg, out, pipe, net, pats, calib, metrics, comparison, ch.setting.gate, folds,
+               shipped if c.pool == "pooled" else None, t0)
     enforce(metrics["validation"], metrics, no_model=f"No {out / 'model.pt'} or site.toml was written (metrics.json, "
                                                     f"comparison.json and adapt.md are, for inspection).")
     return metrics
@@ -449,7 +409,8 @@ def adapt(cfg: AdaptConfig, progress=None) -> dict:
 def _site(cfg: AdaptConfig, metrics: dict, comparison: dict, gate) -> dict:
     """What the checkpoint records of the site it was adapted to."""
     return {"visits": str(cfg.visits), "labels": str(cfg.labels), "counts": metrics["counts"],
-            "fitted_on": metrics["chosen"], "decision_stages": list(gate.decision_stages),
+            "fitted_on": metrics["chosen"], "candidate": metrics["candidate"],
+            "nested_auc": metrics["nested"].get("auc"), "decision_stages": list(gate.decision_stages),
             "gate": metrics["gate"]["site"], "stage_policy": metrics["stage_policy"]["why"],
             "comparison": comparison.get("paired"), "installed_before": comparison["installed"]["model"],
             "installable": comparison["installable"], "not_installable_because": comparison["not_installable_because"],
@@ -465,7 +426,7 @@ def _write_run(cfg: AdaptConfig, out: Path, pipe, net, pats, calib, metrics: dic
     rc = cfg.recipe(gate.decision_stages)
     frozen._write_oof(rc, out / "oof.csv", pats, calib, folds)
     summary = {**frozen._base_summary(rc, metrics), "data": str(cfg.visits), "fitted_on": metrics["chosen"]}
-    full = _fit(rc, pats, np.arange(len(pats.ids)), extra) if extra is not None else None
+    full = ac.fit(rc, pats, np.arange(len(pats.ids)), extra) if extra is not None else None
     frozen._write_model(rc, pipe, net, pats, calib, metrics, out / "model.pt", summary, full=full,
                         extra={"site": _site(cfg, metrics, comparison, gate)})
     toml = out / "site.toml"

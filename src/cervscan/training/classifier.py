@@ -76,7 +76,8 @@ def _pipeline(cfg: DecisionTrainConfig):
                  "quality_gate": cfg.quality_gate}
     pipe = Pipeline.from_config(seg_model=cfg.seg_model, cervix_model=cfg.cervix_model,
                                      stage_model=cfg.stage_model, overrides=overrides,
-                                     write_masks=False, write_overlays=False)
+                                     write_masks=False, write_overlays=False,
+                                     site=False)  # training never takes an installed site's settings
     return pipe, pipe.refs
 
 
@@ -398,6 +399,31 @@ def _write_model(cfg: DecisionTrainConfig, pipe, net, pats: _Patients, calib: _C
     else:
         model_path.unlink(missing_ok=True)
         metrics["checkpoint"] = None
+
+
+def write_training_features(cfg: DecisionTrainConfig, path: Path, *, data: str, keep=None) -> tuple[dict, _Patients]:
+    """The training patients' features as ``cervscan adapt`` pools them (``classifier-training-features.npz``):
+    every labelled visit of ``cfg`` (``keep(patient_id, source)``: only those it keeps) through :func:`extract`
+    (cached) at the recipe's settings; per patient with an eligible image the mean feature of each training view
+    (float16), the label, the source and a ``meta`` record (``data``: what the patients are). Returns the meta
+    record and the patients."""
+    lab, src, _, visits = _labelled_visits(cfg)
+    visits = [v for v in visits if keep is None or keep(v.patient_id, src[v.patient_id])]
+    items = [(v.patient_id, p) for v in visits for p in v.images]
+    pipe, refs = _pipeline(cfg)
+    recs = extract(cfg, pipe, refs, items, backbone(cfg.backbone))
+    pats = _patient_features(cfg, [v.patient_id for v in visits], items, recs, lab, src)
+    meta = {"what": "per training patient with an eligible image: the mean feature of the frozen backbone over "
+                    "the eligible images, per view", "recipe": {k: v for k, v in asdict(cfg).items() if k in (
+                        "backbone", "input_size", "classify_view", "variants", "decision_stages", "quality_gate")},
+            "gate": asdict(pipe.cfg.gate), "models": {r: refs[r].sha256 for r in ("stage", "cervix", "segmenter")},
+            "data": data, "patients": len(pats.ids), "images": len(items),
+            "eligible_images": int(sum(1 for r in recs if r is not None and r["eligible"])),
+            "inadequate_patients": pats.inadequate, "cervscan_version": __version__}
+    atomic_write_npz(path, patient_id=np.array(pats.ids), label=pats.y.astype(np.int8),
+                     source=np.array(pats.source.tolist()), meta=np.array(json.dumps(meta, default=str)),
+                     **{v: pats.V[v].astype(np.float16) for v in cfg.train_variants})
+    return meta, pats
 
 
 def train_frozen(cfg: DecisionTrainConfig, progress=None) -> dict:

@@ -184,15 +184,24 @@ class AdaptConfig:
     stage_model: str | None = None
     cls_model: str | None = None
     target_sensitivity: float = _R.target_sensitivity
-    #: Exam stages that decide; None: the installed classifier's, unless its stage model would drop more than
-    #: ``max_stage_drop`` of the local images on stage (then every stage decides).
+    #: Exam stages that decide; None: chosen by the selection rule between the installed classifier's and every
+    #: stage (:mod:`cervscan.training.adapt_candidates`; every candidate is measured and recorded either way).
     decision_stages: tuple[str, ...] | None = None
-    max_stage_drop: float = 0.30
+    #: Quality gate thresholds: "auto" (chosen by the rule), "site" (re-derived from the local originals by the
+    #: shipped rule) or "installed".
+    gate: str = "auto"
     #: False rejects the re-derived quality gate may make on the local originals (the shipped rule's budget).
     false_reject_budget: float = 0.05
-    #: "auto": the better by mean cross-validated AUC of local-only and pooled (local + the shipped training
-    #: patients' features); "local" or "pooled": that one (both are measured and recorded either way).
+    #: "auto": chosen by the rule between local-only and pooled (local + the shipped training patients'
+    #: features); "local" or "pooled": that one.
     pool: str = "auto"
+    #: The selection rule: a candidate leaving more than ``max_inadequate`` of the local patients inadequate is
+    #: not chosen (unless all do); candidates within ``choice_margin`` AUC of the best are tied, and the tie goes
+    #: to the one departing least from the installed settings.
+    max_inadequate: float = 0.10
+    choice_margin: float = 0.01
+    #: Nested cross-validation of the choice (the run's AUC estimate); False: only the chosen one's own CV AUC.
+    nested: bool = True
     #: The shipped training patients' features (None: ``classifier-training-features.npz`` of the weights).
     training_features: str | None = None
     #: Fewer patients than this in a class: refused unless ``force``; fewer than ``warn_per_class``: a warning.

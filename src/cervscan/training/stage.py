@@ -39,11 +39,12 @@ STAGE_INPUT = 224
 
 
 def stage_class(raw: str) -> str | None:
-    """Map a recorded exam stage (as the IARC bank writes it) to one of STAGES; None when empty.
+    """Map a recorded exam stage (as the IARC banks write it) to one of STAGES; None when empty.
 
     acetic: after acetic acid (also with higher magnification); lugol: after Lugol's iodine;
-    green: any green-filter view; saline: after normal saline or no solution;
-    other: speculum view, vulva, vagina, SCJ close-up, endocervix / endocervical speculum.
+    green: any green-filter view; saline: after normal saline or no solution yet ("Before acetic acid
+    (naked eye)" of the VIA bank: the cervix before any solution); other: speculum view, vulva (before or
+    after acetic acid), vagina, SCJ close-up, endocervix / endocervical speculum.
     """
     s = (raw or "").strip().lower()
     if not s:
@@ -54,6 +55,8 @@ def stage_class(raw: str) -> str | None:
         return "other"
     if "lugol" in s or "iodine" in s:
         return "lugol"
+    if "before acetic" in s:
+        return "saline"  # no solution applied yet: the saline class (the cervix as it is)
     if "acetic" in s:
         return "acetic"
     if "saline" in s:
