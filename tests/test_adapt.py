@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from cervscan import api
 from cervscan.cli import app
 from cervscan.config import GateConfig, ScreenConfig, VotingConfig, load_config_file
-from cervscan.errors import DataError, EXIT_ERROR, EXIT_NOT_VALIDATED
+from cervscan.errors import EXIT_ERROR, EXIT_NOT_VALIDATED, CervscanError, DataError
 from cervscan.files import read_labels
 from cervscan.metrics import paired_auc_delta
 from cervscan.models import registry
@@ -441,3 +441,37 @@ def test_adapt_on_a_handful_of_real_via_patients(tmp_path):
     assert comp["installed"]["how"].startswith("its folded linear head")  # the shipped 2.0.0 classifier
     if (out / "model.pt").is_file():
         assert load_config_file(out / "site.toml")["decision_stages"] == m["stage_policy"]["stages"]
+
+
+def test_run_folder_of_someone_elses_files_is_refused_before_screening(tmp_path):
+    from cervscan.training.adapt import _check_run_folder
+
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "adapt.md").write_text("the clinic's own notes", encoding="utf-8")
+    with pytest.raises(CervscanError, match="not an earlier 'cervscan adapt' run"):
+        _check_run_folder(mine)
+    assert (mine / "adapt.md").read_text(encoding="utf-8") == "the clinic's own notes"
+    store = tmp_path / "installed"
+    store.mkdir()
+    (store / "manifest.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(CervscanError, match="holds manifest.json"):
+        _check_run_folder(store)
+    a_file = tmp_path / "labels.csv"
+    a_file.write_text("x", encoding="utf-8")
+    with pytest.raises(CervscanError, match="not a folder"):
+        _check_run_folder(a_file)
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "metrics.json").write_text('{"command": "adapt"}', encoding="utf-8")
+    _check_run_folder(earlier)  # an earlier adapt run may be replaced
+    _check_run_folder(tmp_path / "new")
+
+
+@pytest.mark.parametrize("folds,repeats", [(1, 3), (0, 3), (5, 0)])
+def test_bad_fold_counts_are_one_line_errors(folds, repeats):
+    from cervscan.training.adapt import _check
+    from cervscan.training.configs import AdaptConfig
+
+    with pytest.raises(CervscanError, match="--folds|--repeats"):
+        _check(AdaptConfig(visits="v", labels="l", out="o", folds=folds, repeats=repeats))

@@ -283,3 +283,16 @@ def test_help_shows_site(tmp_path):
     for command in ("screen", "evaluate", "batch"):
         r = CliRunner().invoke(app, [command, "--help"])
         assert r.exit_code == 0 and "--site" in r.output
+
+
+def test_site_settings_of_another_run_are_refused():
+    from types import SimpleNamespace
+
+    from cervscan.errors import CervscanError
+    from cervscan.pipeline.build import _site_belongs
+
+    ref, cls = SimpleNamespace(path="RUN/site.toml"), SimpleNamespace(path="RUN/model.pt")
+    _site_belongs(ref, {"threshold": 0.28}, cls, {"threshold": 0.28})
+    _site_belongs(None, {}, cls, {"threshold": 0.28})
+    with pytest.raises(CervscanError, match="belong to another adapt run"):
+        _site_belongs(ref, {"threshold": 0.357}, cls, {"threshold": 0.28})

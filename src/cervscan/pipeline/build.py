@@ -81,6 +81,17 @@ def config_layers(*, site=None, cls_model: str | None = None, config_file: str |
     return cls_model, site_ref, site_cfg, load_config_file(config_file) if config_file else {}
 
 
+def _site_belongs(site_ref, site_cfg: dict, cls_ref, ckpt: dict) -> None:
+    """Site settings belong to the adapted classifier they were written with: its threshold was chosen on
+    that classifier's scores. Settings from another run (a copied or half-replaced RUN) are refused."""
+    if site_ref is None or "threshold" not in site_cfg or ckpt.get("threshold") is None:
+        return
+    if abs(float(site_cfg["threshold"]) - float(ckpt["threshold"])) > 1e-9:
+        raise CervscanError(f"{site_ref.path}: its threshold {site_cfg['threshold']} is not that of the classifier "
+                            f"{cls_ref.path} ({ckpt['threshold']}): these site settings belong to another adapt "
+                            "run; use a RUN folder as adapt wrote it")
+
+
 def _site_record(ref, site_cfg: dict, file_cfg: dict, provenance: dict, ckpt: dict) -> dict | None:
     """run.json's ``site``; the settings the site file gave (and the config file did not) are marked ``site``
     in ``provenance``."""
@@ -121,6 +132,7 @@ def resolve(*, seg_model: str | None = None, cls_model: str | None = None, cervi
     models = {role: load_model(role, refs[role].path, dev, refs[role]) for role in ("segmenter", "classifier")}
     _warn_unvalidated(refs["classifier"], models["classifier"].ckpt)
     _warn_not_installable(refs["classifier"], models["classifier"].ckpt)
+    _site_belongs(site_ref, site_cfg, refs["classifier"], models["classifier"].ckpt)
     voting, threshold, provenance = voting_from(models["classifier"].ckpt, file_cfg, overrides, models["segmenter"].ckpt)
     crop = resolve_choice("crop", CROP_MODES, "frame", models["classifier"].ckpt, file_cfg, overrides, provenance)
     if crop == "cervix":

@@ -47,7 +47,9 @@ decision whose cross-validated AUC's CI reaches 0.5 writes no model.pt and raise
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -64,6 +66,7 @@ from cervscan.metrics import paired_auc_delta, rank_auc
 from cervscan.models import registry
 from cervscan.models.networks import read_checkpoint
 from cervscan.pipeline import quality
+from cervscan.pipeline.screening import probe_writable
 from cervscan.pipeline.steps import Pipeline
 from cervscan.training import adapt_candidates as ac
 from cervscan.training import classifier as frozen
@@ -102,6 +105,43 @@ def _check(cfg: AdaptConfig) -> None:
     bad = [s for s in (cfg.decision_stages or ()) if s not in STAGES]
     if bad:
         raise CervscanError(f"decision stages: unknown {bad}; one or more of {', '.join(STAGES)}")
+    if not (isinstance(cfg.folds, int) and 2 <= cfg.folds <= 20):
+        raise CervscanError(f"--folds must be a whole number from 2 to 20, not {cfg.folds!r}")
+    if not (isinstance(cfg.repeats, int) and 1 <= cfg.repeats <= 20):
+        raise CervscanError(f"--repeats must be a whole number from 1 to 20, not {cfg.repeats!r}")
+
+
+#: What ``adapt`` writes in RUN; a RUN holding anything else is not an adapt run and is refused.
+RUN_FILES = frozenset({"oof.csv", "model.pt", "site.toml", "metrics.json", "comparison.json", "adapt.md"})
+
+
+def _check_run_folder(out: Path) -> None:
+    """RUN is a new or empty folder, or an earlier adapt run (only adapt's files, its metrics.json saying so),
+    and writable; checked before anything is screened. Never a file, never a folder of someone else's files
+    (a clinic's notes, an installed model's folder): adapt replaces only what adapt wrote."""
+    if out.exists() and not out.is_dir():
+        raise CervscanError(f"{out}: exists and is not a folder; give a new or empty folder for the run")
+    if out.is_dir():
+        names = {p.name for p in out.iterdir() if not p.name.startswith(".")}
+        foreign = sorted(names - RUN_FILES)
+        earlier = out / "metrics.json"
+        try:
+            is_adapt = not names or (earlier.is_file() and
+                                     json.loads(earlier.read_text(encoding="utf-8")).get("command") == "adapt")
+        except (OSError, ValueError):
+            is_adapt = False
+        if foreign or not is_adapt:
+            what = f"holds {', '.join(foreign[:3])}" if foreign else "is not an earlier 'cervscan adapt' run"
+            raise CervscanError(f"{out}: {what}; adapt writes only into a new or empty folder or its own earlier "
+                                "run, and never replaces files it did not write")
+    if out.is_dir():
+        probe_writable(out)
+        return
+    parent = out.parent
+    while not parent.exists():  # RUN is created at the end; here only: could it be?
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise CervscanError(f"{out}: cannot be created ({parent} is not a writable folder)")
 
 
 def _class_counts(cfg: AdaptConfig, visits, lab: dict, src: dict) -> tuple[dict, list[str]]:
@@ -115,6 +155,9 @@ def _class_counts(cfg: AdaptConfig, visits, lab: dict, src: dict) -> tuple[dict,
     counts = {"mildly_normal": n[0], "severe": n[1], "by_source": by_src}
     said = f"{n[1]} severe (label 1) and {n[0]} mildly normal (label 0) labelled patient(s) with images"
     warnings = []
+    if cfg.folds > min(n.values()):
+        raise DataError(f"{cfg.labels}: {said}; --folds {cfg.folds} needs at least {cfg.folds} of each class "
+                        f"(every fold holds both): lower --folds or label more patients")
     if min(n.values()) < cfg.min_per_class:
         if not cfg.force:
             raise DataError(f"{cfg.labels}: {said} under {cfg.visits}; adapt needs at least {cfg.min_per_class} of "
@@ -364,6 +407,7 @@ def adapt(cfg: AdaptConfig, progress=None) -> dict:
     t0 = time.time()
     out = Path(cfg.out)
     check_overlap([cfg.visits], out)
+    _check_run_folder(out)
     rc = cfg.recipe(STAGES)
     lab, src, labels_check, visits = frozen._labelled_visits(rc)
     counts, warnings = _class_counts(cfg, visits, lab, src)
