@@ -119,6 +119,9 @@ SetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set max_side=1024 (repeatable; checked as in the file; wins over --config; see the README's settings).")]
 WorkersOpt = Annotated[Optional[int], typer.Option("--workers", help="Image-decoding worker processes (default 0: one decoding thread, no extra process).")]
 NoMasksOpt = Annotated[bool, typer.Option("--no-masks", help="Do not write masks/ and overlays/.")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="Torch threads (default: torch's).")]
+CacheDirOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="Where image features and prepared images are "
+                                                    "cached (default: the user cache folder).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v")]
 

@@ -10,11 +10,13 @@ from typing import Annotated, Optional
 import typer
 
 from cervscan.cli.common import (
+    CacheDirOpt,
     CervixOpt,
     ClsOpt,
     QuietOpt,
     SegOpt,
     StageOpt,
+    ThreadsOpt,
     _fail,
     _fast_malloc_reexec,
     _setup_logging,
@@ -53,8 +55,8 @@ def adapt_cmd(
     folds: Annotated[Optional[int], typer.Option(help=f"Patient-wise cross-validation folds. Default {_D(AdaptConfig, 'folds')}.")] = None,
     repeats: Annotated[Optional[int], typer.Option(help=f"Repeats of the cross-validation. Default {_D(AdaptConfig, 'repeats')}.")] = None,
     seed: Annotated[Optional[int], typer.Option(help=f"Default {_D(AdaptConfig, 'seed')}.")] = None,
-    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Where image features are cached (default: the user cache folder).")] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="Torch threads (default: torch's).")] = None,
+    cache_dir: CacheDirOpt = None,
+    threads: ThreadsOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Go on with fewer than 10 patients in a class, and write model.pt although the adapted decision is no better than chance (both recorded; the card says so).")] = False,
     quiet: QuietOpt = False,
 ) -> None:

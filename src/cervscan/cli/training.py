@@ -19,9 +19,11 @@ from rich.progress import (
 )
 
 from cervscan.cli.common import (
+    CacheDirOpt,
     CervixOpt,
     DeviceOpt,
     SegOpt,
+    ThreadsOpt,
     _fail,
     _fast_malloc_reexec,
     _setup_logging,
@@ -124,7 +126,7 @@ def train_seg_cmd(
     color_jitter: Annotated[Optional[float], typer.Option("--color-jitter", help=f"Colour augmentation strength. Default {_seg_defaults('color_jitter')}.")] = None,
     images_csv: Annotated[Optional[Path], typer.Option("--images-csv", help="CSV with image,split[,kind,source]: rows with split train/val are used as given; 'open' rows are left out (default DATA/images.csv when present).")] = None,
     crop_cervix: Annotated[Optional[Path], typer.Option("--crop-cervix", help="Cervix finder checkpoint: train and validate on the cervix crop of each image, as screening does.")] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="Torch threads (default: torch's).")] = None,
+    threads: ThreadsOpt = None,
     max_steps: Annotated[Optional[int], typer.Option(hidden=True)] = None,
 ) -> None:
     """Train a U-Net++ segmenter: the lesion segmenter, or with --target cervix the cervix finder (Dice + BCE, Adam, validation IoU/Dice per epoch). Defaults: the shipped recipe of the target."""
@@ -197,8 +199,8 @@ def train_cls_cmd(
     folds: Annotated[Optional[int], typer.Option(help=f"Patient-wise cross-validation folds (finetune: 0 = one validation split). {_both('folds')}")] = None,
     seed: Annotated[Optional[int], typer.Option(help=f"{_both('seed')}")] = None,
     target_sensitivity: Annotated[Optional[float], typer.Option(help=f"Operating point. {_both('target_sensitivity')}")] = None,
-    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Where image features / prepared images are cached.")] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="Torch threads (default: torch's).")] = None,
+    cache_dir: CacheDirOpt = None,
+    threads: ThreadsOpt = None,
     model_name: Annotated[Optional[str], typer.Option("--model-name", help=f"Name recorded in the checkpoint. {_both('name')}")] = None,
     model_version: Annotated[Optional[str], typer.Option("--model-version", help=f"Version recorded in the checkpoint. {_both('version')}")] = None,
     force: ForceTrainOpt = False,
@@ -305,8 +307,8 @@ def train_stage_cmd(
     folds: Annotated[Optional[int], typer.Option(help=f"Patient-wise cross-validation folds for the accuracy report. Default {_D(StageTrainConfig, 'folds')}.")] = None,
     c: Annotated[Optional[float], typer.Option("--C", help=f"Inverse regularisation strength of the logistic regression. Default {_D(StageTrainConfig, 'C')}.")] = None,
     seed: Annotated[Optional[int], typer.Option(help=f"Default {_D(StageTrainConfig, 'seed')}.")] = None,
-    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Where frozen image features are cached.")] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="Torch threads (default: torch's).")] = None,
+    cache_dir: CacheDirOpt = None,
+    threads: ThreadsOpt = None,
     model_name: Annotated[Optional[str], typer.Option("--model-name", help=f"Name recorded in the checkpoint. Default {_D(StageTrainConfig, 'name')}.")] = None,
     model_version: Annotated[Optional[str], typer.Option("--model-version", help=f"Version recorded in the checkpoint. Default {_D(StageTrainConfig, 'version')}.")] = None,
 ) -> None:
